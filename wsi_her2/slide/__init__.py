@@ -1,0 +1,87 @@
+"""Open a whole-slide image with one of two backends behind one interface.
+
+``open_slide(path, backend="auto")`` tries OpenSlide first (the widest format support: SVS,
+NDPI, MRXS, SCN, ...) and falls back to tiffslide, which also opens flat, untiled TIFFs that
+OpenSlide refuses. Every failure becomes one :class:`SlideOpenError` naming the file and what to do.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from wsi_her2.errors import ConfigError, SlideNotFoundError, SlideOpenError
+from wsi_her2.slide.base import SlideLevel, SlideReader
+
+__all__ = ["BACKENDS", "SlideLevel", "SlideReader", "open_slide"]
+
+log = logging.getLogger(__name__)
+
+
+def _open_openslide(path: Path) -> SlideReader:
+    from wsi_her2.slide.openslide_reader import OpenSlideReader
+
+    return OpenSlideReader(path)
+
+
+def _open_tiffslide(path: Path) -> SlideReader:
+    from wsi_her2.slide.tiffslide_reader import TiffSlideReader
+
+    return TiffSlideReader(path)
+
+
+BACKENDS = {"openslide": _open_openslide, "tiffslide": _open_tiffslide}
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
+def open_slide(path: str | Path, *, backend: str = "auto") -> SlideReader:
+    """Open ``path`` with ``backend`` ("auto", "openslide" or "tiffslide").
+
+    Raises
+    ------
+    SlideNotFoundError
+        The path does not exist or is a directory.
+    SlideOpenError
+        No backend could open it (empty, truncated, corrupt or unsupported file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideNotFoundError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise SlideNotFoundError(f"{path}: is a directory, not a slide file; pass the slide file itself")
+    if path.stat().st_size == 0:
+        raise SlideOpenError(f"{path}: file is empty (0 bytes); re-copy or re-export the slide")
+    if backend == "auto":
+        order = ["openslide", "tiffslide"]
+    elif backend in BACKENDS:
+        order = [backend]
+    else:
+        raise ConfigError(f"unknown backend {backend!r}; choose auto, openslide or tiffslide")
+    reasons = []
+    for name in order:
+        try:
+            reader = BACKENDS[name](path)
+            _check_readable(reader)
+        except Exception as exc:  # every backend error means "this backend cannot read it"
+            log.debug("%s could not open %s: %s", name, path, exc)
+            reasons.append(f"{name}: {_short(exc)}")
+            continue
+        log.info("opened %s with %s", path.name, name)
+        return reader
+    raise SlideOpenError(
+        f"{path}: cannot open as a slide ({'; '.join(reasons)}); "
+        "check that the file is a complete whole-slide image (SVS, TIFF, NDPI, MRXS, ...) or try --backend"
+    )
+
+
+def _check_readable(reader: SlideReader) -> None:
+    """Fail at open time, not mid-run, on files whose header parses but whose pixels do not."""
+    width, height = reader.dimensions
+    if width <= 0 or height <= 0:
+        raise ValueError("image has no pixels")
+    lvl = len(reader.levels) - 1
+    small = reader.levels[lvl]
+    reader.read_level_region(lvl, 0, 0, min(small.width_px, 16), min(small.height_px, 16))

@@ -1,0 +1,100 @@
+"""The small interface every slide reader backend implements.
+
+Coordinates: ``level`` pixels for region reads (origin top-left, y down); level-0 pixels everywhere
+else in the package. Pixels come back as ``(h, w, 3) uint8`` RGB, transparent areas composited on
+white (glass), so downstream code never sees alpha.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class SlideLevel:
+    width_px: int
+    height_px: int
+    downsample: float  # level-0 pixels per level pixel
+
+
+class SlideReader(ABC):
+    """A whole-slide image opened by one backend."""
+
+    backend: str = "?"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # --- metadata -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def levels(self) -> tuple[SlideLevel, ...]: ...
+
+    @property
+    @abstractmethod
+    def properties(self) -> dict[str, str]: ...
+
+    @property
+    @abstractmethod
+    def backend_version(self) -> str: ...
+
+    @property
+    def vendor(self) -> str | None:
+        props = self.properties
+        return props.get("openslide.vendor") or props.get("tiffslide.vendor") or None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        lvl = self.levels[0]
+        return lvl.width_px, lvl.height_px
+
+    @property
+    def bounds_offset_px(self) -> tuple[int, int]:
+        """Level-0 offset QuPath subtracts when it crops to ``openslide.bounds-x/y`` (MRXS etc.)."""
+        props = self.properties
+        return int(props.get("openslide.bounds-x", 0) or 0), int(props.get("openslide.bounds-y", 0) or 0)
+
+    def vendor_mpp_um(self) -> tuple[float, str] | None:
+        """Pixel size (µm) from the vendor's metadata, with the property it came from."""
+        props = self.properties
+        for key in ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP"):
+            value = props.get(key)
+            if value not in (None, "", "None"):
+                try:
+                    mpp = float(value)
+                except ValueError:
+                    continue
+                if mpp > 0:
+                    return mpp, f"vendor:{key}"
+        return None
+
+    # --- pixels -----------------------------------------------------------------------------
+    @abstractmethod
+    def read_level_region(
+        self, level: int, x_px: int, y_px: int, w_px: int, h_px: int
+    ) -> NDArray[np.uint8]:
+        """Read ``(h_px, w_px, 3)`` RGB pixels at ``level``, top-left ``(x_px, y_px)`` in level pixels."""
+
+    def close(self) -> None:  # pragma: no cover - trivial
+        pass
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rgba_to_rgb_on_white(rgba: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Composite RGBA (OpenSlide returns premultiplied alpha) onto white glass."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    # premultiplied: rgb already scaled by alpha, so add white * (1 - alpha)
+    out = rgb.astype(np.uint16) + (255 - alpha[..., None]).astype(np.uint16)
+    return np.minimum(out, 255).astype(np.uint8)
