@@ -1,0 +1,212 @@
+"""The zarr v3 patch store: the contract between tiling and scoring (the only module importing zarr).
+
+Layout of ``<slide-id>.zarr`` (a zarr v3 group)::
+
+    tiles            (N, tile_px, tile_px, 3) uint8   chunks of ``chunk_tiles`` tiles, compressed
+    coords_level0    (N, 2) int64     x, y of each tile's top-left, level-0 pixels of the full slide
+    grid_rc          (N, 2) int32     row, col on the tile grid
+    mask_fraction    (N,)   float32   thumbnail tissue coverage that selected the tile
+    tissue_fraction  (N,)   float32   tissue pixels / all pixels, measured on the tile itself
+    laplacian_var    (N,)   float32   blur measure (low = blurry)
+    pen_fraction     (N,)   float32   marker-ink pixels / all pixels
+    qc_flags         (N,)   uint8     bit flags (wsi_her2.qc.QC_FLAGS); 0 = passed QC
+    unit_done        (U,)   uint8     1 when work unit u (tiles u*chunk_tiles ...) is fully written
+    thumbnail        (h, w, 3) uint8, tissue_mask (h, w) bool, pen_mask (h, w) bool
+
+Group attribute ``wsi_her2`` holds the schema version, the slide (path, SHA-256, reader and
+version, MPP and its source), the tiling geometry, QC thresholds and summary, codec, package
+version and timings. ``complete`` is set True last: a crashed run never looks complete.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_her2.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ATTR_KEY = "wsi_her2"
+PER_TILE_ARRAYS = {  # name -> (dtype, trailing shape)
+    "coords_level0": ("int64", (2,)),
+    "grid_rc": ("int32", (2,)),
+    "mask_fraction": ("float32", ()),
+    "tissue_fraction": ("float32", ()),
+    "laplacian_var": ("float32", ()),
+    "pen_fraction": ("float32", ()),
+    "qc_flags": ("uint8", ()),
+}
+QC_ARRAYS = ("tissue_fraction", "laplacian_var", "pen_fraction", "qc_flags")
+
+
+def _codec(name: str) -> Any:
+    import zarr
+
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if name == "lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
+    if name == "none":
+        return None
+    raise StoreError(f"unknown tile codec {name!r}; choose zstd, lz4 or none")
+
+
+TILE_CODECS = ("zstd", "lz4", "none")
+
+
+class PatchStore:
+    """Read (and, for the tiler, write) one slide's patch store."""
+
+    def __init__(self, path: Path, group: Any) -> None:
+        self.path = Path(path)
+        self._group = group
+
+    # --- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, require_complete: bool = True, mode: str = "r") -> "PatchStore":
+        import zarr
+
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path}: not a wsi-her2 patch store (no zarr.json); run `wsi-her2 tile` first")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception as exc:
+            raise StoreError(f"{path}: unreadable patch store ({exc}); delete it and re-run `wsi-her2 tile`") from exc
+        store = cls(path, group)
+        meta = store.attrs
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: store schema {meta.get('schema_version')!r}, this wsi-her2 reads {SCHEMA_VERSION}; "
+                "re-tile the slide with --overwrite"
+            )
+        if require_complete and not meta.get("complete"):
+            raise StoreError(f"{path}: incomplete patch store (tiling was interrupted); re-run `wsi-her2 tile` to resume it")
+        return store
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        n_tiles: int,
+        tile_px: int,
+        chunk_tiles: int,
+        codec: str,
+        attrs: dict,
+        per_tile: dict[str, NDArray],
+        images: dict[str, NDArray],
+    ) -> "PatchStore":
+        """Create an empty store (``complete=False``) with the plan and thumbnail already written."""
+        import zarr
+
+        path = Path(path)
+        if path.exists():
+            shutil.rmtree(path)
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        compressor = _codec(codec)
+        group.create_array(
+            "tiles",
+            shape=(n_tiles, tile_px, tile_px, 3),
+            chunks=(chunk_tiles, tile_px, tile_px, 3),
+            dtype="uint8",
+            compressors=[compressor] if compressor is not None else None,
+            fill_value=0,
+        )
+        for name, (dtype, trailing) in PER_TILE_ARRAYS.items():
+            group.create_array(name, shape=(n_tiles, *trailing), chunks=(chunk_tiles, *trailing), dtype=dtype, fill_value=0)
+        n_units = (n_tiles + chunk_tiles - 1) // chunk_tiles
+        group.create_array("unit_done", shape=(n_units,), chunks=(1,), dtype="uint8", fill_value=0)
+        for name, value in per_tile.items():
+            group[name][...] = value
+        for name, image in images.items():
+            group.create_array(name, data=np.ascontiguousarray(image), chunks=image.shape)
+        meta = dict(attrs, schema_version=SCHEMA_VERSION, complete=False, chunk_tiles=chunk_tiles, codec=codec)
+        group.attrs[ATTR_KEY] = meta
+        return cls(path, group)
+
+    # --- metadata ----------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        return dict(self._group.attrs.get(ATTR_KEY, {}))
+
+    def update_attrs(self, **values: Any) -> None:
+        meta = self.attrs
+        meta.update(values)
+        self._group.attrs[ATTR_KEY] = meta
+
+    @property
+    def slide_id(self) -> str:
+        return self.attrs.get("slide", {}).get("id") or self.path.name.removesuffix(".zarr")
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self._group["tiles"].shape[0])
+
+    @property
+    def tile_px(self) -> int:
+        return int(self._group["tiles"].shape[1])
+
+    @property
+    def chunk_tiles(self) -> int:
+        return int(self._group["tiles"].chunks[0])
+
+    @property
+    def n_units(self) -> int:
+        return int(self._group["unit_done"].shape[0])
+
+    @property
+    def tiles(self) -> Any:
+        """The zarr array of tiles (slice it; never load all of it)."""
+        return self._group["tiles"]
+
+    def array(self, name: str) -> NDArray:
+        return np.asarray(self._group[name][...])
+
+    # per-tile metadata is small (bytes per tile): load once and cache
+    @cached_property
+    def coords_level0(self) -> NDArray[np.int64]:
+        return self.array("coords_level0")
+
+    @cached_property
+    def grid_rc(self) -> NDArray[np.int32]:
+        return self.array("grid_rc")
+
+    @cached_property
+    def qc_flags(self) -> NDArray[np.uint8]:
+        return self.array("qc_flags")
+
+    @property
+    def qc_pass(self) -> NDArray[np.bool_]:
+        return self.qc_flags == 0
+
+    @property
+    def tile_size_level0(self) -> float:
+        return float(self.attrs["tiling"]["tile_size_level0"])
+
+    def read_tiles(self, start: int, stop: int) -> NDArray[np.uint8]:
+        return np.asarray(self._group["tiles"][start:stop])
+
+    def units_done(self) -> NDArray[np.bool_]:
+        return self.array("unit_done").astype(bool)
+
+    # --- writing (one work unit = one chunk of every per-tile array) -----------------------------
+    def write_unit(self, unit: int, tiles: NDArray[np.uint8], qc: dict[str, NDArray]) -> None:
+        start = unit * self.chunk_tiles
+        stop = start + tiles.shape[0]
+        self._group["tiles"][start:stop] = tiles
+        for name in QC_ARRAYS:
+            self._group[name][start:stop] = qc[name]
+        self._group["unit_done"][unit] = 1  # last: the unit counts only once all of it is on disk
+
+
+def open_store(path: str | Path) -> PatchStore:
+    """Open a complete patch store for reading (scoring, reports)."""
+    return PatchStore.open(path, require_complete=True)
