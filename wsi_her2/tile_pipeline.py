@@ -295,7 +295,8 @@ def _run_units(slide: Path, store: PatchStore, pending: list[int], *, config: Ti
         config.tissue.to_dict(), config.qc.to_dict(), config.block_tiles,
     )
     bar = _progress(total=len(pending), enabled=config.progress, desc=slide_id_for(slide))
-    workers = min(config.workers, len(pending))
+    # a spawned worker costs ~1-2 s of imports: only worth it with a few units each
+    workers = min(config.workers, max(1, len(pending) // 4))
     try:
         if workers <= 1:
             _worker_init(*init_args)

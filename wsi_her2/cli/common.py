@@ -1,0 +1,56 @@
+"""Argument groups shared by several commands (so tile, run and demo cannot drift apart)."""
+from __future__ import annotations
+
+import argparse
+
+from wsi_her2.errors import ConfigError
+
+
+def add_tile_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("tiling")
+    g.add_argument("--mpp", dest="target_mpp_um", type=float, default=0.5, help="tile resolution in µm/px (default 0.5, i.e. 20x)")
+    g.add_argument("--tile-px", type=int, default=224, help="tile size in pixels at --mpp (default 224)")
+    g.add_argument("--stride-px", type=int, default=None, help="grid step in pixels (default: --tile-px, no overlap)")
+    g.add_argument("--overlap-px", type=int, default=None, help="overlap between neighbouring tiles (stride = tile - overlap)")
+    g.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto", help="slide reader (auto falls back)")
+    g.add_argument("--slide-mpp", dest="slide_mpp_um", type=float, default=None, help="override the slide's level-0 µm/px")
+    g.add_argument("--mpp-csv", default=None, help="CSV with columns slide,mpp for slides whose metadata lacks MPP")
+    g.add_argument("--codec", choices=("zstd", "lz4", "none"), default="zstd", help="lossless tile compression (default zstd)")
+    g.add_argument("--chunk-tiles", type=int, default=64, help="tiles per zarr chunk and per work unit")
+    g.add_argument("--thumb-mpp", dest="thumb_mpp_um", type=float, default=8.0, help="thumbnail resolution for tissue detection")
+    q = parser.add_argument_group("quality control (defaults from the source papers)")
+    q.add_argument("--min-tissue", type=float, default=0.40, help="minimum tissue fraction of a usable tile (0.40)")
+    q.add_argument("--min-laplacian-var", type=float, default=75.0, help="tiles with Laplacian variance below this are blurry (75)")
+    q.add_argument("--max-gray", type=float, default=220.0, help="pixels darker than this grey level are tissue (220)")
+    q.add_argument("--min-od", type=float, default=0.12, help="also tissue: summed optical density vs glass above this (0.12)")
+    q.add_argument("--max-pen", type=float, default=0.05, help="tiles with more marker ink than this fraction are rejected (0.05)")
+
+
+def tile_config_from_args(args: argparse.Namespace, *, workers: int, progress: bool):
+    from wsi_her2.qc import QcParams
+    from wsi_her2.tile_pipeline import TileConfig
+    from wsi_her2.tissue import TissueParams
+
+    stride = args.stride_px
+    if args.overlap_px is not None:
+        if stride is not None:
+            raise ConfigError("give --stride-px or --overlap-px, not both")
+        if not 0 <= args.overlap_px < args.tile_px:
+            raise ConfigError(f"--overlap-px must be in [0, {args.tile_px})")
+        stride = args.tile_px - args.overlap_px
+    return TileConfig(
+        target_mpp_um=args.target_mpp_um,
+        tile_px=args.tile_px,
+        stride_px=stride,
+        backend=args.backend,
+        slide_mpp_um=args.slide_mpp_um,
+        mpp_csv=args.mpp_csv,
+        workers=workers,
+        chunk_tiles=args.chunk_tiles,
+        codec=args.codec,
+        thumb_mpp_um=args.thumb_mpp_um,
+        tissue=TissueParams(max_gray=args.max_gray, min_od_sum=args.min_od),
+        qc=QcParams(min_tissue_fraction=args.min_tissue, min_laplacian_var=args.min_laplacian_var, max_pen_fraction=args.max_pen),
+        overwrite=getattr(args, "overwrite", False),
+        progress=progress,
+    )

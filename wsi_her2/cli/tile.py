@@ -1,0 +1,43 @@
+"""``wsi-her2 tile``: slides -> quality-checked zarr patch stores."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsi_her2.cli.common import add_tile_options, tile_config_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tile", help="cut tiles at a physical resolution into a zarr patch store",
+                       description="Tile slides into <out>/<slide-id>.zarr with per-tile QC and a QC picture.")
+    p.add_argument("slides", nargs="+", help="slide files (SVS, TIFF, NDPI, MRXS, ...)")
+    p.add_argument("-o", "--out", default="wsi-her2-out", help="output directory (default ./wsi-her2-out)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: cores, at most 8)")
+    p.add_argument("--overwrite", action="store_true", help="redo slides whose store is already complete")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_tile_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.tile_pipeline import default_workers, tile_slide
+
+    workers = args.workers or default_workers()
+    config = tile_config_from_args(args, workers=workers, progress=not args.quiet and sys.stderr.isatty())
+    failed = 0
+    for slide in args.slides:
+        try:
+            res = tile_slide(slide, Path(args.out), config=config)
+        except WsiHer2Error as exc:
+            failed += 1
+            print(f"wsi-her2 tile: error: {exc}", file=sys.stderr)
+            continue
+        rate = res.n_tiles / res.seconds if res.seconds > 0 else 0.0
+        extra = "" if res.status == "skipped" else f" in {res.seconds:.1f} s ({rate:.0f} tiles/s)"
+        print(f"{res.store}: {res.status}, {res.n_tiles} tiles, {res.n_passed} passed QC{extra}")
+    if failed:
+        print(f"wsi-her2 tile: {failed} of {len(args.slides)} slides failed", file=sys.stderr)
+        return 1
+    return 0
