@@ -1,0 +1,73 @@
+"""``wsi-her2 score``: patch stores -> tile probabilities, slide call, QuPath GeoJSON, tables, heatmap."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.aggregate.AGGREGATORS keys (checked in tests)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score patch stores and write QuPath overlays, tables and heatmaps",
+                       description="Score every unscored store in ./wsi-her2-out, or the stores named.")
+    p.add_argument("stores", nargs="*", help="<slide-id>.zarr stores or directories holding them (default ./wsi-her2-out)")
+    add_score_options(p)
+    p.add_argument("-o", "--out", default=None, help="output directory (default: next to each store)")
+    p.add_argument("--overwrite", action="store_true", help="re-score slides already scored with this model and aggregation")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def add_score_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring")
+    g.add_argument("--model", default="ihc_dab", help="registered model name (see `wsi-her2 models`) or a trained .safetensors (default ihc_dab, needs no weights)")
+    g.add_argument("--weights", default=None, help="weights file for a registered architecture (.safetensors, or .pt loaded with weights_only)")
+    g.add_argument("--agg", choices=AGG_CHOICES, default="asco", help="slide aggregation: vote (majority), mean (mean probability), asco (ASCO/CAP percentage rule; default)")
+    g.add_argument("--tta", action="store_true", help="test-time augmentation: flips and 90° rotations, probabilities averaged")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    g.add_argument("--min-tiles", type=int, default=10, help="fewer usable tiles than this -> indeterminate")
+    g.add_argument("--gz", action="store_true", help="write .geojson.gz instead of .geojson")
+
+
+def score_config_from_args(args: argparse.Namespace, *, progress: bool):
+    from wsi_her2.score_pipeline import ScoreConfig
+
+    return ScoreConfig(
+        model=args.model, weights=args.weights, agg=args.agg, batch_size=args.batch_size, device=args.device,
+        tta=args.tta, compile=args.compile, min_tiles=args.min_tiles, geojson_gz=args.gz,
+        overwrite=getattr(args, "overwrite", False), progress=progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.score_pipeline import find_stores, load_scoring_model, score_store
+
+    targets = args.stores or ["wsi-her2-out"]
+    stores: list[Path] = []
+    for t in targets:
+        path = Path(t)
+        stores.extend([path] if path.name.endswith(".zarr") else find_stores(path))
+    if not stores:
+        print(f"wsi-her2 score: error: no patch stores in {', '.join(targets)}; run `wsi-her2 tile` first", file=sys.stderr)
+        return 2
+    config = score_config_from_args(args, progress=not args.quiet and sys.stderr.isatty())
+    failed = 0
+    for store in stores:
+        try:
+            res = score_store(store, out_dir=args.out, config=config)
+        except WsiHer2Error as exc:
+            failed += 1
+            print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
+            continue
+        c = res.call
+        note = " (already scored)" if res.skipped else ""
+        print(f"{res.slide_id}: HER2 {c['her2_score']} (confidence {c['confidence']:.2f}, {args.agg}, "
+              f"{res.row['tiles_used']} tiles used, {res.row['tiles_rejected']} rejected){note}")
+    if failed:
+        print(f"wsi-her2 score: {failed} of {len(stores)} stores failed", file=sys.stderr)
+        return 1
+    return 0

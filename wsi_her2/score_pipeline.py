@@ -1,0 +1,294 @@
+"""Score one patch store: model -> tile probabilities -> slide call -> QuPath / tables / heatmap.
+
+Reads only the store (never the slide), so scoring runs wherever the stores are. Outputs, next
+to the store unless ``out_dir`` is given::
+
+    <slide-id>.geojson       QuPath tiles (classified, measurable) + a slide annotation with the call
+    <slide-id>.tiles.parquet one row per tile: coordinates, QC, class probabilities, call, measurements
+    <slide-id>.json          the slide call, how it was reached, model config, versions, timings
+    <slide-id>.heatmap.png   tile calls over the thumbnail
+    slides.csv               one row per slide (upserted, sorted by slide id)
+
+``<slide-id>.json`` is written last, so its presence means the slide is scored.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_her2 import __version__
+from wsi_her2.errors import ConfigError, StoreError
+from wsi_her2.qc import reject_reason
+from wsi_her2.store import PatchStore, open_store
+
+log = logging.getLogger(__name__)
+
+SLIDES_CSV_COLUMNS = [
+    "slide", "her2_score", "confidence", "frac_0", "frac_1+", "frac_2+", "frac_3+",
+    "tiles_used", "tiles_rejected", "model", "aggregation",
+]
+# Physical field of view must match what the model was trained on (tile px x µm/px).
+MPP_MATCH_TOLERANCE = 0.10
+
+
+@dataclass
+class ScoreConfig:
+    model: str = "ihc_dab"  # registry name or a path to a trained .safetensors
+    weights: str | None = None
+    agg: str = "asco"
+    batch_size: int = 64
+    device: str = "auto"
+    tta: bool = False
+    compile: bool = False
+    loader_workers: int = 2
+    min_tiles: int = 10
+    geojson_gz: bool = False
+    overwrite: bool = False
+    progress: bool = False
+
+
+@dataclass
+class SlideScore:
+    slide_id: str
+    call: dict
+    row: dict
+    outputs: dict[str, str] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def result_json_path(store_path: Path, out_dir: Path | None = None) -> Path:
+    store_path = Path(store_path)
+    return Path(out_dir or store_path.parent) / f"{store_path.name.removesuffix('.zarr')}.json"
+
+
+def load_scoring_model(config: ScoreConfig, *, store_mpp_um: float | None = None):
+    """Load the classifier named (or pointed to) by ``config``; the default scorer adapts to the store's MPP."""
+    from wsi_her2.models import create_model, get_config, load_model
+
+    name = config.model
+    is_path = name.endswith((".safetensors", ".pt", ".pth", ".bin")) or os.sep in name
+    if is_path:
+        return load_model(name)
+    cfg = get_config(name)
+    if not cfg.needs_weights and config.weights is None:
+        overrides = {"mpp_um": store_mpp_um} if store_mpp_um else {}
+        return create_model(name, **overrides)
+    return load_model(name, weights=config.weights)
+
+
+def check_model_matches_store(model_cfg: Any, store: PatchStore) -> None:
+    """Refuse to score tiles whose physical size differs from the model's training tiles."""
+    if not getattr(model_cfg, "needs_weights", True):
+        return  # rule-based scorer measures in µm and adapts to the store's MPP
+    tiling = store.attrs["tiling"]
+    mpp = float(tiling["effective_mpp_um"])
+    if abs(mpp - model_cfg.mpp_um) / model_cfg.mpp_um > MPP_MATCH_TOLERANCE:
+        raise ConfigError(
+            f"{store.path.name}: tiles are {mpp:.3f} µm/px but model {model_cfg.name} was trained at {model_cfg.mpp_um} µm/px; "
+            f"re-tile with --mpp {model_cfg.mpp_um} --tile-px {model_cfg.tile_px}"
+        )
+    if store.tile_px != model_cfg.tile_px:
+        raise ConfigError(
+            f"{store.path.name}: tiles are {store.tile_px} px but model {model_cfg.name} expects {model_cfg.tile_px} px tiles; "
+            f"re-tile with --tile-px {model_cfg.tile_px} --mpp {model_cfg.mpp_um}"
+        )
+
+
+def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, config: ScoreConfig | None = None, model=None) -> SlideScore:
+    """Score one complete patch store and write every per-slide output."""
+    from wsi_her2.aggregate import AGGREGATORS
+    from wsi_her2.inference import InferenceConfig, predict_store
+
+    config = config or ScoreConfig()
+    if config.agg not in AGGREGATORS:
+        raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
+    t_start = time.perf_counter()
+    store = open_store(store_path)
+    out = Path(out_dir) if out_dir else store.path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    sid = store.slide_id
+    json_path = out / f"{sid}.json"
+    if json_path.exists() and not config.overwrite:
+        done = json.loads(json_path.read_text())
+        if done.get("model", {}).get("name") == _model_label(config) and done.get("aggregation") == config.agg:
+            log.info("%s: already scored (use --overwrite to redo)", sid)
+            return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
+
+    tiling = store.attrs["tiling"]
+    if model is None:
+        model = load_scoring_model(config, store_mpp_um=float(tiling["effective_mpp_um"]))
+    model_cfg = model.wsi_her2_config
+    check_model_matches_store(model_cfg, store)
+    inf_cfg = InferenceConfig(
+        batch_size=config.batch_size, device=config.device, tta=config.tta, compile=config.compile,
+        loader_workers=config.loader_workers,
+    )
+    t0 = time.perf_counter()
+    pred = predict_store(store, model, config=inf_cfg, progress=config.progress)
+    t_infer = time.perf_counter() - t0
+    classes = list(model_cfg.classes)
+    scored = pred.scored
+    calls = np.full(store.n_tiles, -1, dtype=np.int64)
+    if scored.any():
+        calls[scored] = np.argmax(pred.probs[scored], axis=1)
+    slide_call = AGGREGATORS[config.agg](pred.probs[scored], min_tiles=config.min_tiles).to_dict()
+
+    flags = store.qc_flags
+    reasons = [reject_reason(int(f)) for f in flags]
+    per_tile = {
+        "tissue_fraction": store.array("tissue_fraction"),
+        "laplacian_var": store.array("laplacian_var"),
+        "pen_fraction": store.array("pen_fraction"),
+    }
+    probs_named = {f"p_{c}": pred.probs[:, i] for i, c in enumerate(classes)}
+    measurements = {**probs_named, **per_tile, **pred.measurements}
+    outputs = {
+        "tiles_parquet": str(_write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
+        "geojson": str(_write_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz)),
+        "heatmap_png": str(_write_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
+    }
+    fractions = slide_call.get("class_fractions", {})
+    row = {
+        "slide": sid,
+        "her2_score": slide_call["her2_score"],
+        "confidence": round(float(slide_call["confidence"]), 4),
+        **{f"frac_{c}": round(float(fractions.get(c, 0.0)), 4) for c in ("0", "1+", "2+", "3+")},
+        "tiles_used": int(scored.sum()),
+        "tiles_rejected": int(store.n_tiles - scored.sum()),
+        "model": _model_label(config),
+        "aggregation": config.agg,
+    }
+    result = {
+        "slide": sid,
+        "store": str(store.path),
+        "slide_sha256": store.attrs["slide"]["sha256"],
+        "call": slide_call,
+        "row": row,
+        "aggregation": config.agg,
+        "model": {"name": _model_label(config), "config": model_cfg.to_dict(), "weights": config.weights},
+        "inference": {**asdict(inf_cfg), "device_used": pred.device, "tiles_per_s": round(pred.tiles_per_s, 1)},
+        "qc_summary": store.attrs.get("qc", {}).get("summary", {}),
+        "tile_mpp_um": tiling["effective_mpp_um"],
+        "tile_px": store.tile_px,
+        "package_version": __version__,
+        "timings_s": {"inference": round(t_infer, 3), "total": round(time.perf_counter() - t_start, 3)},
+        "outputs": outputs,
+    }
+    _atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
+    upsert_slides_csv(out / "slides.csv", [row])
+    return SlideScore(sid, slide_call, row, outputs)
+
+
+def _model_label(config: ScoreConfig) -> str:
+    return Path(config.model).name if config.model.endswith((".safetensors", ".pt", ".pth", ".bin")) else config.model
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _write_tiles_parquet(path: Path, store: PatchStore, calls, classes, reasons, measurements) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    coords = store.coords_level0
+    grid = store.grid_rc
+    cols: dict[str, Any] = {
+        "tile": np.arange(store.n_tiles, dtype=np.int64),
+        "x_level0": coords[:, 0],
+        "y_level0": coords[:, 1],
+        "row": grid[:, 0],
+        "col": grid[:, 1],
+        "qc_pass": store.qc_pass,
+        "qc_reason": pa.array(reasons, type=pa.string()),
+        "call": pa.array([classes[c] if c >= 0 else None for c in calls], type=pa.string()),
+    }
+    for name, values in measurements.items():
+        cols[name] = np.asarray(values, dtype=np.float32)
+    table = pa.table(cols)
+    table = table.replace_schema_metadata({"tile_size_level0": str(store.tile_size_level0), "slide": store.slide_id})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_geojson(out: Path, sid: str, store: PatchStore, calls, classes, reasons, measurements, slide_call, *, gz: bool) -> Path:
+    from wsi_her2.geojson import build_feature_collection, slide_feature, tile_features, write_geojson
+
+    bounds = tuple(store.attrs["slide"].get("bounds_offset_px", (0, 0)))
+    namespace = store.attrs["slide"]["sha256"]
+    tiles = tile_features(
+        coords_level0=store.coords_level0, tile_size_level0=store.tile_size_level0, class_names=classes, calls=calls,
+        measurements=measurements, reject_reasons=reasons, bounds_offset_px=bounds, id_namespace=namespace,
+    )
+    coords = store.coords_level0
+    size = store.tile_size_level0
+    bbox = (float(coords[:, 0].min()), float(coords[:, 1].min()), float(coords[:, 0].max() + size), float(coords[:, 1].max() + size))
+    slide = slide_feature(slide_call=slide_call, bbox=bbox, bounds_offset_px=bounds, id_namespace=namespace)
+    fc = build_feature_collection(tiles, slide)
+    name = f"{sid}.geojson.gz" if gz else f"{sid}.geojson"
+    return write_geojson(fc, out / name, gzip=gz)
+
+
+def _write_heatmap(path: Path, store: PatchStore, calls, classes, slide_call) -> Path:
+    from wsi_her2.heatmap import default_legend, render_heatmap, save_heatmap_png
+
+    thumb = store.array("thumbnail")
+    scale = float(store.attrs["thumbnail"]["px_per_level0_px"])
+    image = render_heatmap(
+        thumb, thumb_px_per_level0_px=scale, coords_level0=store.coords_level0, tile_size_level0=store.tile_size_level0,
+        calls=calls, class_names=classes,
+    )
+    title = f"{store.slide_id}: HER2 {slide_call['her2_score']} ({slide_call['method']}, confidence {slide_call['confidence']:.2f})"
+    return save_heatmap_png(image, path, title=title, legend=default_legend(classes))
+
+
+def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
+    """Insert or replace rows (keyed by slide) in ``slides.csv``, sorted by slide id, atomically."""
+    existing: dict[str, dict] = {}
+    if path.exists():
+        with path.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                existing[r["slide"]] = r
+    for r in rows:
+        existing[str(r["slide"])] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".slides.csv.")
+    with os.fdopen(fd, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=SLIDES_CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for key in sorted(existing):
+            writer.writerow(existing[key])
+    os.replace(tmp, path)
+    return path
+
+
+def find_stores(root: str | Path) -> list[Path]:
+    """Every ``*.zarr`` patch store directly under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"{root}: no such directory; run `wsi-her2 tile` first or name the stores")
+    return sorted(p for p in root.glob("*.zarr") if (p / "zarr.json").is_file())
