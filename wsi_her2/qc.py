@@ -32,16 +32,34 @@ class QcParams:
         return asdict(self)
 
 
+def gray_u8(tiles: NDArray[np.uint8]) -> NDArray[np.int16]:
+    """RGB->grey with ITU-R 601 weights in 8-bit fixed point, (77 R + 150 G + 29 B + 128) >> 8.
+
+    Within one grey level of OpenCV's conversion; uint16 arithmetic cannot overflow
+    (255 * 256 < 65536) and is several times faster than float.
+    """
+    r = tiles[..., 0].astype(np.uint16)
+    g = tiles[..., 1].astype(np.uint16)
+    b = tiles[..., 2].astype(np.uint16)
+    return ((77 * r + 150 * g + 29 * b + 128) >> 8).astype(np.int16)
+
+
 def laplacian_variance(tiles: NDArray[np.uint8]) -> NDArray[np.float32]:
     """Variance of the 3x3 Laplacian ([[0,1,0],[1,-4,1],[0,1,0]], OpenCV's ksize=1) of each tile.
 
-    ``tiles``: ``(n, h, w, 3)`` RGB uint8. Grayscale uses ITU-R 601 weights like OpenCV; the
-    border row/column is excluded (no padding artefacts).
+    ``tiles``: ``(n, h, w, 3)`` RGB uint8. The grey image is OpenCV's 8-bit conversion, so the
+    papers' threshold (computed with ``cv2.Laplacian(gray, CV_64F).var()``) means the same here;
+    the border row/column is excluded (OpenCV reflects it, a < 2 % difference at 224 px).
+    Integer arithmetic end to end: exact and several times faster than float.
     """
-    gray = tiles.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    gray = gray_u8(tiles)
     c = gray[:, 1:-1, 1:-1]
-    lap = gray[:, :-2, 1:-1] + gray[:, 2:, 1:-1] + gray[:, 1:-1, :-2] + gray[:, 1:-1, 2:] - 4.0 * c
-    return lap.reshape(lap.shape[0], -1).var(axis=1).astype(np.float32)
+    lap = gray[:, :-2, 1:-1] + gray[:, 2:, 1:-1] + gray[:, 1:-1, :-2] + gray[:, 1:-1, 2:] - 4 * c
+    flat = lap.reshape(lap.shape[0], -1).astype(np.int64)
+    n = flat.shape[1]
+    s1 = flat.sum(axis=1)
+    s2 = np.einsum("ij,ij->i", flat, flat)
+    return ((s2 - s1 * s1 / n) / n).astype(np.float32)
 
 
 @dataclass
@@ -65,8 +83,11 @@ def tile_qc(
 ) -> TileQc:
     """Measure and flag a batch of tiles ``(n, h, w, 3)``."""
     n = tiles.shape[0]
-    tissue = tissue_pixels(tiles, glass_rgb=glass_rgb, params=tissue_params).reshape(n, -1).mean(axis=1)
-    pen = pen_pixels(tiles, tissue_params).reshape(n, -1).mean(axis=1)
+    # Fractions are measured on every second pixel in each direction: 12,544 samples for a
+    # 224 px tile put the sampling error far below 1 %, at a quarter of the cost.
+    sample = tiles[:, ::2, ::2]
+    tissue = tissue_pixels(sample, glass_rgb=glass_rgb, params=tissue_params).reshape(n, -1).mean(axis=1)
+    pen = pen_pixels(sample, tissue_params).reshape(n, -1).mean(axis=1)
     lapvar = laplacian_variance(tiles)
     flags = np.zeros(n, dtype=np.uint8)
     flags |= np.where(tissue < qc_params.min_tissue_fraction, QC_FLAGS["low_tissue"], 0).astype(np.uint8)

@@ -77,11 +77,13 @@ def tissue_pixels(
     """Pixels that are stained tissue (not glass, not pen ink). Works on any ``(..., 3)`` array."""
     if glass_rgb is None:
         glass_rgb = np.array([255.0, 255.0, 255.0], dtype=np.float32)
-    rgbf = rgb.astype(np.float32)
-    gray = rgbf @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    # OD relative to glass; clip so pixels brighter than glass count as zero absorbance.
-    od = np.log10(np.asarray(glass_rgb, np.float32) + 1.0) - np.log10(rgbf + 1.0)
-    od_sum = np.clip(od, 0.0, None).sum(axis=-1)
+    # uint8 in, so optical density is a 256-entry lookup per channel (no per-pixel log).
+    # OD relative to glass; clipped so pixels brighter than glass count as zero absorbance.
+    levels = np.arange(256, dtype=np.float32)
+    luts = [np.clip(np.log10(float(g) + 1.0) - np.log10(levels + 1.0), 0.0, None) for g in glass_rgb]
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    od_sum = luts[0][r] + luts[1][g] + luts[2][b]
+    gray = (4899 * r.astype(np.int32) + 9617 * g.astype(np.int32) + 1868 * b.astype(np.int32) + 8192) >> 14
     tissue = (gray < params.max_gray) | (od_sum > params.min_od_sum)
     return tissue & ~pen_pixels(rgb, params)
 
