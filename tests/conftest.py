@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep torch/numpy from oversubscribing the 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+SLIDES = FIXTURES / "slides"
+
+
+def fixture_slide(name: str) -> Path:
+    path = SLIDES / name
+    if not path.is_file():
+        pytest.skip(f"real fixture {path} not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="session")
+def graded_slide(synthetic_dir) -> Path:
+    """Four 1792 px IHC blocks (grades 0..3) on glass; tiles of 224 px align with them."""
+    from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
+
+    return write_synthetic_slide(synthetic_dir / "graded.svs", graded_ihc_spec(dust=True))
+
+
+@pytest.fixture(scope="session")
+def demo_slide(synthetic_dir) -> Path:
+    from wsi_her2.synthetic import demo_spec, write_synthetic_slide
+
+    return write_synthetic_slide(synthetic_dir / "demo.svs", demo_spec())

@@ -1,0 +1,225 @@
+"""The tile stage on synthetic slides with planted geometry, and on the real fixtures."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import fixture_slide
+from wsi_her2.errors import ConfigError, NoTissueError
+from wsi_her2.qc import QC_FLAGS, laplacian_variance
+from wsi_her2.store import PatchStore, open_store
+from wsi_her2.synthetic import Region, SyntheticSlideSpec, write_synthetic_slide
+from wsi_her2.tile_pipeline import TileConfig, tile_slide
+from wsi_her2.tiling import choose_geometry
+
+TILE = 224
+
+
+def _tiles_in(store: PatchStore, region: Region) -> np.ndarray:
+    """Boolean mask of the store's tiles lying wholly inside ``region`` (level-0 px)."""
+    xy = store.coords_level0
+    size = store.tile_size_level0
+    return (
+        (xy[:, 0] >= region.x_px) & (xy[:, 0] + size <= region.x_px + region.w_px)
+        & (xy[:, 1] >= region.y_px) & (xy[:, 1] + size <= region.y_px + region.h_px)
+    )
+
+
+def _tiles_touching(store: PatchStore, region: Region) -> np.ndarray:
+    xy = store.coords_level0
+    size = store.tile_size_level0
+    return (
+        (xy[:, 0] < region.x_px + region.w_px) & (xy[:, 0] + size > region.x_px)
+        & (xy[:, 1] < region.y_px + region.h_px) & (xy[:, 1] + size > region.y_px)
+    )
+
+
+@pytest.fixture(scope="module")
+def graded_store(graded_slide, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graded-out")
+    res = tile_slide(graded_slide, out, config=TileConfig(workers=1))
+    return res, open_store(res.store)
+
+
+def test_tile_count_matches_planted_geometry(graded_store):
+    from wsi_her2.synthetic import graded_ihc_spec
+
+    res, store = graded_store
+    spec = graded_ihc_spec()
+    expected = sum((r.w_px // TILE) * (r.h_px // TILE) for r in spec.regions)  # blocks align with the grid
+    assert store.qc_pass.sum() == expected == 4 * 64
+    for region in spec.regions:
+        inside = _tiles_in(store, region)
+        assert inside.sum() == 64, region
+        assert store.qc_pass[inside].all(), f"grade {region.grade} tiles rejected: {np.unique(store.qc_flags[inside])}"
+    # nothing outside the planted tissue passes QC
+    anywhere = np.any([_tiles_in(store, r) for r in spec.regions], axis=0)
+    assert not store.qc_pass[~anywhere].any()
+
+
+def test_pale_hematoxylin_and_strong_dab_are_both_tissue(graded_store):
+    from wsi_her2.synthetic import graded_ihc_spec
+
+    _, store = graded_store
+    mask = store.array("tissue_mask")
+    scale = store.attrs["thumbnail"]["px_per_level0_px"]
+    for region in graded_ihc_spec().regions:
+        x0, y0 = int((region.x_px + 200) * scale), int((region.y_px + 200) * scale)
+        x1, y1 = int((region.x_px + region.w_px - 200) * scale), int((region.y_px + region.h_px - 200) * scale)
+        assert mask[y0:y1, x0:x1].mean() > 0.95, f"grade {region.grade} not detected as tissue"
+    # glass (with dust specks) is not tissue: the gaps between blocks
+    gap = mask[: int(1792 * scale) - 2, :]
+    assert gap.mean() < 0.01
+
+
+def test_store_is_self_describing(graded_store, graded_slide):
+    import hashlib
+
+    res, store = graded_store
+    meta = store.attrs
+    assert meta["complete"] is True and meta["schema_version"] == 1
+    assert meta["slide"]["sha256"] == hashlib.sha256(graded_slide.read_bytes()).hexdigest()
+    assert meta["slide"]["mpp_source"].startswith("vendor:")
+    assert meta["slide"]["reader"] in ("openslide", "tiffslide") and meta["slide"]["reader_version"]
+    assert meta["tiling"]["target_mpp_um"] == 0.5 and meta["tiling"]["tile_px"] == TILE
+    assert meta["qc"]["params"]["min_laplacian_var"] == 75.0 and meta["qc"]["params"]["min_tissue_fraction"] == 0.4
+    assert meta["tissue"]["params"]["max_gray"] == 220.0
+    assert meta["package_version"]
+    assert store.tiles.shape == (store.n_tiles, TILE, TILE, 3) and store.tiles.dtype == np.uint8
+    assert (res.store.parent / "graded.qc.png").is_file()
+
+
+def test_stored_tiles_equal_slide_pixels(graded_store, graded_slide):
+    from wsi_her2.slide import open_slide
+
+    _, store = graded_store
+    with open_slide(graded_slide, backend="openslide") as reader:
+        for i in (0, store.n_tiles // 2, store.n_tiles - 1):
+            x, y = store.coords_level0[i]
+            expect = reader.read_level_region(0, int(x), int(y), TILE, TILE)
+            assert np.array_equal(store.read_tiles(i, i + 1)[0], expect)
+
+
+def test_qc_finds_planted_blur_and_pen(demo_slide, tmp_path):
+    from wsi_her2.synthetic import demo_spec
+
+    res = tile_slide(demo_slide, tmp_path, config=TileConfig(workers=1))
+    store = open_store(res.store)
+    spec = demo_spec()
+    blur = next(r for r in spec.regions if r.blur_sigma_px > 0)
+    pen = next(r for r in spec.regions if r.kind == "pen")
+    flags = store.qc_flags
+    in_blur = _tiles_in(store, blur) & ~_tiles_touching(store, pen)  # sharp ink edges are not blur
+    assert in_blur.sum() > 0
+    assert np.all(flags[in_blur] & QC_FLAGS["blurry"]), "blurred region tiles must be flagged blurry"
+    sharp = np.any([_tiles_in(store, r) for r in spec.regions if r.kind == "ihc" and r.blur_sigma_px == 0], axis=0)
+    sharp &= ~_tiles_touching(store, pen)
+    # sharp tissue tiles are not called blurry (except where the pen stroke covers them)
+    assert not np.any(flags[sharp] & QC_FLAGS["blurry"])
+    assert np.any(flags[_tiles_in(store, pen)] & QC_FLAGS["pen"])
+    summary = store.attrs["qc"]["summary"]
+    assert summary["pen_marks"] is True
+    assert summary["out_of_focus_regions"] >= 1
+
+
+def test_interrupted_run_resumes_to_identical_store(graded_slide, tmp_path, monkeypatch):
+    import wsi_her2.tile_pipeline as tp
+
+    clean = open_store(tile_slide(graded_slide, tmp_path / "clean", config=TileConfig(workers=1, chunk_tiles=32)).store)
+    real = tp._process_unit
+    calls = {"n": 0}
+
+    def dying(unit):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C mid-run
+        return real(unit)
+
+    monkeypatch.setattr(tp, "_process_unit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tile_slide(graded_slide, tmp_path / "resumed", config=TileConfig(workers=1, chunk_tiles=32))
+    partial = PatchStore.open(tmp_path / "resumed" / "graded.zarr", require_complete=False)
+    assert partial.attrs["complete"] is False and partial.units_done().sum() == 3
+    with pytest.raises(Exception, match="incomplete"):
+        open_store(partial.path)
+    monkeypatch.setattr(tp, "_process_unit", real)
+    res = tile_slide(graded_slide, tmp_path / "resumed", config=TileConfig(workers=1, chunk_tiles=32))
+    assert res.status == "resumed"
+    resumed = open_store(res.store)
+    for name in ("tiles", "coords_level0", "qc_flags", "laplacian_var", "tissue_fraction", "pen_fraction"):
+        assert np.array_equal(clean.array(name), resumed.array(name)), name
+    # and a complete store is skipped on the next run
+    assert tile_slide(graded_slide, tmp_path / "resumed", config=TileConfig(workers=1, chunk_tiles=32)).status == "skipped"
+
+
+def test_parallel_workers_give_the_same_store(graded_slide, graded_store, tmp_path):
+    _, serial = graded_store
+    res = tile_slide(graded_slide, tmp_path, config=TileConfig(workers=2, chunk_tiles=16))
+    par = open_store(res.store)
+    assert np.array_equal(serial.array("tiles"), par.array("tiles"))
+    assert np.array_equal(serial.qc_flags, par.qc_flags)
+
+
+def test_resampled_level_matches_area_average(tmp_path):
+    """A 0.25 µm/px slide tiled at 0.5 µm/px: each tile is the 2x2 mean of level-0 pixels."""
+    spec = SyntheticSlideSpec(3584, 3584, mpp_um=0.25, regions=(Region("ihc", 0, 0, 3584, 3584, grade=2),),
+                              pyramid_downsamples=(1, 4), dust=False)
+    slide = write_synthetic_slide(tmp_path / "x40.svs", spec)
+    store = open_store(tile_slide(slide, tmp_path, config=TileConfig(workers=1)).store)
+    geo = store.attrs["tiling"]
+    assert geo["level"] == 0 and geo["level_px_per_target_px"] == 2.0 and geo["tile_size_level0"] == 448
+    from wsi_her2.slide import open_slide
+
+    with open_slide(slide) as reader:
+        x, y = store.coords_level0[5]
+        raw = reader.read_level_region(0, int(x), int(y), 448, 448).astype(np.float32)
+    expect = raw.reshape(224, 2, 224, 2, 3).mean(axis=(1, 3))
+    got = store.read_tiles(5, 6)[0].astype(np.float32)
+    assert np.abs(got - expect).max() <= 1.0
+
+
+def test_no_tissue_slide_is_refused_without_a_store(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "glass.svs", SyntheticSlideSpec(2048, 2048, regions=(), dust=True))
+    with pytest.raises(NoTissueError, match="no tissue"):
+        tile_slide(slide, tmp_path / "out", config=TileConfig(workers=1))
+    assert not (tmp_path / "out" / "glass.zarr").exists()
+
+
+def test_geometry_rules():
+    dims = [(40000, 30000), (10000, 7500), (2500, 1875)]
+    # 0.2527 µm/px "40x" scan at 0.25: within tolerance, no resampling
+    g = choose_geometry(level_dims=dims, level_downsamples=[1, 4, 16], slide_mpp_um=0.2527, target_mpp_um=0.25, tile_px=256)
+    assert g.level == 0 and g.level_px_per_target_px == 1.0 and g.effective_mpp_um == pytest.approx(0.2527)
+    # 0.25 -> 1.0 µm/px reads level 1 (ds 4) natively
+    g = choose_geometry(level_dims=dims, level_downsamples=[1, 4, 16], slide_mpp_um=0.25, target_mpp_um=1.0, tile_px=224)
+    assert g.level == 1 and g.level_px_per_target_px == 1.0 and g.grid_cols == 10000 // 224
+    # 0.25 -> 0.5 reads level 0 and halves it
+    g = choose_geometry(level_dims=dims, level_downsamples=[1, 4, 16], slide_mpp_um=0.25, target_mpp_um=0.5, tile_px=224)
+    assert g.level == 0 and g.level_px_per_target_px == 2.0 and g.tile_size_level0 == 448
+    # overlap: stride smaller than the tile
+    g = choose_geometry(level_dims=dims, level_downsamples=[1, 4, 16], slide_mpp_um=0.5, target_mpp_um=0.5, tile_px=224, stride_px=112)
+    assert g.grid_cols == (40000 - 224) // 112 + 1
+    with pytest.raises(ConfigError, match="upsampling"):
+        choose_geometry(level_dims=dims, level_downsamples=[1], slide_mpp_um=0.5, target_mpp_um=0.25, tile_px=224)
+
+
+def test_laplacian_matches_reference_definition():
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, size=(3, 40, 50, 3), dtype=np.uint8)
+    gray = np.floor(tiles.astype(np.float64) @ [77, 150, 29] / 256 + 0.5)
+    from scipy import ndimage
+
+    kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float)
+    expect = [ndimage.convolve(g, kernel)[1:-1, 1:-1].var() for g in gray]
+    assert np.allclose(laplacian_variance(tiles), expect, rtol=1e-5)
+    flat = np.full((1, 40, 40, 3), 128, np.uint8)
+    assert laplacian_variance(flat)[0] == 0.0
+
+
+def test_real_fixture_cmu_tiles_with_both_backends(tmp_path):
+    path = fixture_slide("CMU-1-Small-Region.svs")
+    a = open_store(tile_slide(path, tmp_path / "o", config=TileConfig(backend="openslide", workers=1)).store)
+    b = open_store(tile_slide(path, tmp_path / "t", config=TileConfig(backend="tiffslide", workers=1)).store)
+    assert a.n_tiles == b.n_tiles > 30
+    assert np.array_equal(a.array("tiles"), b.array("tiles"))
+    assert 20 < a.qc_pass.sum() < a.n_tiles
