@@ -321,9 +321,14 @@ def _slide_ring(
         if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] < 3:
             raise ConfigError(f"polygon_coords must be (n >= 3, 2) level-0 points, got {pts.shape}")
     pts = np.round(pts - off, _COORD_DECIMALS)
-    geom = shapely.set_precision(Polygon(pts), 10 ** (-_COORD_DECIMALS))
+    geom = Polygon(pts)
     if not geom.is_valid:
+        # Tissue contours can self-touch or cross; QuPath may refuse such a polygon.
         geom = shapely.make_valid(geom)
+    # Snap to QuPath's 0.01 px grid here, so its own snapping cannot create an invalid ring;
+    # set_precision keeps the output valid, and the final round only removes float noise.
+    geom = shapely.set_precision(geom, 10 ** (-_COORD_DECIMALS))
+    geom = shapely.transform(geom, lambda c: np.round(c, _COORD_DECIMALS))
     if geom.geom_type == "Polygon":
         geom = orient(geom, sign=1.0)
     elif geom.geom_type == "MultiPolygon":

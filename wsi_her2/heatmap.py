@@ -5,7 +5,7 @@ The thumbnail frame is the full level-0 plane scaled by ``thumb_px_per_level0_px
 shifted by the OpenSlide bounds offset here, unlike the QuPath GeoJSON.
 
 Painting is two steps: each tile's rectangle is written into an integer label image by
-slicing (one small slice assignment per tile, ~0.1 s per 100k tiles), then colours are
+slicing (one small slice assignment per tile, ~0.2 s per 100k tiles), then colours are
 blended over the whole image at once with a lookup table. Rejected tiles are hatched in
 grey (diagonal lines, the thumbnail visible between them) rather than tinted, so they can
 never be mistaken for a class.

@@ -1,0 +1,192 @@
+"""Heatmap PNG: tile calls at the right thumbnail pixels, rejected tiles never in a class colour."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_her2.aggregate import HER2_CLASSES
+from wsi_her2.errors import ConfigError
+from wsi_her2.geojson import CLASS_COLORS, QC_REJECTED
+from wsi_her2.heatmap import default_legend, render_heatmap, save_heatmap_png
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+CLASSES = list(HER2_CLASSES)
+SCALE = 1 / 16  # thumbnail px per level-0 px
+WHITE = 255
+
+
+def white(h=100, w=200):
+    return np.full((h, w, 3), WHITE, dtype=np.uint8)
+
+
+def paint(coords, calls, *, thumb=None, alpha=1.0, **kw):
+    return render_heatmap(
+        white() if thumb is None else thumb,
+        thumb_px_per_level0_px=SCALE,
+        coords_level0=np.asarray(coords),
+        tile_size_level0=256,
+        calls=np.asarray(calls),
+        class_names=CLASSES,
+        alpha=alpha,
+        **kw,
+    )
+
+
+def test_planted_tile_gets_its_class_colour_at_the_right_pixels():
+    # level-0 (320, 160) + 256 px at 1/16 -> thumbnail x 20..36, y 10..26
+    out = paint([[320, 160]], [2])
+    colour = np.array(CLASS_COLORS["HER2 2+"], dtype=np.uint8)
+    assert (out[10:26, 20:36] == colour).all()
+    mask = np.zeros(out.shape[:2], dtype=bool)
+    mask[10:26, 20:36] = True
+    assert (out[~mask] == WHITE).all()
+
+
+def test_alpha_blends_with_the_thumbnail():
+    thumb = np.full((100, 200, 3), 100, dtype=np.uint8)
+    out = paint([[0, 0]], [3], thumb=thumb, alpha=0.45)
+    c = np.array(CLASS_COLORS["HER2 3+"], dtype=np.float64)
+    expected = np.round(0.55 * 100 + 0.45 * c).astype(np.uint8)
+    assert (out[0:16, 0:16] == expected).all()
+    assert (out[16:, :] == 100).all()
+
+
+def test_rejected_tile_is_hatched_not_coloured_as_a_class():
+    thumb = np.full((100, 200, 3), 200, dtype=np.uint8)
+    out = paint([[320, 160]], [-1], thumb=thumb)
+    region = out[10:26, 20:36].reshape(-1, 3)
+    class_colours = [np.array(CLASS_COLORS[f"HER2 {c}"]) for c in CLASSES]
+    for c in class_colours:
+        assert not (region == c).all(axis=1).any()
+    grey = np.array(CLASS_COLORS[QC_REJECTED])
+    is_grey = (region == grey).all(axis=1)
+    is_thumb = (region == 200).all(axis=1)
+    assert is_grey.any() and is_thumb.any()  # hatched: grey lines with the tissue between
+    assert (is_grey | is_thumb).all()
+    # outside the tile nothing changed
+    out[10:26, 20:36] = 200
+    assert (out == 200).all()
+
+
+def test_scored_tile_wins_over_an_overlapping_rejected_tile():
+    # the rejected tile comes last in the input, yet the scored one is drawn on top
+    out = paint([[0, 0], [0, 0]], [1, -1])
+    assert (out[0:16, 0:16] == np.array(CLASS_COLORS["HER2 1+"])).all()
+
+
+def test_several_classes_on_a_grid_meet_without_gaps():
+    coords = [[0, 0], [256, 0], [512, 0], [768, 0]]
+    out = paint(coords, [0, 1, 2, 3])
+    for k, c in enumerate(CLASSES):
+        assert (out[0:16, 16 * k : 16 * (k + 1)] == np.array(CLASS_COLORS[f"HER2 {c}"])).all()
+
+
+def test_tiles_at_the_edge_are_clipped_and_tiny_tiles_still_show():
+    out = paint([[3100, 1550]], [0])  # thumbnail x 193.75.., y 96.9..: partly outside
+    assert (out[97:, 194:] == np.array(CLASS_COLORS["HER2 0"])).all()
+    tiny = render_heatmap(white(), thumb_px_per_level0_px=1 / 1000, coords_level0=np.array([[5000, 5000]]),
+                          tile_size_level0=256, calls=np.array([3]), class_names=CLASSES, alpha=1.0)
+    assert (tiny[5, 5] == np.array(CLASS_COLORS["HER2 3+"])).all()
+    assert (tiny == np.array(CLASS_COLORS["HER2 3+"])).all(axis=2).sum() == 1
+
+
+def test_thumbnail_origin_shifts_tiles():
+    out = paint([[320 + 1600, 160 + 800]], [2], thumb_origin_level0=(1600, 800))
+    assert (out[10:26, 20:36] == np.array(CLASS_COLORS["HER2 2+"])).all()
+
+
+def test_colour_overrides():
+    out = paint([[0, 0]], [0], colors={"0": (1, 2, 3)})
+    assert (out[0:16, 0:16] == np.array([1, 2, 3])).all()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"thumbnail": np.zeros((10, 10, 3), dtype=np.float32)},
+        {"calls": np.array([4])},
+        {"calls": np.array([0, 1])},
+        {"alpha": 1.5},
+        {"thumb_px_per_level0_px": 0.0},
+    ],
+)
+def test_bad_inputs_raise_config_error(change):
+    kw = dict(thumbnail=white(), thumb_px_per_level0_px=SCALE, coords_level0=np.array([[0, 0]]),
+              tile_size_level0=256, calls=np.array([0]), class_names=CLASSES)
+    kw.update(change)
+    with pytest.raises(ConfigError):
+        render_heatmap(kw.pop("thumbnail"), **kw)
+
+
+def test_png_is_readable_with_title_and_legend(tmp_path):
+    out = paint([[0, 0], [256, 0]], [0, -1])
+    legend = default_legend(CLASSES)
+    assert list(legend) == ["HER2 0", "HER2 1+", "HER2 2+", "HER2 3+", QC_REJECTED]
+    path = save_heatmap_png(out, tmp_path / "sub" / "slide-1.png",
+                            title="slide-1: HER2 2+ (asco, confidence 0.93)", legend=legend)
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        png = np.asarray(im.convert("RGB"))
+    assert png.shape[1] == max(200, 240)
+    assert png.shape[0] > 100  # title bar and legend strip added
+    # the heatmap sits unchanged below the title bar: find it by its planted tile
+    title_h = next(r for r in range(png.shape[0]) if (png[r, 0:16] == CLASS_COLORS["HER2 0"]).all())
+    assert title_h > 0
+    assert (png[title_h : title_h + 100, :200] == out).all()
+    # every legend colour appears as a swatch in the strip below the heatmap
+    strip = png[title_h + 100 :].reshape(-1, 3)
+    for rgb in legend.values():
+        assert (strip == np.array(rgb)).all(axis=1).any(), rgb
+    # the title bar holds dark text pixels
+    assert (png[:title_h] < 100).all(axis=2).any()
+
+
+def test_png_without_title_or_legend_is_the_image(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    path = save_heatmap_png(img, tmp_path / "plain.png")
+    with Image.open(path) as im:
+        assert (np.asarray(im.convert("RGB")) == img).all()
+    with pytest.raises(ConfigError):
+        save_heatmap_png(img, tmp_path / "plain.jpg")
+
+
+def test_on_a_real_slide_thumbnail(tmp_path):
+    slide_path = FIXTURES / "slides" / "CMU-1-Small-Region.svs"
+    if not slide_path.exists():
+        pytest.skip("shared fixtures not present")
+    tiffslide = pytest.importorskip("tiffslide")
+    with tiffslide.TiffSlide(slide_path) as slide:
+        w0, h0 = slide.dimensions
+        thumb = np.asarray(slide.get_thumbnail((400, 400)).convert("RGB"))
+    scale = thumb.shape[1] / w0
+    gx, gy = np.meshgrid(np.arange(0, w0 - 256, 256), np.arange(0, h0 - 256, 256))
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    calls = np.arange(len(coords)) % 5 - 1
+    out = render_heatmap(thumb, thumb_px_per_level0_px=scale, coords_level0=coords, tile_size_level0=256,
+                         calls=calls, class_names=CLASSES)
+    assert out.shape == thumb.shape
+    assert not (out == thumb).all()
+    path = save_heatmap_png(out, tmp_path / "cmu.png", title="CMU-1: test", legend=default_legend(CLASSES))
+    with Image.open(path) as im:
+        assert im.size[0] >= thumb.shape[1]
+
+
+@pytest.mark.slow
+def test_speed_100k_tiles():
+    n = 100_000
+    side = int(np.ceil(np.sqrt(n)))
+    gx, gy = np.meshgrid(np.arange(side), np.arange(side))
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1)[:n] * 512
+    calls = np.random.default_rng(0).integers(-1, 4, n)
+    thumb = np.full((2000, 2000, 3), 230, dtype=np.uint8)
+    t0 = time.perf_counter()
+    out = render_heatmap(thumb, thumb_px_per_level0_px=2000 / (side * 512), coords_level0=coords,
+                         tile_size_level0=512, calls=calls, class_names=CLASSES)
+    dt = time.perf_counter() - t0
+    print(f"heatmap: {dt:.2f} s for 100k tiles on a 2000 x 2000 thumbnail")
+    assert out.shape == thumb.shape
+    assert dt < 30
