@@ -30,11 +30,14 @@ def render_qc_picture(
     title: str = "",
     min_width_px: int = 900,
 ) -> Image.Image:
-    """Thumbnail with the tissue mask tinted blue, pen ink magenta, tiles outlined by QC outcome."""
+    """Thumbnail with the tissue-mask outline in blue, pen ink magenta, tiles outlined by QC outcome."""
+    from scipy import ndimage
+
     zoom = max(1, int(np.ceil(min_width_px / max(thumbnail.shape[1], 1))))
     base = thumbnail.astype(np.float32)
-    tint = np.array(COLORS["mask"], np.float32)
-    base[tissue_mask] = 0.8 * base[tissue_mask] + 0.2 * tint
+    # outline, not a tint: the stain colours stay readable
+    edge = tissue_mask & ~ndimage.binary_erosion(tissue_mask)
+    base[edge] = np.array(COLORS["mask"], np.float32)
     base[pen_mask] = 0.4 * base[pen_mask] + 0.6 * np.array(COLORS["pen"], np.float32)
     img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     if zoom > 1:
@@ -59,7 +62,7 @@ def render_qc_picture(
         else:
             color = COLORS["low_tissue"]
         draw.rectangle([x, y + header, x + size - 1, y + header + size - 1], outline=color)
-    legend = f"{title}  kept: green  low tissue: grey  blurry: orange  pen: magenta  tissue mask: blue tint"
+    legend = f"{title}  kept: green  low tissue: grey  blurry: orange  pen: magenta  tissue outline: blue"
     draw.text((4, 4), legend.strip(), fill=(0, 0, 0))
     return canvas
 
