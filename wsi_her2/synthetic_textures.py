@@ -23,7 +23,7 @@ import functools
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
+from scipy import fft as sfft
 
 #: Texture period in level-0 pixels: a multiple of 256 (native tiles slice without wrapping)
 #: and of every power-of-two pyramid downsample up to 64 (downsampled textures stay exact).
@@ -42,12 +42,15 @@ CAMERA_NOISE_SD = 1.0
 
 #: Peak DAB optical density on membranes per HER2 grade (ASCO/CAP 2018 in spirit):
 #: 0 none, 1+ faint, 2+ weak-to-moderate, 3+ strong.
-GRADE_DAB_OD: dict[int, float] = {0: 0.0, 1: 0.2, 2: 0.5, 3: 1.2}
+GRADE_DAB_OD: dict[int, float] = {0: 0.0, 1: 0.2, 2: 0.5, 3: 1.3}
 #: Fraction of each cell's membrane circumference that is stained, per grade:
 #: 1+ partial rings (two arcs covering 40 %), 2+ and 3+ complete rings.
 GRADE_COMPLETENESS: dict[int, float] = {0: 0.0, 1: 0.4, 2: 1.0, 3: 1.0}
 #: Gaussian sigma of the membrane DAB profile (µm): 3+ rings are thick.
-GRADE_MEMBRANE_SIGMA_UM: dict[int, float] = {0: 0.5, 1: 0.5, 2: 0.6, 3: 1.0}
+GRADE_MEMBRANE_SIGMA_UM: dict[int, float] = {0: 0.5, 1: 0.5, 2: 0.6, 3: 1.2}
+#: Diffuse cytoplasmic DAB OD ("blush") per grade: strongly positive cells are brown
+#: throughout, which makes 3+ tissue read as saturated brown at low magnification.
+GRADE_CYTOPLASM_DAB_OD: dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.03, 3: 0.2}
 
 CELL_PITCH_UM = 14.0
 NUCLEUS_DIAMETER_UM = 7.0
@@ -58,7 +61,7 @@ IHC_CYTOPLASM_H_OD = 0.07
 IHC_NUCLEUS_H_OD = 0.42
 
 
-def od_to_rgb(od_h: NDArray, od_e: NDArray | float, od_dab: NDArray | float) -> NDArray[np.float64]:
+def od_to_rgb(od_h: NDArray | float, od_e: NDArray | float, od_dab: NDArray | float) -> NDArray[np.float32]:
     """Beer-Lambert mixing of H, E and DAB optical densities into float RGB (0-255 scale).
 
     Parameters
@@ -69,35 +72,57 @@ def od_to_rgb(od_h: NDArray, od_e: NDArray | float, od_dab: NDArray | float) -> 
     Returns
     -------
     ndarray
-        ``S + (3,)`` float RGB, ``GLASS_RGB * 10 ** -(OD @ stain vectors)``, not yet noisy.
+        ``S + (3,)`` float32 RGB, ``GLASS_RGB * 10 ** -(OD @ stain vectors)``, not yet noisy.
     """
     od_h, od_e, od_dab = np.broadcast_arrays(
-        np.asarray(od_h, np.float64), np.asarray(od_e, np.float64), np.asarray(od_dab, np.float64)
+        np.asarray(od_h, np.float32), np.asarray(od_e, np.float32), np.asarray(od_dab, np.float32)
     )
-    od = np.stack([od_h, od_e, od_dab], axis=-1) @ RGB_FROM_HED
-    return GLASS_RGB * np.power(10.0, -od)
+    out = np.empty((*od_h.shape, 3), np.float32)
+    for c in range(3):
+        od = (od_h * np.float32(RGB_FROM_HED[0, c]) + od_e * np.float32(RGB_FROM_HED[1, c])
+              + od_dab * np.float32(RGB_FROM_HED[2, c]))
+        out[..., c] = np.float32(GLASS_RGB[c]) * np.power(np.float32(10.0), -od)
+    return out
 
 
 def _rng(seed: int, *salt: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *[int(s) for s in salt]])
 
 
+def _periodic_gaussian(field: NDArray, sigma_px: float | tuple[float, float]) -> NDArray[np.float32]:
+    """Gaussian filter with wrap-around boundaries, done in Fourier space (cost independent
+    of sigma; the result tiles seamlessly)."""
+    field = np.asarray(field, np.float32)
+    spectrum = sfft.rfft2(field, axes=(0, 1), workers=1)
+    sig = (sigma_px, sigma_px) if np.isscalar(sigma_px) else tuple(sigma_px)
+    fy = sfft.fftfreq(field.shape[0])[:, None]
+    fx = sfft.rfftfreq(field.shape[1])[None, :]
+    # separable kernel, built as an outer product in float32 (small temporaries)
+    kernel = (np.exp(-2 * np.pi**2 * (fy * sig[0]) ** 2).astype(np.float32)
+              * np.exp(-2 * np.pi**2 * (fx * sig[1]) ** 2).astype(np.float32))
+    if field.ndim == 3:
+        kernel = kernel[..., None]
+    spectrum *= kernel
+    return sfft.irfft2(spectrum, s=field.shape[:2], axes=(0, 1), workers=1).astype(np.float32, copy=False)
+
+
 def _smooth_noise(rng: np.random.Generator, sigma_px: float | tuple[float, float]) -> NDArray[np.float32]:
     """Periodic Gaussian-filtered white noise over the texture period, zero mean, unit SD."""
-    field = ndimage.gaussian_filter(
-        rng.standard_normal((PERIOD_PX, PERIOD_PX)).astype(np.float32), sigma_px, mode="wrap"
-    )
+    field = _periodic_gaussian(rng.standard_normal((PERIOD_PX, PERIOD_PX), np.float32), sigma_px)
     field -= field.mean()
     return field / max(float(field.std()), 1e-6)
 
 
 def _finish(rgb: NDArray, rng: np.random.Generator, blur_sigma_px: float) -> NDArray[np.uint8]:
     """Optional out-of-focus blur (in light, not OD), then camera noise, then quantisation."""
-    rgb = np.asarray(rgb, np.float32)
-    if blur_sigma_px > 0:
-        rgb = ndimage.gaussian_filter(rgb, (blur_sigma_px, blur_sigma_px, 0), mode="wrap")
-    rgb = rgb + rng.normal(0.0, CAMERA_NOISE_SD, rgb.shape).astype(np.float32)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    out = np.empty(rgb.shape, np.uint8)
+    for c in range(rgb.shape[-1]):  # channel by channel: keeps the float temporaries small
+        channel = np.array(rgb[..., c], np.float32)
+        if blur_sigma_px > 0:
+            channel = _periodic_gaussian(channel, blur_sigma_px)
+        channel += rng.standard_normal(channel.shape, np.float32) * np.float32(CAMERA_NOISE_SD)
+        out[..., c] = np.clip(np.rint(channel), 0, 255)
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,87 +148,108 @@ def _cell_geometry(mpp_um: float, seed: int) -> dict[str, NDArray]:
     for y0 in range(0, PERIOD_PX, rows):
         ys = xs[y0 : y0 + rows]
         cj = ci[y0 : y0 + rows]
-        # candidate centres in the 3x3 neighbourhood of the pixel's lattice cell (unwrapped)
-        cand_x = np.empty((9, len(ys), PERIOD_PX))
-        cand_y = np.empty_like(cand_x)
-        cand_id = np.empty((9, len(ys), PERIOD_PX), np.int64)
-        for k, (dj, di) in enumerate(offsets):
+        shape = (len(ys), PERIOD_PX)
+        best_d = np.full(shape, np.inf)
+        second_d = np.full(shape, np.inf)
+        best_x, best_y, second_x, second_y = (np.zeros(shape) for _ in range(4))
+        best_id = np.zeros(shape, np.int64)
+        # the two nearest centres lie in the 3x3 neighbourhood of the pixel's lattice cell
+        for dj, di in offsets:
             jj = (cj + dj)[:, None]
             ii = (ci + di)[None, :]
             jw, iw = jj % n, ii % n
-            cand_x[k] = (ii + 0.5) * pitch + jitter[jw, iw, 0]
-            cand_y[k] = (jj + 0.5) * pitch + jitter[jw, iw, 1]
-            cand_id[k] = jw * n + iw
-        d2 = (cand_x - xs[None, None, :]) ** 2 + (cand_y - ys[None, :, None]) ** 2
-        order = np.argsort(d2, axis=0)[:2]
-        first = np.take_along_axis(d2, order[:1], 0)[0]
-        second = np.take_along_axis(d2, order[1:2], 0)[0]
-        c1x = np.take_along_axis(cand_x, order[:1], 0)[0]
-        c1y = np.take_along_axis(cand_y, order[:1], 0)[0]
-        c2x = np.take_along_axis(cand_x, order[1:2], 0)[0]
-        c2y = np.take_along_axis(cand_y, order[1:2], 0)[0]
-        sep = np.hypot(c2x - c1x, c2y - c1y)
+            cx = (ii + 0.5) * pitch + jitter[jw, iw, 0]
+            cy = (jj + 0.5) * pitch + jitter[jw, iw, 1]
+            d2 = (cx - xs[None, :]) ** 2 + (cy - ys[:, None]) ** 2
+            closer = d2 < best_d
+            middle = ~closer & (d2 < second_d)
+            second_d = np.where(closer, best_d, np.where(middle, d2, second_d))
+            second_x = np.where(closer, best_x, np.where(middle, cx, second_x))
+            second_y = np.where(closer, best_y, np.where(middle, cy, second_y))
+            best_d = np.where(closer, d2, best_d)
+            best_x = np.where(closer, cx, best_x)
+            best_y = np.where(closer, cy, best_y)
+            best_id = np.where(closer, jw * n + iw, best_id)
+        sep = np.hypot(second_x - best_x, second_y - best_y)
         sl = slice(y0, y0 + len(ys))
-        cell[sl] = np.take_along_axis(cand_id, order[:1], 0)[0]
-        dx[sl] = xs[None, :] - c1x
-        dy[sl] = ys[:, None] - c1y
+        cell[sl] = best_id
+        dx[sl] = xs[None, :] - best_x
+        dy[sl] = ys[:, None] - best_y
         # exact distance to the perpendicular bisector of the two nearest centres
-        bdist[sl] = (second - first) / (2.0 * np.maximum(sep, 1e-6))
+        bdist[sl] = (second_d - best_d) / (2.0 * np.maximum(sep, 1e-6))
     ncell = n * n
+
+    def per_cell(values: NDArray) -> NDArray[np.float32]:
+        return values.astype(np.float32)
+
     return {
         "cell": cell,
         "dx": dx,
         "dy": dy,
         "bdist": bdist,
         "pitch_px": np.float64(pitch),
-        "nuc_scale": rng.uniform(0.85, 1.15, ncell),
-        "nuc_aspect": rng.uniform(1.0, 1.35, ncell),
-        "nuc_angle": rng.uniform(0, np.pi, ncell),
-        "nuc_strength": rng.uniform(0.8, 1.2, ncell),
+        "nuc_scale": per_cell(rng.uniform(0.85, 1.15, ncell)),
+        "nuc_aspect": per_cell(rng.uniform(1.0, 1.35, ncell)),
+        "nuc_angle": per_cell(rng.uniform(0, np.pi, ncell)),
+        "nuc_strength": per_cell(rng.uniform(0.8, 1.2, ncell)),
         "nuc_present": rng.random(ncell) > 0.12,  # some nuclei lie outside the section plane
-        "mem_phase": rng.uniform(0, 2 * np.pi, ncell),
-        "mem_strength": rng.uniform(0.8, 1.15, ncell),
+        "mem_phase": per_cell(rng.uniform(0, 2 * np.pi, ncell)),
+        "mem_strength": per_cell(rng.uniform(0.8, 1.15, ncell)),
         "stroma_nucleus": rng.random(ncell) < 0.15,
     }
 
 
-def _nucleus_mask(geo: dict[str, NDArray], mpp_um: float, *, aspect_boost: float = 1.0,
+@functools.lru_cache(maxsize=4)
+def _nucleus_mask(mpp_um: float, seed: int, *, aspect_boost: float = 1.0,
                   size: float = 1.0) -> NDArray[np.float32]:
     """Soft elliptical nucleus of each cell (1 inside, 0 outside, ~1 px edge)."""
+    geo = _cell_geometry(mpp_um, seed)
     cell = geo["cell"]
-    r = (NUCLEUS_DIAMETER_UM / 2 / mpp_um) * geo["nuc_scale"][cell] * size
-    aspect = geo["nuc_aspect"][cell] * aspect_boost
+    r = np.float32(NUCLEUS_DIAMETER_UM / 2 / mpp_um * size) * geo["nuc_scale"][cell]
+    root_aspect = np.sqrt(geo["nuc_aspect"][cell] * np.float32(aspect_boost))
     ang = geo["nuc_angle"][cell]
     c, s = np.cos(ang), np.sin(ang)
-    u = geo["dx"] * c + geo["dy"] * s
-    v = -geo["dx"] * s + geo["dy"] * c
-    d_ell = np.sqrt((u / (r * np.sqrt(aspect))) ** 2 + (v * np.sqrt(aspect) / r) ** 2)
-    return np.clip((1.0 - d_ell) * r + 0.5, 0.0, 1.0).astype(np.float32)
+    u = (geo["dx"] * c + geo["dy"] * s) / (r * root_aspect)
+    v = (geo["dy"] * c - geo["dx"] * s) * root_aspect / r
+    d_ell = np.sqrt(u * u + v * v)
+    return np.clip((1.0 - d_ell) * r + 0.5, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=4)
+def _ihc_counterstain(mpp_um: float, seed: int) -> NDArray[np.float32]:
+    """Hematoxylin OD of the IHC tissue, shared by every grade (same tissue, other HER2)."""
+    geo = _cell_geometry(mpp_um, seed)
+    rng = _rng(seed, 200)
+    cell = geo["cell"]
+    fine = _smooth_noise(rng, 1.0)
+    cyto = np.float32(IHC_CYTOPLASM_H_OD) * (1.0 + 0.25 * _smooth_noise(rng, 3.0))
+    nuc = _nucleus_mask(mpp_um, seed) * geo["nuc_present"][cell]
+    strength = np.float32(IHC_NUCLEUS_H_OD) * geo["nuc_strength"][cell]
+    return np.clip(cyto, 0, None) + nuc * strength * (1 + 0.3 * fine)
 
 
 @functools.lru_cache(maxsize=16)
 def ihc_texture(grade: int, mpp_um: float, seed: int, blur_sigma_px: float = 0.0) -> NDArray[np.uint8]:
     """HER2 IHC (DAB + hematoxylin counterstain) texture of one grade, ``(P, P, 3) uint8``."""
     geo = _cell_geometry(mpp_um, seed)
-    rng = _rng(seed, 200 + grade, int(round(blur_sigma_px * 100)))
+    rng = _rng(seed, 201 + grade, int(round(blur_sigma_px * 100)))
     cell = geo["cell"]
-    fine = _smooth_noise(rng, 1.0)
-    cyto = IHC_CYTOPLASM_H_OD * (1.0 + 0.25 * _smooth_noise(rng, 3.0))
-    nuc = _nucleus_mask(geo, mpp_um) * geo["nuc_present"][cell]
-    od_h = np.clip(cyto, 0, None) + nuc * IHC_NUCLEUS_H_OD * geo["nuc_strength"][cell] * (1 + 0.3 * fine)
-    od_dab = np.zeros_like(od_h)
+    od_h = _ihc_counterstain(mpp_um, seed)
+    od_dab: NDArray | float = 0.0
     peak = GRADE_DAB_OD[grade]
     completeness = GRADE_COMPLETENESS[grade]
     if peak > 0 and completeness > 0:
         sigma_px = GRADE_MEMBRANE_SIGMA_UM[grade] / mpp_um
-        profile = np.exp(-0.5 * (geo["bdist"] / sigma_px) ** 2)
+        profile = np.exp(np.float32(-0.5 / sigma_px**2) * geo["bdist"] ** 2)
         if completeness < 1:
             # partial rings: two arcs per cell, starting at a random angle
             theta = np.arctan2(geo["dy"], geo["dx"]) - geo["mem_phase"][cell]
-            covered = np.mod(theta / (2 * np.pi) * 2.0, 1.0) < completeness
+            covered = np.mod(theta * np.float32(1 / np.pi), 1.0) < completeness
             profile = profile * covered
-        od_dab = peak * profile * geo["mem_strength"][cell] * (1 + 0.15 * _smooth_noise(rng, 1.5))
-    return _finish(od_to_rgb(od_h, 0.0, np.clip(od_dab, 0, None)), rng, blur_sigma_px)
+        noise = 1 + 0.15 * _smooth_noise(rng, 1.5)
+        od_dab = np.clip(np.float32(peak) * profile * geo["mem_strength"][cell] * noise, 0, None)
+        od_dab += np.float32(GRADE_CYTOPLASM_DAB_OD[grade])
+    return _finish(od_to_rgb(od_h, 0.0, od_dab), rng, blur_sigma_px)
 
 
 @functools.lru_cache(maxsize=4)
@@ -215,13 +261,17 @@ def he_texture(mpp_um: float, seed: int, blur_sigma_px: float = 0.0) -> NDArray[
     nest = np.clip((_smooth_noise(rng, 40.0 / mpp_um) - 0.1) * 2.0, 0.0, 1.0)
     fibres = np.clip(0.8 + 0.35 * _smooth_noise(rng, (1.0, 5.0)), 0.3, 1.5)
     fine = _smooth_noise(rng, 1.0)
-    epi_nuc = _nucleus_mask(geo, mpp_um) * geo["nuc_present"][cell]
-    str_nuc = _nucleus_mask(geo, mpp_um, aspect_boost=3.0, size=0.7) * geo["stroma_nucleus"][cell]
+    epi_nuc = _nucleus_mask(mpp_um, seed) * geo["nuc_present"][cell]
+    str_nuc = _nucleus_mask(mpp_um, seed, aspect_boost=3.0, size=0.7) * geo["stroma_nucleus"][cell]
     od_h = (0.03 + nest * epi_nuc * 0.85 * geo["nuc_strength"][cell]
             + (1 - nest) * str_nuc * 0.8) * (1 + 0.25 * fine)
-    membrane = np.exp(-0.5 * (geo["bdist"] / (0.5 / mpp_um)) ** 2)
+    del str_nuc, fine
+    membrane = np.exp(np.float32(-0.5 * (mpp_um / 0.5) ** 2) * geo["bdist"] ** 2)
     od_e = nest * (0.22 + 0.1 * membrane) * (1 - 0.5 * epi_nuc) + (1 - nest) * 0.3 * fibres
-    return _finish(od_to_rgb(od_h, od_e, 0.0), rng, blur_sigma_px)
+    del membrane, epi_nuc, fibres, nest
+    rgb = od_to_rgb(od_h, od_e, 0.0)
+    del od_h, od_e
+    return _finish(rgb, rng, blur_sigma_px)
 
 
 @functools.lru_cache(maxsize=2)
@@ -229,7 +279,7 @@ def glass_texture(seed: int) -> NDArray[np.uint8]:
     """Empty glass: near white with faint shading and camera noise."""
     rng = _rng(seed, 400)
     shade = 1.0 + 0.004 * _smooth_noise(rng, 64.0)
-    return _finish(GLASS_RGB * shade[..., None], rng, 0.0)
+    return _finish(GLASS_RGB.astype(np.float32) * shade[..., None], rng, 0.0)
 
 
 @functools.lru_cache(maxsize=2)
