@@ -197,9 +197,9 @@ def group_split(
 ) -> dict[str, list[TileRecord]]:
     """Split records into train/val/test so that no group (patient) is on two sides.
 
-    Groups are bucketed by their majority label and each bucket is split separately, which keeps
-    the class mix of the three sides close to the whole. Within a bucket, shuffled groups go one by
-    one to the side furthest below its target share of tiles.
+    Groups are bucketed by their majority label and the buckets are dealt out in turn, which
+    keeps the class mix of the three sides close to the whole: shuffled groups go one by one to
+    the side furthest below its target share of the tiles dealt so far.
 
     Parameters
     ----------
@@ -230,13 +230,14 @@ def group_split(
     for g, rs in by_group.items():
         buckets[Counter(r.label for r in rs).most_common(1)[0][0]].append(g)
     rng = np.random.default_rng(seed)
+    counts = np.zeros(3)
     for label in sorted(buckets):
         groups = sorted(buckets[label])
         rng.shuffle(groups)
-        total = sum(len(by_group[g]) for g in groups)
-        counts = np.zeros(3)
         for g in groups:
-            deficit = frac * total - counts
+            # Running totals across buckets: small buckets still feed val and test in turn
+            # instead of each rounding its few groups into train.
+            deficit = frac * (counts.sum() + len(by_group[g])) - counts
             deficit[frac == 0] = -np.inf
             k = int(np.argmax(deficit))
             counts[k] += len(by_group[g])
@@ -304,7 +305,7 @@ def to_tensor(img: NDArray[np.uint8], mean: Sequence[float], std: Sequence[float
     """uint8 HWC -> normalised float CHW tensor (the model's input convention)."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (t - m) / s
@@ -415,3 +416,77 @@ def write_split_csv(splits: dict[str, list[TileRecord]], path: str | Path) -> Pa
             for r in rs:
                 w.writerow([str(Path(r.path).resolve()), r.label, r.group, name])
     return p
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic labelled IHC tiles (tests and the end-to-end example)
+# --------------------------------------------------------------------------------------------
+def synthetic_ihc_tiles(
+    n_per_class: int,
+    *,
+    tile_px: int = 224,
+    n_groups: int = 4,
+    seed: int = 0,
+    grades: Sequence[int] = (0, 1, 2, 3),
+) -> tuple[NDArray[np.uint8], NDArray[np.int64], list[str]]:
+    """Tiles cut from the graded synthetic IHC slide: the label is the planted grade.
+
+    Each grade's block is divided into ``n_groups`` horizontal strips, one per pseudo-patient
+    (group ``"g<grade>-p<strip>"``), so a group split keeps strips apart.
+
+    Returns
+    -------
+    images (N, tile_px, tile_px, 3) uint8, labels (N,) grade index into ``grades``, groups (N,).
+    """
+    from wsi_her2.synthetic import graded_ihc_spec, render_region
+
+    block_px = max(1792, 4 * tile_px)
+    spec = graded_ihc_spec(block_px=block_px, grades=tuple(grades), dust=False, seed=0)
+    rng = np.random.default_rng(seed)
+    strip_h = block_px // n_groups
+    if strip_h < tile_px:
+        raise DatasetError(f"{n_groups} groups of {tile_px} px tiles do not fit a {block_px} px block")
+    images, labels, groups = [], [], []
+    for k, region in enumerate(spec.tissue_regions):
+        for i in range(n_per_class):
+            g = i % n_groups
+            x = region.x_px + int(rng.integers(0, block_px - tile_px + 1))
+            y = region.y_px + g * strip_h + int(rng.integers(0, strip_h - tile_px + 1))
+            images.append(render_region(spec, x, y, tile_px, tile_px))
+            labels.append(k)
+            groups.append(f"g{grades[k]}-p{g}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), groups
+
+
+def write_synthetic_dataset(
+    out_dir: str | Path,
+    n_per_class: int,
+    *,
+    tile_px: int = 224,
+    n_groups: int = 4,
+    seed: int = 0,
+    classes: Sequence[str] = HER2_CLASSES,
+) -> Path:
+    """Write synthetic IHC tiles as ``<out>/<class>/<group>_<i>.png`` and ``<out>/labels.csv``.
+
+    The CSV (``path,label,patient``) allows a patient-level split with ``--group-col patient``.
+    Returns the CSV path.
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    images, labels, groups = synthetic_ihc_tiles(n_per_class, tile_px=tile_px, n_groups=n_groups, seed=seed,
+                                                 grades=tuple(range(len(classes))))
+    rows = []
+    for i, (img, lab, grp) in enumerate(zip(images, labels, groups)):
+        cls = classes[int(lab)]
+        p = out / cls / f"{grp}_{i:05d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(p)
+        rows.append((str(p.relative_to(out)), cls, grp))
+    csv_path = out / "labels.csv"
+    with csv_path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "patient"])
+        w.writerows(rows)
+    return csv_path

@@ -1,0 +1,105 @@
+"""Score stage end to end: planted grades recovered, planted slide call, every output written."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wsi_her2.score_pipeline import ScoreConfig, score_store
+from wsi_her2.store import open_store
+from wsi_her2.tile_pipeline import TileConfig, tile_slide
+
+
+@pytest.fixture(scope="module")
+def graded_scored(graded_slide, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graded-score")
+    store = tile_slide(graded_slide, out, config=TileConfig(workers=1)).store
+    res = score_store(store, config=ScoreConfig(agg="vote"))
+    return store, res
+
+
+def test_tile_calls_recover_planted_grades(graded_scored):
+    from wsi_her2.synthetic import graded_ihc_spec
+
+    store_path, res = graded_scored
+    table = pd.read_parquet(store_path.parent / "graded.tiles.parquet")
+    store = open_store(store_path)
+    size = store.tile_size_level0
+    for region in graded_ihc_spec().regions:
+        inside = (
+            (table.x_level0 >= region.x_px) & (table.x_level0 + size <= region.x_px + region.w_px)
+            & (table.y_level0 >= region.y_px) & (table.y_level0 + size <= region.y_px + region.h_px)
+        )
+        calls = table.loc[inside, "call"]
+        planted = ("0", "1+", "2+", "3+")[region.grade]
+        agreement = (calls == planted).mean()
+        assert agreement >= 0.9, f"grade {planted}: only {agreement:.0%} of tiles called {planted}"
+
+
+def test_outputs_written_and_consistent(graded_scored):
+    store_path, res = graded_scored
+    out = store_path.parent
+    for name in ("graded.geojson", "graded.tiles.parquet", "graded.json", "graded.heatmap.png", "slides.csv"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "graded.json").read_text())
+    assert meta["call"]["her2_score"] == res.call["her2_score"]
+    assert meta["model"]["name"] == "ihc_dab"
+    rows = pd.read_csv(out / "slides.csv", dtype=str)
+    assert list(rows.slide) == ["graded"] and rows.her2_score[0] == res.call["her2_score"]
+    table = pd.read_parquet(out / "graded.tiles.parquet")
+    assert len(table) == open_store(store_path).n_tiles
+    assert {"p_0", "p_1+", "p_2+", "p_3+", "dab_od_membrane", "completeness", "laplacian_var"} <= set(table.columns)
+    probs = table[["p_0", "p_1+", "p_2+", "p_3+"]].to_numpy()
+    scored = table.qc_pass.to_numpy()
+    assert np.allclose(probs[scored].sum(axis=1), 1.0, atol=1e-4)
+    assert np.isnan(probs[~scored]).all()
+    # a second run is a no-op unless asked
+    again = score_store(store_path, config=ScoreConfig(agg="vote"))
+    assert again.skipped
+
+
+def test_demo_slide_gets_planted_call_with_every_aggregator(demo_slide, tmp_path):
+    from wsi_her2.aggregate import AGGREGATORS
+    from wsi_her2.synthetic import DEMO_PLANTED_SCORE
+
+    planted = ("0", "1+", "2+", "3+")[DEMO_PLANTED_SCORE]
+    out = tmp_path / "demo-score"
+    store = tile_slide(demo_slide, out, config=TileConfig(workers=1)).store
+    res = score_store(store, config=ScoreConfig(agg="asco"))
+    assert res.call["her2_score"] == planted
+    table = pd.read_parquet(out / "demo.tiles.parquet")
+    probs = table.loc[table.qc_pass, ["p_0", "p_1+", "p_2+", "p_3+"]].to_numpy()
+    for name, aggregate in AGGREGATORS.items():
+        assert aggregate(probs).her2_score == planted, name
+    assert AGGREGATORS["asco"](probs[:5]).her2_score == "indeterminate"
+    # rejected tiles are kept, with reasons, in the QuPath file
+    fc = json.loads((out / "demo.geojson").read_text())
+    rejected = [f for f in fc["features"] if f["properties"].get("classification", {}).get("name") == "QC rejected"]
+    assert rejected and all(f["properties"]["metadata"]["qc_reason"] for f in rejected)
+
+
+def test_model_trained_at_other_mpp_is_refused(graded_scored):
+    from wsi_her2.errors import ConfigError
+    from wsi_her2.models import create_model
+
+    store_path, _ = graded_scored
+    model = create_model("resnet18", mpp_um=1.0)
+    with pytest.raises(ConfigError, match="re-tile"):
+        score_store(store_path, out_dir=store_path.parent / "mismatch", config=ScoreConfig(model="resnet18"), model=model)
+
+
+def test_cli_score_reports_missing_store(tmp_path, capsys):
+    from wsi_her2.cli import main
+
+    rc = main(["score", str(tmp_path / "nothing.zarr")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "nothing.zarr" in err and "Traceback" not in err
+
+
+def test_agg_choices_match_aggregators():
+    from wsi_her2.aggregate import AGGREGATORS
+    from wsi_her2.cli.score import AGG_CHOICES
+
+    assert set(AGG_CHOICES) == set(AGGREGATORS)
