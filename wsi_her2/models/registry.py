@@ -1,0 +1,143 @@
+"""The patch-classifier registry: ``register_model`` fills a dict, ``create_model`` builds from it.
+
+In the spirit of timm's registry, each entry pairs a :class:`ModelConfig` with a factory
+``factory(config, pretrained_file=None, *, pretrained=False) -> nn.Module``. The factory builds
+the network described by ``config`` (class count, input size, head); the registry attaches the
+config to the module as ``wsi_her2_config`` so that it travels with the model.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from wsi_her2.errors import ConfigError, ModelNotFoundError
+from wsi_her2.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+Factory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    config: ModelConfig
+    factory: Factory
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(name: str, *, config: ModelConfig) -> Callable[[Factory], Factory]:
+    """Decorator registering ``factory(config, pretrained_file=None, *, pretrained=False)`` as ``name``.
+
+    Parameters
+    ----------
+    name
+        Registry key; must equal ``config.name``.
+    config
+        Default configuration of the entry (callers may override fields in ``create_model``).
+    """
+    if config.name != name:
+        raise ConfigError(f"register_model({name!r}): config.name is {config.name!r}; they must match")
+
+    def decorator(factory: Factory) -> Factory:
+        old = _REGISTRY.get(name)
+        if old is not None and _qualname(old.factory) != _qualname(factory):
+            raise ConfigError(
+                f"model {name!r} is already registered by {_qualname(old.factory)}; pick another name"
+            )
+        _REGISTRY[name] = _Entry(config=copy.deepcopy(config), factory=factory)
+        return factory
+
+    return decorator
+
+
+def _qualname(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        pass
+    names = list_models()
+    lowered = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(lowered[c]) for c in close)}? " if close else ""
+    raise ModelNotFoundError(
+        f"unknown model {name!r}; {hint}run `wsi-her2 models` to list them (available: {', '.join(names)})"
+    )
+
+
+def get_config(name: str) -> ModelConfig:
+    """A copy of the registered default config of ``name`` (raises ModelNotFoundError)."""
+    return copy.deepcopy(_entry(name).config)
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    pretrained_file: str | Path | None = None,
+    **config_overrides: Any,
+) -> nn.Module:
+    """Build a registered classifier, randomly initialised or from ImageNet weights.
+
+    Parameters
+    ----------
+    name
+        Registry key (see :func:`list_models`).
+    pretrained
+        Start from ImageNet weights found offline (timm's local cache); with ``pretrained_file``
+        the weights come from that file (a timm ``.safetensors``/``.pth``; for a hybrid, a folder
+        holding one ``<arch>.safetensors`` per backbone).
+    **config_overrides
+        Fields of :class:`ModelConfig` to change, e.g. ``input_px=64`` or ``classes=("neg", "pos")``.
+
+    Returns
+    -------
+    torch.nn.Module
+        In training mode, with attribute ``wsi_her2_config``. ``forward`` takes normalised float
+        ``(B, 3, input_px, input_px)`` and returns logits ``(B, n_classes)``.
+    """
+    config = _entry(name).config.with_overrides(**config_overrides)
+    return build_model(config, pretrained=pretrained, pretrained_file=pretrained_file)
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    pretrained: bool = False,
+    pretrained_file: str | Path | None = None,
+) -> nn.Module:
+    """Build the model a full config describes (the factory is looked up by ``config.name``)."""
+    entry = _entry(config.name)
+    use_pretrained = bool(pretrained or pretrained_file is not None)
+    model = entry.factory(config, pretrained_file, pretrained=use_pretrained)
+    model.wsi_her2_config = copy.deepcopy(config)
+    return model
+
+
+def count_parameters(name_or_config: str | ModelConfig) -> int | None:
+    """Parameter count without allocating weights (built on the meta device); None if that fails."""
+    config = name_or_config if isinstance(name_or_config, ModelConfig) else get_config(name_or_config)
+    try:
+        with torch.device("meta"):
+            model = build_model(config)
+    except Exception as exc:  # a listing must not die because one entry cannot be built here
+        log.debug("cannot count parameters of %s: %s", config.name, exc)
+        return None
+    return sum(p.numel() for p in model.parameters())
