@@ -28,19 +28,28 @@ class SlideReader(ABC):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # filled by each backend's constructor
+        self._levels: tuple[SlideLevel, ...] = ()
+        self._props: dict[str, str] = {}
+        self._version = ""
+
+    def _set_metadata(self, dims, downsamples, props, version: str) -> None:
+        self._levels = tuple(SlideLevel(int(w), int(h), float(d)) for (w, h), d in zip(dims, downsamples))
+        self._props = {str(k): str(v) for k, v in props.items()}
+        self._version = version
 
     # --- metadata -------------------------------------------------------------------------
     @property
-    @abstractmethod
-    def levels(self) -> tuple[SlideLevel, ...]: ...
+    def levels(self) -> tuple[SlideLevel, ...]:
+        return self._levels
 
     @property
-    @abstractmethod
-    def properties(self) -> dict[str, str]: ...
+    def properties(self) -> dict[str, str]:
+        return self._props
 
     @property
-    @abstractmethod
-    def backend_version(self) -> str: ...
+    def backend_version(self) -> str:
+        return self._version
 
     @property
     def vendor(self) -> str | None:

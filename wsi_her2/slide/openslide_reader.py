@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_her2.slide.base import SlideLevel, SlideReader, rgba_to_rgb_on_white
+from wsi_her2.slide.base import SlideReader, rgba_to_rgb_on_white
 
 
 class OpenSlideReader(SlideReader):
@@ -17,24 +17,10 @@ class OpenSlideReader(SlideReader):
         import openslide  # the openslide-bin wheel ships the C library
 
         self._osr = openslide.OpenSlide(str(path))
-        self._version = f"openslide-python {openslide.__version__}; libopenslide {openslide.__library_version__}"
-        self._levels = tuple(
-            SlideLevel(int(w), int(h), float(d))
-            for (w, h), d in zip(self._osr.level_dimensions, self._osr.level_downsamples)
+        self._set_metadata(
+            self._osr.level_dimensions, self._osr.level_downsamples, self._osr.properties,
+            f"openslide-python {openslide.__version__}; libopenslide {openslide.__library_version__}",
         )
-        self._props = {str(k): str(v) for k, v in self._osr.properties.items()}
-
-    @property
-    def levels(self) -> tuple[SlideLevel, ...]:
-        return self._levels
-
-    @property
-    def properties(self) -> dict[str, str]:
-        return self._props
-
-    @property
-    def backend_version(self) -> str:
-        return self._version
 
     def read_level_region(self, level: int, x_px: int, y_px: int, w_px: int, h_px: int) -> NDArray[np.uint8]:
         ds = self._levels[level].downsample

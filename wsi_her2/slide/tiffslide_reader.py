@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_her2.slide.base import SlideLevel, SlideReader, rgba_to_rgb_on_white
+from wsi_her2.slide.base import SlideReader, rgba_to_rgb_on_white
 
 
 class _TiledPageDecoder:
@@ -86,26 +86,11 @@ class TiffSlideReader(SlideReader):
         import tiffslide
 
         self._ts = tiffslide.TiffSlide(str(path))
-        self._version = f"tiffslide {tiffslide.__version__}"
-        self._levels = tuple(
-            SlideLevel(int(w), int(h), float(d))
-            for (w, h), d in zip(self._ts.level_dimensions, self._ts.level_downsamples)
+        self._set_metadata(
+            self._ts.level_dimensions, self._ts.level_downsamples, self._ts.properties, f"tiffslide {tiffslide.__version__}"
         )
-        self._props = {str(k): str(v) for k, v in self._ts.properties.items()}
         self._fd: int | None = None
         self._decoders: dict[int, _TiledPageDecoder | None] = {}
-
-    @property
-    def levels(self) -> tuple[SlideLevel, ...]:
-        return self._levels
-
-    @property
-    def properties(self) -> dict[str, str]:
-        return self._props
-
-    @property
-    def backend_version(self) -> str:
-        return self._version
 
     def _decoder(self, level: int) -> _TiledPageDecoder | None:
         if level not in self._decoders:
