@@ -103,3 +103,27 @@ def test_agg_choices_match_aggregators():
     from wsi_her2.cli.score import AGG_CHOICES
 
     assert set(AGG_CHOICES) == set(AGGREGATORS)
+
+
+def test_explain_writes_saliency_overlay_and_measurement(tmp_path):
+    from conftest import fixture_slide
+    from wsi_her2.models import create_model, save_model
+
+    slide = fixture_slide("CMU-1-Small-Region.svs")
+    store = tile_slide(slide, tmp_path, config=TileConfig(workers=1)).store
+    weights = save_model(create_model("resnet18"), tmp_path / "r18.safetensors")
+    res = score_store(store, config=ScoreConfig(model=str(weights), agg="vote", explain="gradcam++", min_tiles=1))
+    assert (tmp_path / "CMU-1-Small-Region.saliency.png").is_file()
+    table = pd.read_parquet(tmp_path / "CMU-1-Small-Region.tiles.parquet")
+    sal = table.saliency_mean.to_numpy()
+    assert np.isfinite(sal[table.qc_pass]).all() and np.isnan(sal[~table.qc_pass]).all()
+    assert ((sal[table.qc_pass] >= 0) & (sal[table.qc_pass] <= 1)).all()
+    assert res.row["model"] == "r18.safetensors"
+
+
+def test_explain_refused_for_rule_based_scorer(graded_scored):
+    from wsi_her2.errors import ConfigError
+
+    store_path, _ = graded_scored
+    with pytest.raises(ConfigError, match="rule-based"):
+        score_store(store_path, out_dir=store_path.parent / "x", config=ScoreConfig(explain="gradcam"))

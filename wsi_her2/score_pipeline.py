@@ -55,6 +55,7 @@ class ScoreConfig:
     geojson_gz: bool = False
     overwrite: bool = False
     progress: bool = False
+    explain: str | None = None  # "gradcam" | "gradcam++": also write <id>.saliency.png and a saliency measurement
 
 
 @dataclass
@@ -152,10 +153,22 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     }
     probs_named = {f"p_{c}": pred.probs[:, i] for i, c in enumerate(classes)}
     measurements = {**probs_named, **per_tile, **pred.measurements}
+    extra_outputs = {}
+    if config.explain:
+        from wsi_her2.saliency import slide_saliency_png, tile_saliency
+
+        idx = np.nonzero(scored)[0]
+        maps = tile_saliency(store, model, indices=idx, method=config.explain, device=config.device)
+        saliency = np.full(store.n_tiles, np.nan, np.float32)
+        saliency[idx] = maps.reshape(len(idx), -1).mean(axis=1)
+        measurements["saliency_mean"] = saliency
+        slide_saliency_png(store, maps, idx, out / f"{sid}.saliency.png")
+        extra_outputs["saliency_png"] = str(out / f"{sid}.saliency.png")
     outputs = {
         "tiles_parquet": str(_write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
         "geojson": str(_write_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz)),
         "heatmap_png": str(_write_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
+        **extra_outputs,
     }
     fractions = slide_call.get("class_fractions", {})
     row = {

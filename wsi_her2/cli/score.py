@@ -30,6 +30,8 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--min-tiles", type=int, default=10, help="fewer usable tiles than this -> indeterminate")
     g.add_argument("--gz", action="store_true", help="write .geojson.gz instead of .geojson")
+    g.add_argument("--explain", nargs="?", const="gradcam++", choices=("gradcam", "gradcam++"), default=None,
+                   help="also write a Grad-CAM(++) saliency overlay and a per-tile saliency measurement (trained models)")
 
 
 def score_config_from_args(args: argparse.Namespace, *, progress: bool):
@@ -37,7 +39,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
     return ScoreConfig(
         model=args.model, weights=args.weights, agg=args.agg, batch_size=args.batch_size, device=args.device,
-        tta=args.tta, compile=args.compile, min_tiles=args.min_tiles, geojson_gz=args.gz,
+        tta=args.tta, compile=args.compile, min_tiles=args.min_tiles, geojson_gz=args.gz, explain=args.explain,
         overwrite=getattr(args, "overwrite", False), progress=progress,
     )
 
