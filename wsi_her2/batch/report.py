@@ -1,0 +1,228 @@
+"""Cohort outputs: ``slides.csv`` (one row per slide) and the agreement report against manifest labels.
+
+``slides.csv`` is rebuilt from the per-slide state files at the end of every run, sorted by slide
+id, with no timings in it, so a resumed run writes the same bytes as an uninterrupted one.
+
+Agreement metrics (numpy only):
+
+- the 4 x 4 confusion matrix over 0 / 1+ / 2+ / 3+ (rows: label, columns: call) and accuracy;
+- the quadratic-weighted kappa (Cohen 1968): ``1 - sum(W * O) / sum(W * E)`` with
+  ``W[i, j] = (i - j)^2 / (k - 1)^2``, ``O`` the observed confusion matrix and ``E`` the matrix
+  expected by chance (outer product of the marginals, scaled to ``O.sum()``);
+- the clinical three-way grouping negative (0, 1+) / equivocal (2+) / positive (3+): its 3 x 3
+  matrix, accuracy, unweighted Cohen's kappa and, per group, the fraction of labelled slides the
+  pipeline put in the same group.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_her2.batch.manifest import HER2_LABELS, SlideJob, normalise_label
+from wsi_her2.errors import ConfigError
+
+#: The columns of ``slides.csv``, in order; extra keys a scorer adds follow, sorted by name.
+CSV_COLUMNS = (
+    "slide", "status", "her2_score", "confidence", "frac_0", "frac_1+", "frac_2+", "frac_3+",
+    "tiles_used", "tiles_rejected", "model", "aggregation", "label", "patient_id", "mpp_um",
+    "error_type", "reason",
+)
+GROUPS = ("negative", "equivocal", "positive")
+#: HER2 score index (0..3) -> clinical group index: 0 and 1+ negative, 2+ equivocal, 3+ positive.
+GROUP_OF_SCORE = np.array([0, 0, 1, 2])
+
+
+# --- slides.csv ------------------------------------------------------------------------------------
+def cohort_rows(jobs: Sequence[SlideJob], states: Mapping[str, object]) -> list[dict]:
+    """One row per job, from its state (a :class:`~wsi_her2.batch.state.SlideState` or None), sorted by slide id."""
+    rows = []
+    for job in sorted(jobs, key=lambda j: j.slide_id):
+        state = states.get(job.slide_id)
+        status = getattr(state, "status", None) or "pending"
+        row: dict = {"slide": job.slide_id, "status": status}
+        if status == "done" and getattr(state, "row", None):
+            row.update({k: v for k, v in state.row.items() if k not in ("slide", "status")})
+        if status == "failed":
+            row["error_type"] = state.error_type
+            row["reason"] = state.reason
+        row["label"] = job.label
+        row["patient_id"] = job.patient_id
+        row["mpp_um"] = job.mpp_um
+        rows.append(row)
+    return rows
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(float(value)):
+            return ""
+        return f"{float(value):.6g}"  # fixed precision: the same value always prints the same
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    return " ".join(str(value).split())  # one line per row, whatever the reason text holds
+
+
+def slides_csv_text(rows: Iterable[Mapping]) -> str:
+    rows = sorted(rows, key=lambda r: str(r["slide"]))
+    extra = sorted({k for r in rows for k in r} - set(CSV_COLUMNS))
+    columns = list(CSV_COLUMNS) + extra
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def write_slides_csv(rows: Iterable[Mapping], path: str | Path) -> Path:
+    """Write ``slides.csv`` atomically (two runners finishing together never leave a torn file)."""
+    return _atomic_write(Path(path), slides_csv_text(rows))
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+def confusion_matrix(truth: Sequence[int], pred: Sequence[int], *, n_classes: int) -> NDArray[np.int64]:
+    """``m[i, j]`` = number of items with true class ``i`` predicted as ``j``."""
+    t = np.asarray(truth, dtype=np.int64)
+    p = np.asarray(pred, dtype=np.int64)
+    if t.shape != p.shape:
+        raise ConfigError(f"truth ({t.size}) and predictions ({p.size}) differ in length")
+    if t.size and (t.min() < 0 or p.min() < 0 or t.max() >= n_classes or p.max() >= n_classes):
+        raise ConfigError(f"class indices must lie in 0..{n_classes - 1}")
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(m, (t, p), 1)
+    return m
+
+
+def weighted_kappa(confusion: NDArray, *, weights: str = "quadratic") -> float:
+    """Cohen's kappa from a confusion matrix; ``weights`` "quadratic", "linear" or "none".
+
+    Returns NaN when chance disagreement is zero (every item in one class on both sides), where
+    kappa is undefined.
+    """
+    o = np.asarray(confusion, dtype=np.float64)
+    k = o.shape[0]
+    n = o.sum()
+    if n == 0:
+        return float("nan")
+    i, j = np.indices((k, k))
+    if weights == "quadratic":
+        w = (i - j) ** 2 / max(k - 1, 1) ** 2
+    elif weights == "linear":
+        w = np.abs(i - j) / max(k - 1, 1)
+    elif weights == "none":
+        w = (i != j).astype(np.float64)
+    else:
+        raise ConfigError(f"weights {weights!r}: choose quadratic, linear or none")
+    e = np.outer(o.sum(axis=1), o.sum(axis=0)) / n
+    denom = float((w * e).sum())
+    if denom == 0:
+        return float("nan")
+    return float(1.0 - (w * o).sum() / denom)
+
+
+def quadratic_weighted_kappa(truth: Sequence[int], pred: Sequence[int], *, n_classes: int = 4) -> float:
+    """Quadratic-weighted kappa of two ordinal ratings in ``0..n_classes-1``."""
+    return weighted_kappa(confusion_matrix(truth, pred, n_classes=n_classes), weights="quadratic")
+
+
+def _score_index(value: object) -> int | None:
+    try:
+        label = normalise_label(value)  # "2+", 2, "2" all map to "2+"
+    except ConfigError:
+        return None  # "indeterminate" and other non-calls
+    return None if label is None else HER2_LABELS.index(label)
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if not math.isfinite(x) else round(x, 6)
+
+
+def agreement_report(rows: Iterable[Mapping]) -> dict | None:
+    """Agreement of ``her2_score`` with ``label`` over the rows that have a label; None if none has one."""
+    labelled = [r for r in rows if _score_index(r.get("label")) is not None]
+    if not labelled:
+        return None
+    truth, pred, missing = [], [], []
+    for r in labelled:
+        p = _score_index(r.get("her2_score")) if r.get("status") == "done" else None
+        if p is None:
+            missing.append(str(r["slide"]))
+            continue
+        truth.append(_score_index(r["label"]))
+        pred.append(p)
+    cm = confusion_matrix(truth, pred, n_classes=4)
+    n = int(cm.sum())
+    g_truth = GROUP_OF_SCORE[np.asarray(truth, dtype=np.int64)] if n else np.zeros(0, np.int64)
+    g_pred = GROUP_OF_SCORE[np.asarray(pred, dtype=np.int64)] if n else np.zeros(0, np.int64)
+    gm = confusion_matrix(g_truth, g_pred, n_classes=3)
+    per_group = {}
+    for g, name in enumerate(GROUPS):
+        n_g = int(gm[g].sum())
+        per_group[name] = {"n": n_g, "agreement": round(float(gm[g, g]) / n_g, 6) if n_g else None}
+    return {
+        "n_labelled": len(labelled),
+        "n_compared": n,
+        "not_scored": sorted(missing),
+        "classes": list(HER2_LABELS),
+        "confusion_matrix": cm.tolist(),
+        "accuracy": round(float(np.trace(cm)) / n, 6) if n else None,
+        "quadratic_weighted_kappa": _nan_to_none(weighted_kappa(cm)) if n else None,
+        "groups": {
+            "definition": {"negative": ["0", "1+"], "equivocal": ["2+"], "positive": ["3+"]},
+            "confusion_matrix": gm.tolist(),
+            "accuracy": round(float(np.trace(gm)) / n, 6) if n else None,
+            "kappa": _nan_to_none(weighted_kappa(gm, weights="none")) if n else None,
+            "per_group": per_group,
+        },
+    }
+
+
+def _matrix_text(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> list[str]:
+    width = max(9, *(len(n) + 2 for n in names))
+    lines = ["label \\ call".ljust(width) + "".join(n.rjust(width) for n in names)]
+    for name, row in zip(names, matrix):
+        lines.append(name.ljust(width) + "".join(str(v).rjust(width) for v in row))
+    return lines
+
+
+def format_agreement(report: Mapping) -> str:
+    """The agreement report as a few lines of text for the terminal."""
+    def num(x: object) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    g = report["groups"]
+    lines = [f"Agreement with labels: {report['n_compared']} of {report['n_labelled']} labelled slides scored"]
+    if report["not_scored"]:
+        lines.append(f"  not scored (failed or no call): {', '.join(report['not_scored'])}")
+    lines += ["  " + s for s in _matrix_text(report["confusion_matrix"], report["classes"])]
+    lines.append(f"  accuracy {num(report['accuracy'])}   quadratic-weighted kappa {num(report['quadratic_weighted_kappa'])}")
+    lines.append("  negative (0/1+) / equivocal (2+) / positive (3+):")
+    lines += ["  " + s for s in _matrix_text(g["confusion_matrix"], GROUPS)]
+    per = "  ".join(f"{k} {num(v['agreement'])} (n={v['n']})" for k, v in g["per_group"].items())
+    lines.append(f"  accuracy {num(g['accuracy'])}   kappa {num(g['kappa'])}   per group: {per}")
+    return "\n".join(lines)
+
+
+def write_agreement(report: Mapping, path: str | Path) -> Path:
+    return _atomic_write(Path(path), json.dumps(report, indent=2, sort_keys=True) + "\n")
