@@ -65,6 +65,7 @@ def run_cluster(slide_dir: Path, out: Path, *, n_workers: int, score_config) -> 
     from wsi_her2.batch.manifest import load_jobs
     from wsi_her2.batch.runner import RunConfig, run_cohort
 
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # worker start/stop chatter
     t0 = time.perf_counter()
     with local_cluster(n_workers=n_workers, gpus=[], processes=True, dashboard_address=None) as handle:
         res = run_cohort(load_jobs(slide_dir), out, handle.client, config=RunConfig(score=score_config))
@@ -81,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sequential", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("distributed").setLevel(logging.ERROR)  # worker start/stop chatter
 
     from wsi_her2.score_pipeline import ScoreConfig
 

@@ -93,7 +93,8 @@ def local_cluster(
     memory_limit: str | int | None = "auto",
     dashboard_address: str | None = ":8787",
 ) -> ClusterHandle:
-    """A cluster on this machine, sized to it.
+    """A cluster on this machine, sized to it (worker logs silenced below CRITICAL: failures are
+    recorded per slide in the state files).
 
     Without GPUs: ``n_workers`` (default: one per core) single-threaded workers that tile and
     score. With GPUs: one single-threaded scoring worker per GPU (``GPU=1``, pinned with
@@ -112,7 +113,7 @@ def local_cluster(
         n = n_workers or cores
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=dash,
-            memory_limit=memory_limit, silence_logs=logging.ERROR,
+            memory_limit=memory_limit, silence_logs=logging.CRITICAL,
         )
         desc = f"local cluster: {n} worker {'processes' if processes else 'threads'} (tile + score, CPU)"
         return ClusterHandle(Client(cluster), cluster, "local", desc)
@@ -133,7 +134,7 @@ def local_cluster(
             opts["env"] = {"CUDA_VISIBLE_DEVICES": gpu}
         workers[f"gpu-{gpu}"] = {"cls": cls, "options": opts}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": dash, "host": "127.0.0.1"}}
-    cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="wsi-her2")
+    cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.CRITICAL, name="wsi-her2")
     desc = f"local cluster: {n_cpu} tiling worker(s) (CPU=1) + {len(gpus)} GPU scoring worker(s) (GPU=1)"
     return ClusterHandle(Client(cluster), cluster, "local", desc)
 

@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     tile_config = tile_config_from_args(args, workers=1, progress=False)
     tile_config.validate()
     score_config = score_config_from_args(args, progress=False)
+    import distributed  # noqa: F401  (imported first: it sets its loggers' levels on import)
+
     for name in ("distributed", "tornado", "bokeh"):  # dask's INFO chatter drowns the progress line
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     out = Path(args.out)
