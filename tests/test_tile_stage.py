@@ -223,3 +223,26 @@ def test_real_fixture_cmu_tiles_with_both_backends(tmp_path):
     assert a.n_tiles == b.n_tiles > 30
     assert np.array_equal(a.array("tiles"), b.array("tiles"))
     assert 20 < a.qc_pass.sum() < a.n_tiles
+
+
+def test_slide_corrupt_past_its_header_is_one_clear_error(graded_slide, tmp_path):
+    from wsi_her2.cli import main
+
+    data = graded_slide.read_bytes()
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(data[: int(len(data) * 0.7)])  # a copy cut short: header fine, tiles missing
+    rc = main(["tile", str(broken), "-o", str(tmp_path / "out"), "--workers", "1", "-q"])
+    assert rc == 1
+    store = tmp_path / "out" / "broken.zarr"
+    if store.exists():  # whatever was left must not look complete
+        with pytest.raises(Exception, match="incomplete"):
+            open_store(store)
+
+
+def test_in_process_tiling_is_thread_safe(graded_slide, demo_slide, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        futs = [pool.submit(tile_slide, s, tmp_path / s.stem, config=TileConfig(workers=1)) for s in (graded_slide, demo_slide)]
+        results = [f.result() for f in futs]
+    assert all(open_store(r.store).attrs["complete"] for r in results)

@@ -86,8 +86,9 @@ def tile_qc(
     # Fractions are measured on every second pixel in each direction: 12,544 samples for a
     # 224 px tile put the sampling error far below 1 %, at a quarter of the cost.
     sample = tiles[:, ::2, ::2]
-    tissue = tissue_pixels(sample, glass_rgb=glass_rgb, params=tissue_params).reshape(n, -1).mean(axis=1)
-    pen = pen_pixels(sample, tissue_params).reshape(n, -1).mean(axis=1)
+    pen_mask = pen_pixels(sample, tissue_params)
+    tissue = tissue_pixels(sample, glass_rgb=glass_rgb, params=tissue_params, pen=pen_mask).reshape(n, -1).mean(axis=1)
+    pen = pen_mask.reshape(n, -1).mean(axis=1)
     lapvar = laplacian_variance(tiles)
     flags = np.zeros(n, dtype=np.uint8)
     flags |= np.where(tissue < qc_params.min_tissue_fraction, QC_FLAGS["low_tissue"], 0).astype(np.uint8)

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import shlex
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -95,38 +96,44 @@ def store_path_for(slide: Path, out_dir: Path) -> Path:
 
 
 # --- worker side ------------------------------------------------------------------------------
-_W: dict = {}
+# Per-thread worker state: a pool worker initialises it once; an in-process run (workers=1,
+# e.g. inside a dask worker that tiles several slides on several threads) gets its own copy.
+_LOCAL = threading.local()
+
+
+def _w() -> dict:
+    return _LOCAL.__dict__
 
 
 def _worker_init(slide: str, backend: str, store: str, geometry: dict, glass: list, tissue: dict, qc: dict, block_tiles: int) -> None:
-    _W["reader"] = open_slide(slide, backend=backend)
-    _W["store"] = PatchStore.open(store, require_complete=False, mode="r+")
-    _W["geometry"] = TileGeometry(**{k: v for k, v in geometry.items() if k != "tile_size_level0"})
-    _W["glass"] = np.asarray(glass, np.float32)
-    _W["tissue"] = TissueParams(**tissue)
-    _W["qc"] = QcParams(**qc)
-    _W["grid_rc"] = _W["store"].grid_rc
-    _W["block_tiles"] = block_tiles
+    _w()["reader"] = open_slide(slide, backend=backend)
+    _w()["store"] = PatchStore.open(store, require_complete=False, mode="r+")
+    _w()["geometry"] = TileGeometry(**{k: v for k, v in geometry.items() if k != "tile_size_level0"})
+    _w()["glass"] = np.asarray(glass, np.float32)
+    _w()["tissue"] = TissueParams(**tissue)
+    _w()["qc"] = QcParams(**qc)
+    _w()["grid_rc"] = _w()["store"].grid_rc
+    _w()["block_tiles"] = block_tiles
 
 
 def _process_unit(unit: int) -> tuple[int, int, int]:
-    store: PatchStore = _W["store"]
+    store: PatchStore = _w()["store"]
     start = unit * store.chunk_tiles
     stop = min(store.n_tiles, start + store.chunk_tiles)
-    grid = _W["grid_rc"][start:stop]
-    bt = _W["block_tiles"]
+    grid = _w()["grid_rc"][start:stop]
+    bt = _w()["block_tiles"]
     blocks = (grid[:, 0] // bt) * 1_000_003 + grid[:, 1] // bt
     tiles = np.empty((stop - start, store.tile_px, store.tile_px, 3), np.uint8)
     try:
         for b in np.unique(blocks):
             sel = np.nonzero(blocks == b)[0]
-            tiles[sel] = read_tiles(_W["reader"], geometry=_W["geometry"], grid_rc=grid[sel])
+            tiles[sel] = read_tiles(_w()["reader"], geometry=_w()["geometry"], grid_rc=grid[sel])
     except Exception as exc:
         raise SlideOpenError(
-            f"{_W['reader'].path}: cannot read pixels near tile {start} ({type(exc).__name__}: {exc}); "
+            f"{_w()['reader'].path}: cannot read pixels near tile {start} ({type(exc).__name__}: {exc}); "
             "the file may be truncated or corrupt: re-copy it"
         ) from exc
-    qc = tile_qc(tiles, glass_rgb=_W["glass"], tissue_params=_W["tissue"], qc_params=_W["qc"])
+    qc = tile_qc(tiles, glass_rgb=_w()["glass"], tissue_params=_w()["tissue"], qc_params=_w()["qc"])
     store.write_unit(
         unit,
         tiles,
@@ -194,7 +201,13 @@ def tile_slide(slide: str | Path, out_dir: str | Path, *, config: TileConfig | N
         slide_sha = sha256_file(slide)
         t_hash = time.perf_counter() - t0
         t0 = time.perf_counter()
-        thumb, thumb_scale = read_thumbnail(reader, slide_mpp_um=mpp.mpp_um, thumb_mpp_um=config.thumb_mpp_um)
+        try:
+            thumb, thumb_scale = read_thumbnail(reader, slide_mpp_um=mpp.mpp_um, thumb_mpp_um=config.thumb_mpp_um)
+        except Exception as exc:  # decoder errors from a damaged file: one clear line, not a traceback
+            raise SlideOpenError(
+                f"{slide}: cannot read the slide's pixels ({type(exc).__name__}: {exc}); "
+                "the file may be truncated or corrupt: re-copy it"
+            ) from exc
         thumb_mpp = mpp.mpp_um / thumb_scale
         tissue = detect_tissue(thumb, thumb_mpp_um=thumb_mpp, params=config.tissue)
         coverage = mask_coverage(tissue.mask, geometry=geometry, thumb_px_per_level0_px=thumb_scale)
@@ -305,8 +318,8 @@ def _run_units(slide: Path, store: PatchStore, pending: list[int], *, config: Ti
                     _process_unit(unit)
                     bar.update(1)
             finally:
-                _W["reader"].close()
-                _W.clear()
+                _w()["reader"].close()
+                _w().clear()
             return
         # spawn, not fork: zarr runs an event-loop thread that must not be forked mid-flight
         ctx = mp.get_context("spawn")

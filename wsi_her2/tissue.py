@@ -73,8 +73,12 @@ def tissue_pixels(
     *,
     glass_rgb: NDArray[np.floating] | None = None,
     params: TissueParams = TissueParams(),
+    pen: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.bool_]:
-    """Pixels that are stained tissue (not glass, not pen ink). Works on any ``(..., 3)`` array."""
+    """Pixels that are stained tissue (not glass, not pen ink). Works on any ``(..., 3)`` array.
+
+    Pass ``pen`` (from :func:`pen_pixels`) when the caller needs it too, so it is computed once.
+    """
     if glass_rgb is None:
         glass_rgb = np.array([255.0, 255.0, 255.0], dtype=np.float32)
     # uint8 in, so optical density is a 256-entry lookup per channel (no per-pixel log).
@@ -85,7 +89,7 @@ def tissue_pixels(
     od_sum = luts[0][r] + luts[1][g] + luts[2][b]
     gray = (4899 * r.astype(np.int32) + 9617 * g.astype(np.int32) + 1868 * b.astype(np.int32) + 8192) >> 14
     tissue = (gray < params.max_gray) | (od_sum > params.min_od_sum)
-    return tissue & ~pen_pixels(rgb, params)
+    return tissue & ~(pen_pixels(rgb, params) if pen is None else pen)
 
 
 @dataclass
