@@ -37,7 +37,7 @@ def _tiles_touching(store: PatchStore, region: Region) -> np.ndarray:
 @pytest.fixture(scope="module")
 def graded_store(graded_slide, tmp_path_factory):
     out = tmp_path_factory.mktemp("graded-out")
-    res = tile_slide(graded_slide, out, config=TileConfig(workers=1))
+    res = tile_slide(graded_slide, out, config=TileConfig(workers=1, codec="zstd"))  # lossless: pixels compared exactly
     return res, open_store(res.store)
 
 
@@ -154,7 +154,7 @@ def test_interrupted_run_resumes_to_identical_store(graded_slide, tmp_path, monk
 
 def test_parallel_workers_give_the_same_store(graded_slide, graded_store, tmp_path):
     _, serial = graded_store
-    res = tile_slide(graded_slide, tmp_path, config=TileConfig(workers=2, chunk_tiles=16))
+    res = tile_slide(graded_slide, tmp_path, config=TileConfig(workers=2, chunk_tiles=16, codec="zstd"))
     par = open_store(res.store)
     assert np.array_equal(serial.array("tiles"), par.array("tiles"))
     assert np.array_equal(serial.qc_flags, par.qc_flags)
@@ -165,7 +165,7 @@ def test_resampled_level_matches_area_average(tmp_path):
     spec = SyntheticSlideSpec(3584, 3584, mpp_um=0.25, regions=(Region("ihc", 0, 0, 3584, 3584, grade=2),),
                               pyramid_downsamples=(1, 4), dust=False)
     slide = write_synthetic_slide(tmp_path / "x40.svs", spec)
-    store = open_store(tile_slide(slide, tmp_path, config=TileConfig(workers=1)).store)
+    store = open_store(tile_slide(slide, tmp_path, config=TileConfig(workers=1, codec="zstd")).store)
     geo = store.attrs["tiling"]
     assert geo["level"] == 0 and geo["level_px_per_target_px"] == 2.0 and geo["tile_size_level0"] == 448
     from wsi_her2.slide import open_slide
@@ -204,16 +204,22 @@ def test_geometry_rules():
 
 
 def test_laplacian_matches_reference_definition():
+    """The papers' blur measure, cv2.Laplacian(gray, CV_64F).var(), written out independently:
+    OpenCV's fixed-point grey, the 4-neighbour kernel, borders reflected (scipy's 'mirror')."""
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, size=(3, 40, 50, 3), dtype=np.uint8)
-    gray = np.floor(tiles.astype(np.float64) @ [77, 150, 29] / 256 + 0.5)
+    t = tiles.astype(np.int64)
+    gray = ((9798 * t[..., 0] + 19235 * t[..., 1] + 3735 * t[..., 2] + 16384) >> 15).astype(np.float64)  # OpenCV's 15-bit fixed point
     from scipy import ndimage
 
     kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float)
-    expect = [ndimage.convolve(g, kernel)[1:-1, 1:-1].var() for g in gray]
-    assert np.allclose(laplacian_variance(tiles), expect, rtol=1e-5)
+    expect = [ndimage.convolve(g, kernel, mode="mirror").var() for g in gray]
+    assert np.allclose(laplacian_variance(tiles), expect, rtol=1e-6)
     flat = np.full((1, 40, 40, 3), 128, np.uint8)
     assert laplacian_variance(flat)[0] == 0.0
+    # a blurred copy scores far lower: the measure separates sharp from blurry
+    blurred = np.stack([ndimage.uniform_filter(tile, size=(5, 5, 1)) for tile in tiles])
+    assert np.all(laplacian_variance(blurred) < 0.2 * laplacian_variance(tiles))
 
 
 def test_real_fixture_cmu_tiles_with_both_backends(tmp_path):
@@ -246,3 +252,71 @@ def test_in_process_tiling_is_thread_safe(graded_slide, demo_slide, tmp_path):
         futs = [pool.submit(tile_slide, s, tmp_path / s.stem, config=TileConfig(workers=1)) for s in (graded_slide, demo_slide)]
         results = [f.result() for f in futs]
     assert all(open_store(r.store).attrs["complete"] for r in results)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "none", "jpeg"])
+def test_chunks_written_directly_read_back_through_zarr(codec, tmp_path):
+    """The tiler writes tile chunks itself; zarr must read back exactly what zarr would have written."""
+    rng = np.random.default_rng(1)
+    n, chunk = 10, 4  # 3 units, the last one partial
+    tiles = rng.integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+    tiles[:, :8] = 200  # something compressible
+    store = PatchStore.create(tmp_path / "s.zarr", n_tiles=n, tile_px=16, chunk_tiles=chunk, codec=codec,
+                              attrs={}, per_tile={}, images={})
+    writer = store.chunk_writer()
+    for unit in range(3):
+        buf = np.zeros((chunk, 16, 16, 3), np.uint8)
+        part = tiles[unit * chunk : (unit + 1) * chunk]
+        buf[: len(part)] = part
+        writer.write(unit, buf)
+    reopened = PatchStore.open(store.path, require_complete=False)
+    via_zarr = PatchStore.create(tmp_path / "z.zarr", n_tiles=n, tile_px=16, chunk_tiles=chunk, codec=codec,
+                                 attrs={}, per_tile={}, images={})
+    via_zarr.tiles[...] = tiles  # zarr's own write path
+    assert np.array_equal(reopened.read_tiles(0, n), via_zarr.read_tiles(0, n))
+    if codec != "jpeg":  # lossless
+        assert np.array_equal(reopened.read_tiles(0, n), tiles)
+    assert not list((tmp_path / "s.zarr").rglob("*.tmp"))  # temporary names renamed away
+    with pytest.raises(ValueError, match="chunk must be"):
+        writer.write(0, tiles[:3])
+
+
+def test_sampled_qc_fractions_match_full_resolution(tmp_path):
+    """Tissue/pen fractions on every 4th pixel agree with every pixel on real H&E tiles."""
+    from wsi_her2.qc import QcParams, tile_qc
+
+    path = fixture_slide("CMU-1-Small-Region.svs")
+    store = open_store(tile_slide(path, tmp_path, config=TileConfig(workers=1, codec="zstd")).store)
+    tiles = store.read_tiles(0, store.n_tiles)
+    glass = np.asarray(store.attrs["tissue"]["glass_rgb"], np.float32)
+    fast = tile_qc(tiles, glass_rgb=glass)
+    full = tile_qc(tiles, glass_rgb=glass, qc_params=QcParams(fraction_step_px=1))
+    assert np.abs(fast.tissue_fraction - full.tissue_fraction).max() < 0.02
+    assert np.abs(fast.pen_fraction - full.pen_fraction).max() < 0.01
+    assert np.array_equal(fast.laplacian_var, full.laplacian_var)
+    assert np.array_equal(store.array("tissue_fraction"), fast.tissue_fraction)  # what the tiler stored
+
+
+def test_jpeg_store_is_close_to_the_slide_and_small(graded_store, graded_slide, tmp_path):
+    """The default JPEG store: same plan and QC as the lossless one (QC runs before encoding),
+    pixels within JPEG q90 error of the slide, DAB optical density unchanged to ~1e-3, far fewer bytes."""
+    from skimage.color import rgb2hed
+
+    _, lossless = graded_store
+    res = tile_slide(graded_slide, tmp_path, config=TileConfig(workers=2, codec="jpeg"))
+    jpeg = open_store(res.store)
+    assert jpeg.attrs["codec"] == "jpeg"
+    for name in ("coords_level0", "qc_flags", "laplacian_var", "tissue_fraction", "pen_fraction"):
+        assert np.array_equal(lossless.array(name), jpeg.array(name)), name
+    a = lossless.read_tiles(0, lossless.n_tiles).astype(np.float64)
+    b = jpeg.read_tiles(0, jpeg.n_tiles).astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))
+    assert psnr > 38, psnr
+    dab_a = rgb2hed(a / 255.0)[..., 2].mean(axis=(1, 2))
+    dab_b = rgb2hed(b / 255.0)[..., 2].mean(axis=(1, 2))
+    assert np.abs(dab_a - dab_b).max() < 2e-3
+
+    def size(path):
+        return sum(f.stat().st_size for f in (path / "tiles").rglob("*") if f.is_file())
+
+    assert size(jpeg.path) < size(lossless.path) / 3

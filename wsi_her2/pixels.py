@@ -52,28 +52,32 @@ def read_thumbnail(
     return np.concatenate(strips, axis=0), tw / w0
 
 
-def read_tiles(reader: SlideReader, *, geometry: TileGeometry, grid_rc: NDArray[np.integer]) -> NDArray[np.uint8]:
-    """Tiles at ``grid_rc`` (row, col) as ``(n, tile_px, tile_px, 3)``, reading their bounding box once.
+def read_tiles(
+    reader: SlideReader, *, geometry: TileGeometry, grid_rc: NDArray[np.integer], out: NDArray[np.uint8] | None = None
+) -> NDArray[np.uint8]:
+    """Tiles at ``grid_rc`` (row, col) as ``(n, tile_px, tile_px, 3)``, into ``out`` when given.
 
-    Call it with tiles of one block: the box is read (decoding each slide tile once), resized
-    once if the level is not at the target resolution, and cut into tiles by slicing.
+    Call it with tiles of one block. At the level's own resolution the reader fills the tiles
+    directly (each slide tile decoded once); otherwise the block's bounding box is read once,
+    area-resized once, and cut into tiles by slicing.
     """
     t, s, f = geometry.tile_px, geometry.stride_px, geometry.level_px_per_target_px
     rows, cols = grid_rc[:, 0].astype(np.int64), grid_rc[:, 1].astype(np.int64)
-    x0, y0 = int(cols.min() * s), int(rows.min() * s)
-    x1, y1 = int(cols.max() * s + t), int(rows.max() * s + t)
+    if out is None:
+        out = np.empty((len(rows), t, t, 3), dtype=np.uint8)
     lvl = geometry.level
     if f == 1.0:
-        region = reader.read_level_region(lvl, x0, y0, x1 - x0, y1 - y0)
-    else:
-        lx0, ly0 = int(math.floor(x0 * f)), int(math.floor(y0 * f))
-        lx1, ly1 = int(math.ceil(x1 * f)), int(math.ceil(y1 * f))
-        level = reader.levels[lvl]
-        lx1, ly1 = min(lx1, level.width_px), min(ly1, level.height_px)
-        raw = reader.read_level_region(lvl, lx0, ly0, lx1 - lx0, ly1 - ly0)
-        box = (x0 * f - lx0, y0 * f - ly0, min(x1 * f - lx0, lx1 - lx0), min(y1 * f - ly0, ly1 - ly0))
-        region = _resize_box(raw, (x1 - x0, y1 - y0), box)
-    out = np.empty((len(rows), t, t, 3), dtype=np.uint8)
+        reader.read_level_squares(lvl, np.stack([cols * s, rows * s], axis=1), t, out)
+        return out
+    x0, y0 = int(cols.min() * s), int(rows.min() * s)
+    x1, y1 = int(cols.max() * s + t), int(rows.max() * s + t)
+    lx0, ly0 = int(math.floor(x0 * f)), int(math.floor(y0 * f))
+    lx1, ly1 = int(math.ceil(x1 * f)), int(math.ceil(y1 * f))
+    level = reader.levels[lvl]
+    lx1, ly1 = min(lx1, level.width_px), min(ly1, level.height_px)
+    raw = reader.read_level_region(lvl, lx0, ly0, lx1 - lx0, ly1 - ly0)
+    box = (x0 * f - lx0, y0 * f - ly0, min(x1 * f - lx0, lx1 - lx0), min(y1 * f - ly0, ly1 - ly0))
+    region = _resize_box(raw, (x1 - x0, y1 - y0), box)
     for i, (r, c) in enumerate(zip(rows, cols)):  # slicing views: cheap, one copy per tile
         yy, xx = int(r * s - y0), int(c * s - x0)
         out[i] = region[yy : yy + t, xx : xx + t]

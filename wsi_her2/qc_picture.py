@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
@@ -31,12 +32,12 @@ def render_qc_picture(
     min_width_px: int = 900,
 ) -> Image.Image:
     """Thumbnail with the tissue-mask outline in blue, pen ink magenta, tiles outlined by QC outcome."""
-    from scipy import ndimage
-
     zoom = max(1, int(np.ceil(min_width_px / max(thumbnail.shape[1], 1))))
     base = thumbnail.astype(np.float32)
     # outline, not a tint: the stain colours stay readable
-    edge = tissue_mask & ~ndimage.binary_erosion(tissue_mask)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    inner = cv2.erode(tissue_mask.astype(np.uint8), cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    edge = tissue_mask & ~inner.astype(bool)
     base[edge] = np.array(COLORS["mask"], np.float32)
     base[pen_mask] = 0.4 * base[pen_mask] + 0.6 * np.array(COLORS["pen"], np.float32)
     img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
@@ -69,5 +70,5 @@ def render_qc_picture(
 
 def save_qc_picture(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
-    image.save(path, optimize=False)
+    image.save(path, compress_level=1)  # a picture to look at: fast zlib, ~5x quicker than the default
     return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import tempfile
 import time

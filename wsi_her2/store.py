@@ -1,8 +1,10 @@
-"""The zarr v3 patch store: the contract between tiling and scoring (the only module importing zarr).
+"""The zarr v3 patch store: the contract between tiling and scoring (zarr is imported only here
+and in :mod:`wsi_her2.store_codecs`).
 
 Layout of ``<slide-id>.zarr`` (a zarr v3 group)::
 
-    tiles            (N, tile_px, tile_px, 3) uint8   chunks of ``chunk_tiles`` tiles, compressed
+    tiles            (N, tile_px, tile_px, 3) uint8   chunks of ``chunk_tiles`` tiles, codec ``jpeg``
+                     (default; q90 4:4:4, one JPEG per chunk), ``zstd``, ``lz4`` or ``none``
     coords_level0    (N, 2) int64     x, y of each tile's top-left, level-0 pixels of the full slide
     grid_rc          (N, 2) int32     row, col on the tile grid
     mask_fraction    (N,)   float32   thumbnail tissue coverage that selected the tile
@@ -11,6 +13,7 @@ Layout of ``<slide-id>.zarr`` (a zarr v3 group)::
     pen_fraction     (N,)   float32   marker-ink pixels / all pixels
     qc_flags         (N,)   uint8     bit flags (wsi_her2.qc.QC_FLAGS); 0 = passed QC
     unit_done        (U,)   uint8     1 when work unit u (tiles u*chunk_tiles ...) is fully written
+                     (per-tile arrays and unit_done are single chunks, written in bulk)
     thumbnail        (h, w, 3) uint8, tissue_mask (h, w) bool, pen_mask (h, w) bool
 
 Group attribute ``wsi_her2`` holds the schema version, the slide (path, SHA-256, reader and
@@ -20,7 +23,9 @@ version and timings. ``complete`` is set True last: a crashed run never looks co
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import threading
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_her2.errors import StoreError
+from wsi_her2.store_codecs import chunk_encoder, zarr_codecs  # importing it registers the JPEG codec with zarr
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +50,6 @@ PER_TILE_ARRAYS = {  # name -> (dtype, trailing shape)
     "qc_flags": ("uint8", ()),
 }
 QC_ARRAYS = ("tissue_fraction", "laplacian_var", "pen_fraction", "qc_flags")
-
-
-def _codec(name: str) -> Any:
-    import zarr
-
-    if name == "zstd":
-        return zarr.codecs.ZstdCodec(level=3)
-    if name == "lz4":
-        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
-    if name == "none":
-        return None
-    raise StoreError(f"unknown tile codec {name!r}; choose zstd, lz4 or none")
-
-
-TILE_CODECS = ("zstd", "lz4", "none")
 
 
 class PatchStore:
@@ -111,19 +102,24 @@ class PatchStore:
         if path.exists():
             shutil.rmtree(path)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        compressor = _codec(codec)
+        try:
+            codec_kwargs = zarr_codecs(codec)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from exc
         group.create_array(
             "tiles",
             shape=(n_tiles, tile_px, tile_px, 3),
             chunks=(chunk_tiles, tile_px, tile_px, 3),
             dtype="uint8",
-            compressors=[compressor] if compressor is not None else None,
             fill_value=0,
+            **codec_kwargs,
         )
+        # Per-tile arrays are a few bytes per tile: one chunk each, written in bulk by the
+        # tiler's coordinating thread (a chunk per work unit would mean thousands of tiny files).
         for name, (dtype, trailing) in PER_TILE_ARRAYS.items():
-            group.create_array(name, shape=(n_tiles, *trailing), chunks=(chunk_tiles, *trailing), dtype=dtype, fill_value=0)
+            group.create_array(name, shape=(n_tiles, *trailing), chunks=(max(n_tiles, 1), *trailing), dtype=dtype, fill_value=0)
         n_units = (n_tiles + chunk_tiles - 1) // chunk_tiles
-        group.create_array("unit_done", shape=(n_units,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.create_array("unit_done", shape=(n_units,), chunks=(max(n_units, 1),), dtype="uint8", fill_value=0)
         for name, value in per_tile.items():
             group[name][...] = value
         for name, image in images.items():
@@ -197,14 +193,55 @@ class PatchStore:
     def units_done(self) -> NDArray[np.bool_]:
         return self.array("unit_done").astype(bool)
 
-    # --- writing (one work unit = one chunk of every per-tile array) -----------------------------
-    def write_unit(self, unit: int, tiles: NDArray[np.uint8], qc: dict[str, NDArray]) -> None:
-        start = unit * self.chunk_tiles
-        stop = start + tiles.shape[0]
-        self._group["tiles"][start:stop] = tiles
+    # --- writing -------------------------------------------------------------------------------
+    # Tiles: one chunk per work unit, written by the worker that made it (thread-safe: each unit
+    # has its own file). QC values and unit_done: in bulk by one coordinating thread, QC first,
+    # so a unit counts as done only once its tiles and its QC values are both on disk.
+    def chunk_writer(self) -> "TileChunkWriter":
+        return TileChunkWriter(self)
+
+    def write_qc(self, qc: dict[str, NDArray], units_done: NDArray[np.bool_]) -> None:
+        """Write whole QC arrays (``QC_ARRAYS``), then ``unit_done``."""
         for name in QC_ARRAYS:
-            self._group[name][start:stop] = qc[name]
-        self._group["unit_done"][unit] = 1  # last: the unit counts only once all of it is on disk
+            self._group[name][...] = qc[name]
+        self._group["unit_done"][...] = units_done.astype(np.uint8)
+
+
+WRITE_PIECE_BYTES = 1 << 20
+
+
+class TileChunkWriter:
+    """Writes one work unit's tiles as the ``tiles`` array's chunk file, bypassing zarr's
+    per-write machinery (which costs more than the compression itself at 64 tiles a chunk).
+
+    The bytes are what zarr writes for the chunk (same codec, same parameters, zarr's own
+    chunk key), written to a temporary name and renamed, so a killed run never leaves half a
+    chunk. ``tests/test_tile_stage.py`` reads them back through zarr.
+    """
+
+    def __init__(self, store: PatchStore) -> None:
+        array = store.tiles
+        self.chunk_shape = tuple(int(c) for c in array.chunks)
+        self._encode = chunk_encoder(store.attrs["codec"])
+        self._key = array.metadata.encode_chunk_key
+        self._root = store.path / "tiles"
+        self.n_tiles = store.n_tiles
+
+    def write(self, unit: int, tiles: NDArray[np.uint8]) -> None:
+        """``tiles``: the unit's tiles, ``chunk_tiles`` of them (the last unit: padded with zeros)."""
+        if tiles.shape != self.chunk_shape or tiles.dtype != np.uint8:
+            raise ValueError(f"chunk must be {self.chunk_shape} uint8, got {tiles.shape} {tiles.dtype}")
+        data = self._encode(tiles)
+        path = self._root / self._key((unit, 0, 0, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        view = memoryview(data).cast("B")
+        with open(tmp, "wb", buffering=0) as fh:
+            # 1 MiB per write() call: one multi-MB write() cost 5-10x more kernel time here
+            # (benchmarks/README.md, "writing chunks"), pieces keep the page-cache copy cheap
+            for i in range(0, len(view), WRITE_PIECE_BYTES):
+                fh.write(view[i : i + WRITE_PIECE_BYTES])
+        os.replace(tmp, path)
 
 
 def open_store(path: str | Path) -> PatchStore:

@@ -15,11 +15,12 @@ inks look like eosin and are not detected (documented limit).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
 
 @dataclass(frozen=True)
@@ -54,42 +55,77 @@ def estimate_glass_rgb(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     return np.clip(glass, 200.0, 255.0)
 
 
-def pen_pixels(rgb: NDArray[np.uint8], params: TissueParams = TissueParams()) -> NDArray[np.bool_]:
-    """Marker-ink pixels (green/blue/cyan by stain physics, black by darkness)."""
-    r = rgb[..., 0].astype(np.int16)
-    g = rgb[..., 1].astype(np.int16)
-    b = rgb[..., 2].astype(np.int16)
-    coloured = ((g - r) > params.pen_green_minus_red) | (
-        ((b - r) > params.pen_blue_minus_red) & (b > 150) & ((g - r) > 15)
-    )
-    mx = np.maximum(np.maximum(r, g), b)
-    mn = np.minimum(np.minimum(r, g), b)
-    black = (mx < params.black_ink_max_value) & ((mx - mn) < params.black_ink_max_chroma)
-    return coloured | black
-
-
-def tissue_pixels(
+def classify_pixels(
     rgb: NDArray[np.uint8],
     *,
     glass_rgb: NDArray[np.floating] | None = None,
     params: TissueParams = TissueParams(),
-    pen: NDArray[np.bool_] | None = None,
-) -> NDArray[np.bool_]:
-    """Pixels that are stained tissue (not glass, not pen ink). Works on any ``(..., 3)`` array.
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """``(tissue, pen)`` masks of an RGB image ``(h, w, 3)`` (or a stack ``(n, h, w, 3)``).
 
-    Pass ``pen`` (from :func:`pen_pixels`) when the caller needs it too, so it is computed once.
+    Tissue: darker than ``max_gray`` (OpenCV's 8-bit grey, as in the papers) or summed optical
+    density against the glass above ``min_od_sum``; never pen ink. Pen: green/cyan ink
+    (G - R above ``pen_green_minus_red``), blue ink (B - R above ``pen_blue_minus_red`` with
+    B > 150 and G - R > 15), black ink (dark and achromatic).
+
+    Every step is an OpenCV primitive on 8-bit data (this runs on every tile): saturating
+    subtraction gives ``max(G - R, 0)``, which is all the positive thresholds need; optical
+    density is a per-channel lookup quantised so that the threshold sits at level 240.
     """
     if glass_rgb is None:
         glass_rgb = np.array([255.0, 255.0, 255.0], dtype=np.float32)
-    # uint8 in, so optical density is a 256-entry lookup per channel (no per-pixel log).
-    # OD relative to glass; clipped so pixels brighter than glass count as zero absorbance.
-    levels = np.arange(256, dtype=np.float32)
-    luts = [np.clip(np.log10(float(g) + 1.0) - np.log10(levels + 1.0), 0.0, None) for g in glass_rgb]
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    od_sum = luts[0][r] + luts[1][g] + luts[2][b]
-    gray = (4899 * r.astype(np.int32) + 9617 * g.astype(np.int32) + 1868 * b.astype(np.int32) + 8192) >> 14
-    tissue = (gray < params.max_gray) | (od_sum > params.min_od_sum)
-    return tissue & ~(pen_pixels(rgb, params) if pen is None else pen)
+    shape = rgb.shape[:-1]
+    img = np.ascontiguousarray(rgb).reshape(-1, rgb.shape[-2], 3)  # a stack of tiles as one tall image
+    r, g, b = cv2.split(img)
+    gr = cv2.subtract(g, r)
+    pen = (gr > params.pen_green_minus_red) | (
+        (cv2.subtract(b, r) > params.pen_blue_minus_red) & (b > 150) & (gr > 15)
+    )
+    mx = cv2.max(cv2.max(r, g), b)
+    mn = cv2.min(cv2.min(r, g), b)
+    pen |= (mx < params.black_ink_max_value) & (cv2.subtract(mx, mn) < params.black_ink_max_chroma)
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    tissue = (gray < params.max_gray) | _od_above(img, glass_rgb, params.min_od_sum)
+    tissue &= ~pen
+    return tissue.reshape(shape), pen.reshape(shape)
+
+
+_OD_LEVEL = 240  # the OD threshold maps to this 8-bit level; the channel sum saturates at 255
+
+
+def _od_above(img: NDArray[np.uint8], glass_rgb: NDArray[np.floating], min_od_sum: float) -> NDArray[np.bool_]:
+    """Summed optical density against glass, ``sum_c log10((glass_c + 1) / (v_c + 1))``, above ``min_od_sum``.
+
+    uint8 in, so OD is a 256-entry lookup per channel (no per-pixel log); pixels brighter than
+    glass count as zero absorbance. Quantised to ``min_od_sum / 240`` OD per level (5e-4 OD at
+    the default 0.12) and clipped at 241 per channel: one channel at the threshold decides alone.
+    """
+    if min_od_sum <= 0:  # any absorbance at all: some channel darker than its glass
+        return np.any(img < np.asarray(glass_rgb, np.float32).reshape(1, 1, 3), axis=-1)
+    od = cv2.LUT(img, _od_lut(tuple(float(g) for g in glass_rgb), float(min_od_sum)))
+    od_sum = cv2.transform(od, np.ones((1, 3), np.float32))  # saturating 8-bit sum of the channels
+    return od_sum.reshape(img.shape[:2]) > _OD_LEVEL
+
+
+@functools.lru_cache(maxsize=16)
+def _od_lut(glass_rgb: tuple[float, ...], min_od_sum: float) -> NDArray[np.uint8]:
+    levels = np.arange(256, dtype=np.float64)
+    lut = np.stack([np.log10(g + 1.0) - np.log10(levels + 1.0) for g in glass_rgb], axis=-1) * (_OD_LEVEL / min_od_sum)
+    lut = np.clip(np.round(lut), 0, _OD_LEVEL + 1).astype(np.uint8).reshape(256, 1, 3)
+    lut.flags.writeable = False  # shared between calls (and threads)
+    return lut
+
+
+def pen_pixels(rgb: NDArray[np.uint8], params: TissueParams = TissueParams()) -> NDArray[np.bool_]:
+    """Marker-ink pixels (green/blue/cyan by stain physics, black by darkness)."""
+    return classify_pixels(rgb, params=params)[1]
+
+
+def tissue_pixels(
+    rgb: NDArray[np.uint8], *, glass_rgb: NDArray[np.floating] | None = None, params: TissueParams = TissueParams()
+) -> NDArray[np.bool_]:
+    """Pixels that are stained tissue (not glass, not pen ink)."""
+    return classify_pixels(rgb, glass_rgb=glass_rgb, params=params)[0]
 
 
 @dataclass
@@ -123,12 +159,10 @@ def detect_tissue(
         ``(h, w, 3)`` RGB at ``thumb_mpp_um`` µm per pixel.
     """
     glass = estimate_glass_rgb(thumbnail)
-    raw = tissue_pixels(thumbnail, glass_rgb=glass, params=params)
-    pen = pen_pixels(thumbnail, params)
+    raw, pen = classify_pixels(thumbnail, glass_rgb=glass, params=params)
     px_area_um2 = thumb_mpp_um**2
     radius = max(1, int(round(params.closing_um / thumb_mpp_um / 2)))
-    structure = _disk(radius)
-    mask = ndimage.binary_closing(raw, structure=structure, border_value=0)
+    mask = _closing(raw, _disk(radius))
     mask &= ~pen  # closing must not bridge tissue across a pen stroke
     mask = _fill_small_holes(mask, max_area_px=params.max_hole_area_um2 / px_area_um2)
     mask = _remove_small_objects(mask, min_area_px=params.min_tissue_area_um2 / px_area_um2)
@@ -141,8 +175,23 @@ def _disk(radius: int) -> NDArray[np.bool_]:
     return (xx * xx + yy * yy) <= radius * radius
 
 
+def _closing(mask: NDArray[np.bool_], disk: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Binary closing with outside-the-image counted as background (so tissue cut by the slide's
+    edge is not grown into it)."""
+    kernel = disk.astype(np.uint8)
+    border = dict(borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    grown = cv2.dilate(mask.astype(np.uint8), kernel, **border)
+    return cv2.erode(grown, kernel, **border).astype(bool)
+
+
+def label_components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
+    """4-connected components: ``(labels, n)`` with labels 1..n and 0 for background."""
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    return labels, n - 1
+
+
 def _remove_small_objects(mask: NDArray[np.bool_], *, min_area_px: float) -> NDArray[np.bool_]:
-    labels, n = ndimage.label(mask)
+    labels, n = label_components(mask)
     if n == 0:
         return mask
     sizes = np.bincount(labels.ravel())
@@ -152,8 +201,7 @@ def _remove_small_objects(mask: NDArray[np.bool_], *, min_area_px: float) -> NDA
 
 
 def _fill_small_holes(mask: NDArray[np.bool_], *, max_area_px: float) -> NDArray[np.bool_]:
-    holes = ~mask
-    labels, n = ndimage.label(holes)
+    labels, n = label_components(~mask)
     if n == 0:
         return mask
     sizes = np.bincount(labels.ravel())

@@ -31,7 +31,6 @@ import os
 import shlex
 import socket
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -69,12 +68,6 @@ def _score(store_path: Path, out_dir: Path, score_config: Any) -> dict:
     return dict(result.row)
 
 
-# tile_slide(workers=1) keeps its open reader and store in a module-level dict, so two threads of
-# one worker process must not tile at the same time; worker processes with one thread (the local
-# default) never wait on this.
-_TILE_LOCK = threading.Lock()
-
-
 def _mark_started(marker: str | None) -> None:
     if marker:  # lets the runner tell a slide that crashed its worker from one only queued there
         Path(marker).touch()
@@ -82,15 +75,15 @@ def _mark_started(marker: str | None) -> None:
 
 def _tile_task(job: SlideJob, out_dir: str, tile_config: TileConfig, tile_fn: TileFn | None,
                marker: str | None = None) -> dict:
-    # workers=1: dask worker processes are daemonic and cannot start a process pool
+    # workers=1: the cohort's parallelism is dask's (slides side by side on its workers);
+    # tile_slide's per-thread state lets one worker process tile slides on several threads at once.
     config = replace(
         tile_config, workers=1, progress=False,
         slide_mpp_um=job.mpp_um if job.mpp_um is not None else tile_config.slide_mpp_um,
     )
     t0 = time.perf_counter()
-    with _TILE_LOCK:
-        _mark_started(marker)
-        res = (tile_fn or tile_slide)(job.path, Path(out_dir), config=config)
+    _mark_started(marker)
+    res = (tile_fn or tile_slide)(job.path, Path(out_dir), config=config)
     return {"store": str(res.store), "n_tiles": int(res.n_tiles), "n_passed": int(res.n_passed),
             "tile_status": res.status, "tile_s": round(time.perf_counter() - t0, 3)}
 

@@ -88,6 +88,20 @@ class SlideReader(ABC):
     ) -> NDArray[np.uint8]:
         """Read ``(h_px, w_px, 3)`` RGB pixels at ``level``, top-left ``(x_px, y_px)`` in level pixels."""
 
+    def read_level_squares(
+        self, level: int, xy_px: NDArray[np.integer], size_px: int, out: NDArray[np.uint8]
+    ) -> None:
+        """Fill ``out[i]`` with the ``size_px`` square at level pixels ``xy_px[i]`` (top-left x, y).
+
+        For nearby squares (one block of tiles). This default reads their bounding box once and
+        slices it; a backend that can decode its own tiles directly overrides it.
+        """
+        x0, y0 = (int(v) for v in xy_px.min(axis=0))
+        x1, y1 = (int(v) + size_px for v in xy_px.max(axis=0))
+        region = self.read_level_region(level, x0, y0, x1 - x0, y1 - y0)
+        for i, (x, y) in enumerate(xy_px):
+            out[i] = region[y - y0 : y - y0 + size_px, x - x0 : x - x0 + size_px]
+
     def close(self) -> None:  # pragma: no cover - trivial
         pass
 
