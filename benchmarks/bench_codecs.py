@@ -43,7 +43,7 @@ def _tile_with_ours(slide: Path, out_dir: Path) -> Path:
 
     store = store_path_for(slide, out_dir)
     if not (store / "zarr.json").exists():
-        tile_slide(slide, out_dir, config=TileConfig(target_mpp_um=0.5, tile_px=224, workers=1, qc_png=False))
+        tile_slide(slide, out_dir, config=TileConfig(target_mpp_um=0.5, tile_px=224, workers=1, qc_png=False, codec="zstd"))
     return store
 
 
@@ -84,15 +84,15 @@ def synthetic_store(data_dir: Path) -> Path:
             try:
                 from wsi_her2.store import PatchStore
 
-                PatchStore.open(store)
-                return store
+                if PatchStore.open(store).attrs.get("codec") in ("zstd", "lz4", "none"):  # the reference must be lossless
+                    return store
             except Exception:
                 continue
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_tile import ensure_slide
 
     slide = ensure_slide(8000, 6000, data_dir=data_dir)
-    return _tile_with_ours(slide, data_dir / "out" / "codecs")
+    return _tile_with_ours(slide, data_dir / "out" / "codecs")  # lossless (zstd)
 
 
 # --------------------------------------------------------------------------- codecs
@@ -167,6 +167,60 @@ def bench_lossy(tiles: np.ndarray, name: str, dab_ref: np.ndarray, *, repeats: i
             "dab_abs_delta": float(np.abs(per_tile_mean).mean())}
 
 
+def bench_store_jpeg(tiles: np.ndarray, dab_ref: np.ndarray, *, repeats: int) -> dict:
+    """The store's own ``jpeg`` codec: one q90 4:4:4 JPEG per 64-tile chunk (wsi_her2.store_codecs)."""
+    from wsi_her2.store_codecs import decode_jpeg_chunk, encode_jpeg_chunk
+
+    chunks = [np.ascontiguousarray(tiles[i : i + CHUNK_TILES]) for i in range(0, len(tiles), CHUNK_TILES)]
+    encoded = [encode_jpeg_chunk(c) for c in chunks]
+    decoded = np.concatenate([decode_jpeg_chunk(e, c.shape) for e, c in zip(encoded, chunks)])
+    t_enc = _best_time(lambda: [encode_jpeg_chunk(c) for c in chunks], repeats)
+    t_dec = _best_time(lambda: [decode_jpeg_chunk(e, c.shape) for e, c in zip(encoded, chunks)], repeats)
+    mse = np.mean((decoded.astype(np.float64) - tiles.astype(np.float64)) ** 2)
+    dab = _dab(decoded)
+    n = len(tiles)
+    per_tile_mean = dab.reshape(n, -1).mean(1) - dab_ref.reshape(n, -1).mean(1)
+    p95 = np.percentile(dab.reshape(n, -1), 95, axis=1) - np.percentile(dab_ref.reshape(n, -1), 95, axis=1)
+    return {"codec": "store jpeg (chunk)", "bytes_per_tile": sum(len(e) for e in encoded) / n,
+            "encode_tiles_per_s": n / t_enc, "decode_tiles_per_s": n / t_dec,
+            "psnr_db": 10 * math.log10(255**2 / mse) if mse > 0 else math.inf,
+            "dab_mean_delta": float(per_tile_mean.mean()), "dab_p95_delta": float(p95.mean()),
+            "dab_abs_delta": float(np.abs(per_tile_mean).mean())}
+
+
+def scorer_agreement(folder: Path, *, tile_px: int = 224) -> dict:
+    """What the store's JPEG does to the default scorer: ``ihc_dab`` on the real BCI IHC patches,
+    every 224 px tile scored as stored losslessly and after the store's JPEG round trip."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "qc"))
+    from ihc_dev_report import image_call, tiles_of
+
+    from wsi_her2.ihc_score import IhcDabScorer
+    from wsi_her2.store_codecs import decode_jpeg_chunk, encode_jpeg_chunk
+
+    scorer = IhcDabScorer(mpp_um=1.0).eval()
+    tile_same, tiles_n, image_same, images_n, index_delta, index_mean = 0, 0, 0, 0, [], []
+    for path in sorted(folder.glob("*.jpg")):
+        x = tiles_of(path, tile_px)
+        u8 = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        j = decode_jpeg_chunk(encode_jpeg_chunk(u8), u8.shape)
+        xj = torch.from_numpy(j.astype(np.float32) / 255).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            a, b = scorer.measure(x), scorer.measure(xj)
+        ok = (a["reliability"] >= 0.5).numpy()
+        ca, cb = a["probs"].argmax(1).numpy(), b["probs"].argmax(1).numpy()
+        tile_same += int((ca == cb).sum())
+        tiles_n += len(ca)
+        image_same += int(image_call(ca[ok]) == image_call(cb[ok]))
+        images_n += 1
+        index_delta.append(float((a["her2_index"] - b["her2_index"]).abs().mean()))
+        index_mean.append(float(a["her2_index"].mean()))
+    return {"images": images_n, "tiles": tiles_n, "tile_calls_unchanged": tile_same / max(tiles_n, 1),
+            "image_calls_unchanged": image_same, "her2_index_mean_abs_change": float(np.mean(index_delta)),
+            "her2_index_mean": float(np.mean(index_mean))}
+
+
 def bench_gpu_decode(tiles: np.ndarray, *, quality: int = 90, repeats: int = 3) -> dict:
     """nvJPEG through torchvision, batched, on CUDA; a note when there is no CUDA here."""
     try:
@@ -237,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         dab_ref = _dab(tiles)
         rows = [bench_lossless(tiles, name, repeats=args.repeats) for name in LOSSLESS]
         rows += [bench_lossy(tiles, name, dab_ref, repeats=args.repeats) for name in LOSSY]
+        rows.append(bench_store_jpeg(tiles, dab_ref, repeats=args.repeats))
         raw = tiles[0].nbytes
         for r in rows:
             r["raw_bytes_per_tile"] = raw
@@ -255,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
           "enc/dec: tiles per CPU-second, one thread, best of the passes. dDAB: change in rgb2hed DAB OD (lossy - stored), per-tile mean and p95 "
           "averaged over tiles; |dDAB|: mean absolute per-tile change of the mean; p95 %: dDAB p95 as a "
           "percentage of the stored tiles' mean p95 (membrane-level DAB).")
+    if ihc.is_dir():
+        agree = report["scorer_agreement"] = scorer_agreement(ihc)
+        print(f"default scorer (ihc_dab) on {agree['images']} real IHC images / {agree['tiles']} tiles, lossless vs the "
+              f"store's JPEG: tile calls unchanged {100 * agree['tile_calls_unchanged']:.1f} %, image calls unchanged "
+              f"{agree['image_calls_unchanged']}/{agree['images']}, mean |change| of her2_index "
+              f"{agree['her2_index_mean_abs_change']:.4f} (mean index {agree['her2_index_mean']:.3f})")
     gpu = report["gpu"] or {}
     print("GPU:", gpu.get("note") or f"{gpu['codec']}: {gpu['decode_tiles_per_s']:,.0f} tiles/s on {gpu['device']}")
     if args.json_out:

@@ -152,7 +152,19 @@ def project_env() -> dict:
     return env
 
 
+def _fresh_dir(path: Path) -> None:
+    """Empty ``path`` and let the kernel write back what was deleted or written before, so one
+    run's write-back does not land in the next run's time."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def run_ours(slide: Path, *, workers: int, out_dir: Path, codec: str) -> dict:
+    _fresh_dir(out_dir)
     cmd = [sys.executable, str(PEERS_DIR / "run_wsi_her2.py"), str(slide), str(out_dir), "--workers", str(workers),
            "--codec", codec]
     return run_tool(cmd, env=project_env())
@@ -166,6 +178,7 @@ def run_peer(name: str, slide: Path, *, workers: int, out_dir: Path) -> dict:
     env.pop("PYTHONPATH", None)
     env["HF_HUB_OFFLINE"] = "1"
     env["MPLBACKEND"] = "Agg"
+    _fresh_dir(out_dir)
     cmd = [str(python), str(PEERS_DIR / PEERS[name]), str(slide), str(out_dir), "--workers", str(workers)]
     return run_tool(cmd, env=env)
 
@@ -285,7 +298,6 @@ def measure_ceiling(slide: Path, indices: np.ndarray, *, processes: int, repeats
 
 
 # --------------------------------------------------------------------------- where the time goes
-_clock = time.process_time
 CPROFILE_UNITS = 8
 
 
@@ -305,25 +317,25 @@ def _top_functions(prof: "cProfile.Profile", *, n_tiles: int, top: int = 8) -> l
 def profile_stages(slide: Path, store_path: Path, *, max_units: int = 48, codec: str = "zstd") -> dict:
     """Time each stage of the tiler's per-unit work in this process, on the first ``max_units`` units.
 
-    Mirrors ``tile_pipeline._process_unit``: read the block (``read_level_region`` then cut
-    into tiles), QC (tissue, pen, Laplacian), compress + write the chunk. Also decodes the
-    native tiles that the same tiles cover, for the same tiles' ceiling. Stages are timed in
-    CPU seconds of this process (all its threads: zarr compresses and writes on its own
-    threads), which a busy shared machine disturbs far less than wall time.
+    Mirrors ``tile_pipeline._process_unit``: read the unit's tiles (``read_tiles``: native
+    slide tiles decoded once and copied into the tiles), QC (tissue, pen, Laplacian), encode
+    and write the chunk file. Also decodes the native tiles that the same tiles cover, for the
+    same tiles' ceiling. Stages are timed in CPU seconds of this process (user + system: the
+    kernel's share of writing the chunk files counts), which a busy shared machine disturbs far
+    less than wall time.
     """
-    import imagecodecs
-
     from wsi_her2.pixels import read_tiles
     from wsi_her2.qc import QcParams, tile_qc
     from wsi_her2.slide import open_slide
     from wsi_her2.store import PatchStore
+    from wsi_her2.store_codecs import chunk_encoder
     from wsi_her2.tiling import TileGeometry
     from wsi_her2.tissue import TissueParams
 
     store = PatchStore.open(store_path)
     attrs = store.attrs
     fields = TileGeometry.__dataclass_fields__
-    geometry = TileGeometry(**{k: v for k, v in attrs["tiling"].items() if k in fields})
+    geometry = TileGeometry(**{k: v for k, v in attrs["tiling"].items() if k in fields and k != "tile_size_level0"})
     glass = np.asarray(attrs["tissue"]["glass_rgb"], np.float32)
     tissue_params = TissueParams(**attrs["tissue"]["params"])
     qc_params = QcParams(**attrs["qc"]["params"])
@@ -332,85 +344,58 @@ def profile_stages(slide: Path, store_path: Path, *, max_units: int = 48, codec:
     n_units = min(max_units, store.n_units)
     grid_all = store.grid_rc
     scratch = Path(tempfile.mkdtemp(prefix="bench_profile_", dir=DATA_DIR))
+    clock = time.process_time  # user + system, all threads, high resolution
     try:
         out = PatchStore.create(
             scratch / "p.zarr", n_tiles=n_units * chunk, tile_px=store.tile_px, chunk_tiles=chunk, codec=codec,
             attrs={}, per_tile={}, images={},
         )
-        t = {k: 0.0 for k in ("read_region", "cut_tiles", "qc_total",
-                              "compress_only", "write_unit", "read_region_tiffslide", "decode_native")}
+        writer = out.chunk_writer()
+        encode = chunk_encoder(codec)
+        t = {k: 0.0 for k in ("read", "qc", "encode_only", "encode_and_write", "decode_native")}
         n_tiles = 0
         reader = open_slide(slide, backend=attrs["slide"].get("reader", "auto"))
-        try:
-            other = open_slide(slide, backend="tiffslide")
-        except Exception:
-            other = None
         _ceiling_init(str(slide))
         grid = _native_grid(slide)
         prof = cProfile.Profile()
         cprofiled_tiles = 0
+        tiles = np.zeros((chunk, store.tile_px, store.tile_px, 3), np.uint8)
         for unit in range(n_units):
             sel_unit = grid_all[unit * chunk : (unit + 1) * chunk]
             n = len(sel_unit)
             n_tiles += n
-            bt = block_tiles
-            blocks = (sel_unit[:, 0] // bt) * 1_000_003 + sel_unit[:, 1] // bt
-            tiles = np.empty((n, store.tile_px, store.tile_px, 3), np.uint8)
+            blocks = (sel_unit[:, 0] // block_tiles) * 1_000_003 + sel_unit[:, 1] // block_tiles
+            t0 = clock()
             for b in np.unique(blocks):
-                sel = np.nonzero(blocks == b)[0]
-                g = sel_unit[sel]
-                if geometry.level_px_per_target_px != 1.0:  # resizing path: read_tiles as a whole
-                    t0 = _clock()
-                    tiles[sel] = read_tiles(reader, geometry=geometry, grid_rc=g)
-                    t["read_region"] += _clock() - t0
-                    continue
-                # the body of wsi_her2.pixels.read_tiles at 1:1, split into its two steps
-                s, tp = geometry.stride_px, geometry.tile_px
-                x0, y0 = int(g[:, 1].min() * s), int(g[:, 0].min() * s)
-                x1, y1 = int(g[:, 1].max() * s + tp), int(g[:, 0].max() * s + tp)
-                t0 = _clock()
-                region = reader.read_level_region(geometry.level, x0, y0, x1 - x0, y1 - y0)
-                t["read_region"] += _clock() - t0
-                t0 = _clock()
-                for i, (r, c) in zip(sel, g):
-                    yy, xx = int(r * s - y0), int(c * s - x0)
-                    tiles[i] = region[yy : yy + tp, xx : xx + tp]
-                t["cut_tiles"] += _clock() - t0
-                if other is not None:
-                    t0 = _clock()
-                    other.read_level_region(geometry.level, x0, y0, x1 - x0, y1 - y0)
-                    t["read_region_tiffslide"] += _clock() - t0
-            t0 = _clock()  # as the pipeline calls it, straight after reading
-            qc = tile_qc(tiles, glass_rgb=glass, tissue_params=tissue_params, qc_params=qc_params)
-            t["qc_total"] += _clock() - t0
+                sel = np.flatnonzero(blocks == b)
+                tiles[sel] = read_tiles(reader, geometry=geometry, grid_rc=sel_unit[sel])
+            t["read"] += clock() - t0
+            t0 = clock()
+            tile_qc(tiles[:n], glass_rgb=glass, tissue_params=tissue_params, qc_params=qc_params)
+            t["qc"] += clock() - t0
             if unit < CPROFILE_UNITS:  # a function-level breakdown, apart from the timings above
                 cprofiled_tiles += n
                 prof.enable()
-                tile_qc(tiles, glass_rgb=glass, tissue_params=tissue_params, qc_params=qc_params)
+                tile_qc(tiles[:n], glass_rgb=glass, tissue_params=tissue_params, qc_params=qc_params)
                 prof.disable()
-            if codec == "zstd":
-                t0 = _clock()
-                imagecodecs.zstd_encode(tiles.tobytes(), level=3)
-                t["compress_only"] += _clock() - t0
-            t0 = _clock()
-            out.write_unit(unit, tiles, {"tissue_fraction": qc.tissue_fraction, "laplacian_var": qc.laplacian_var,
-                                         "pen_fraction": qc.pen_fraction, "qc_flags": qc.flags})
-            t["write_unit"] += _clock() - t0
+            t0 = clock()
+            encode(tiles)
+            t["encode_only"] += clock() - t0
+            t0 = clock()
+            writer.write(unit, tiles)
+            t["encode_and_write"] += clock() - t0
             coords = store.coords_level0[unit * chunk : (unit + 1) * chunk]
             idx = native_tiles_covering(coords, geometry.tile_size_level0, grid=grid)
-            t0 = _clock()
+            t0 = clock()
             _ceiling_decode(idx)
-            t["decode_native"] += _clock() - t0
+            t["decode_native"] += clock() - t0
         reader.close()
-        if other is not None:
-            other.close()
         os.close(_C.pop("fd"))
         _C.clear()
         stages = {
-            f"read_region ({attrs['slide'].get('reader')})": t["read_region"],
-            "cut block into tiles": t["cut_tiles"],
-            "QC (tile_qc)": t["qc_total"],
-            f"write_unit (zarr, {codec})": t["write_unit"],
+            f"read tiles ({attrs['slide'].get('reader')}: decode + copy)": t["read"],
+            "QC (tile_qc)": t["qc"],
+            f"encode + write chunk ({codec})": t["encode_and_write"],
         }
         total = sum(stages.values())
         return {
@@ -420,9 +405,8 @@ def profile_stages(slide: Path, store_path: Path, *, max_units: int = 48, codec:
             "ms_per_tile": {k: round(1e3 * v / n_tiles, 4) for k, v in stages.items()},
             "share": {k: round(v / total, 4) for k, v in stages.items()},
             "reference_ms_per_tile": {
-                "read_region (tiffslide), same blocks": round(1e3 * t["read_region_tiffslide"] / n_tiles, 4),
                 "raw decode of the native tiles these tiles cover": round(1e3 * t["decode_native"] / n_tiles, 4),
-                "zstd level 3 compress only (inside write_unit)": round(1e3 * t["compress_only"] / n_tiles, 4),
+                f"{codec} encode only (inside encode + write)": round(1e3 * t["encode_only"] / n_tiles, 4),
             },
             "tile_qc_cprofile": _top_functions(prof, n_tiles=cprofiled_tiles),
         }
@@ -511,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default="lazyslide,wsinfer",
                         help="comma-separated peers to run where their venv exists ('' for none); "
                              "histolab adds ~9 min at 40000 x 30000")
-    parser.add_argument("--codec", default="zstd", help="wsi-her2 tile codec")
+    parser.add_argument("--codec", nargs="+", default=["jpeg", "zstd"],
+                        help="wsi-her2 tile codecs to run (the first is the headline: peers are compared with it)")
     parser.add_argument("--repeats", type=int, default=1, help="ceiling repeats (best kept); tools run once")
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="stage timing when below the target (auto), always or never")
@@ -537,13 +522,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for workers in args.workers:
         # ours first: its plan (the output tiles) defines which native tiles the ceiling decodes
-        out_dir = out_root / f"wsi_her2_w{workers}"
-        ours = run_ours(slide, workers=workers, out_dir=out_dir, codec=args.codec)
-        ours.update(label=f"wsi-her2 tile (codec {args.codec})", processes_requested=workers, kind="ours")
-        if "error" in ours:
-            report["runs"].append(ours)
-            print(f"wsi-her2 failed: {ours['error']}", file=sys.stderr)
+        runs_w = []
+        for codec in args.codec:
+            res = run_ours(slide, workers=workers, out_dir=out_root / f"wsi_her2_w{workers}_{codec}", codec=codec)
+            res.update(label=f"wsi-her2 tile (codec {codec})", processes_requested=workers, kind="ours", codec=codec)
+            runs_w.append(res)
+            if "error" in res:
+                print(f"wsi-her2 failed: {res['error']}", file=sys.stderr)
+        ok = [r for r in runs_w if "error" not in r]
+        if not ok:
+            report["runs"].extend(runs_w)
             continue
+        ours = ok[0]
         from wsi_her2.store import PatchStore
 
         store = PatchStore.open(ours["store"])
@@ -557,11 +547,13 @@ def main(argv: list[str] | None = None) -> int:
             "output_tiles_per_cpu_s": round(store.n_tiles / cpu_s, 1),
         }
         report["ceiling"].append(ceiling)
-        _add_ratios(ours, ceiling)
-        ours["tile_stage_tiles_per_s"] = round(ours["tiles"] / ours["stage_s"]["tiles"], 1) if ours["stage_s"].get("tiles") else None
-        report["runs"].append(ours)
-        print(f"[{time.perf_counter() - started:.0f} s] wsi-her2 w{workers}: {ours['wall_tiles_per_s']} tiles/s, "
-              f"{ours['x_ceiling']} x ceiling", file=sys.stderr)
+        for r in ok:
+            _add_ratios(r, ceiling)
+            r["store_mb"] = round(_dir_bytes(Path(r["store"])) / 2**20, 1)
+            r["tile_stage_tiles_per_s"] = round(r["tiles"] / r["stage_s"]["tiles"], 1) if r["stage_s"].get("tiles") else None
+            print(f"[{time.perf_counter() - started:.0f} s] wsi-her2 w{workers} {r['codec']}: {r['wall_tiles_per_s']} tiles/s, "
+                  f"{r['x_ceiling']} x ceiling", file=sys.stderr)
+        report["runs"].extend(runs_w)
         for peer in peers:
             if not (PEER_VENVS / peer / "bin" / "python").exists():
                 continue
@@ -580,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_runs = [r for r in report["runs"] if r.get("kind") == "ours" and "error" not in r]
     below = any(r["x_ceiling"] < TARGET_FRACTION_OF_CEILING for r in ours_runs)
     if ours_runs and (args.profile == "always" or (args.profile == "auto" and below)):
-        report["profile"] = profile_stages(slide, Path(ours_runs[0]["store"]), codec=args.codec)
+        report["profile"] = profile_stages(slide, Path(ours_runs[0]["store"]), codec=ours_runs[0]["codec"])
     report["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["total_s"] = round(time.perf_counter() - started, 1)
 
@@ -591,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
           "command's whole process tree (ceiling: of the decode calls only). x ceil: rate / the ceiling's output-tile "
           "rate at the same process count. ours/peer: wsi-her2's rate / the peer's at the same process count.")
     for r in ours_runs:
-        print(f"wsi-her2 w{r['processes']}: stage seconds {r['stage_s']} (imports {r['imports_s']} s); "
-              f"tile stage alone {r['tile_stage_tiles_per_s']} tiles/s")
+        print(f"wsi-her2 w{r['processes']} {r['codec']}: store {r['store_mb']:,.0f} MB; stage seconds {r['stage_s']} "
+              f"(imports {r['imports_s']} s); tile stage alone {r['tile_stage_tiles_per_s']} tiles/s")
     if "profile" in report:
         print(render_profile(report["profile"]))
     if args.json_out:

@@ -6,7 +6,7 @@ the command line ``wsi-her2 tile SLIDE -o OUT_DIR --workers N --overwrite -q --c
 when the build has no ``tile`` command): tissue detection, every 224 px tile at 0.5 µm/px over
 tissue, per-tile QC, the zarr store and the QC picture written.
 
-    python benchmarks/peers/run_wsi_her2.py SLIDE OUT_DIR --workers 2 [--codec zstd]
+    python benchmarks/peers/run_wsi_her2.py SLIDE OUT_DIR --workers 2 [--codec jpeg]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("slide")
     parser.add_argument("out_dir")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--codec", default="zstd")
+    parser.add_argument("--codec", default="jpeg")
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--tile-px", type=int, default=224)
     parser.add_argument("--backend", default="auto")
