@@ -33,13 +33,13 @@ def run(args: argparse.Namespace) -> int:
     tiled = tile_slide(slide, out, config=TileConfig(workers=args.workers or default_workers()))
     res = score_store(tiled.store, config=ScoreConfig(agg=args.agg, overwrite=True))
     c = res.call
-    print(f"slide      {slide}  (synthetic; planted call HER2 2+)")
-    print(f"tiles      {tiled.n_tiles} cut, {tiled.n_passed} passed QC")
-    print(f"call       HER2 {c['her2_score']}  (confidence {c['confidence']:.2f}, aggregation {args.agg})")
+    print(f"{'slide':<14} {slide}  (synthetic; planted call HER2 2+)")
+    print(f"{'tiles':<14} {tiled.n_tiles} cut, {tiled.n_passed} passed QC")
+    print(f"{'call':<14} HER2 {c['her2_score']}  (confidence {c['confidence']:.2f}, aggregation {args.agg})")
     fr = c.get("class_fractions", {})
-    print("fractions  " + "  ".join(f"{k}: {v:.2f}" for k, v in fr.items()))
+    print(f"{'fractions':<14} " + "  ".join(f"{k}: {v:.2f}" for k, v in fr.items()))
     for name, path in res.outputs.items():
-        print(f"{name:<11}{path}")
-    print(f"qc picture {out / (tiled.store.name.removesuffix('.zarr') + '.qc.png')}")
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+        print(f"{name.replace('_', ' '):<14} {path}")
+    print(f"{'qc picture':<14} {out / (tiled.store.name.removesuffix('.zarr') + '.qc.png')}")
+    print(f"{'done in':<14} {time.perf_counter() - t0:.1f} s")
     return 0
