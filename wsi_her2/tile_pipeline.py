@@ -1,9 +1,10 @@
 """Tile one slide into a patch store: open -> MPP -> tissue -> plan -> read+QC in parallel -> store.
 
 The store is written in *work units* (one chunk of ``chunk_tiles`` tiles each). Units are
-independent, so worker processes write their own chunks, and an interrupted run resumes by
-doing only the units not yet marked done; the result is identical to an uninterrupted run
-because every unit's content depends only on the slide and the settings.
+independent, so worker threads write their own chunk files, and one coordinating thread
+records their QC values and marks them done; an interrupted run resumes by doing only the
+units not yet marked done, and the result is identical to an uninterrupted run because every
+unit's content depends only on the slide and the settings.
 """
 from __future__ import annotations
 

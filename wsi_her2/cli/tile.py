@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Tile slides into <out>/<slide-id>.zarr with per-tile QC and a QC picture.")
     p.add_argument("slides", nargs="+", help="slide files (SVS, TIFF, NDPI, MRXS, ...)")
     p.add_argument("-o", "--out", default="wsi-her2-out", help="output directory (default ./wsi-her2-out)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: cores, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="worker threads (default: cores, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="redo slides whose store is already complete")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_tile_options(p)
