@@ -2,7 +2,7 @@
 
 Why a JPEG option exists (``benchmarks/bench_codecs.py``): tissue tiles compress poorly
 losslessly (zstd keeps 55-90 % of the bytes), while JPEG at quality 90 *without chroma
-subsampling* (4:4:4) keeps 6-16 % and moves the mean DAB optical density of a tile by
+subsampling* (4:4:4) keeps 6-19 % and moves the mean DAB optical density of a tile by
 ~1e-4 OD, a thousandth of the faint-staining cut-point of the default scorer (0.10 OD);
 chroma subsampling (4:2:0), not quantisation, is what shifted DAB in the measurements,
 so it is never used. JPEG is also what a GPU decodes natively (nvJPEG).
