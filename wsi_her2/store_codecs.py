@@ -1,6 +1,6 @@
 """Tile codecs of the patch store: lossless (zstd, blosc-lz4, none) and high-quality JPEG.
 
-Why a JPEG option exists (``benchmarks/bench_codecs.py``): tissue tiles compress poorly
+Why JPEG is the default (``benchmarks/bench_codecs.py``): tissue tiles compress poorly
 losslessly (zstd keeps 55-90 % of the bytes), while JPEG at quality 90 *without chroma
 subsampling* (4:4:4) keeps 6-19 % and moves the mean DAB optical density of a tile by
 ~1e-4 OD, a thousandth of the faint-staining cut-point of the default scorer (0.10 OD);
