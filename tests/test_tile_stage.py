@@ -320,3 +320,23 @@ def test_jpeg_store_is_close_to_the_slide_and_small(graded_store, graded_slide, 
         return sum(f.stat().st_size for f in (path / "tiles").rglob("*") if f.is_file())
 
     assert size(jpeg.path) < size(lossless.path) / 3
+
+
+def test_jpeg_quality_reaches_the_chunk_files(tmp_path):
+    """--jpeg-quality is the quality of the zarr codec and of the tiler's direct writes alike."""
+    rng = np.random.default_rng(2)
+    tiles = np.clip(rng.normal(170, 25, size=(4, 32, 32, 3)), 0, 255).astype(np.uint8)
+    sizes = {}
+    for quality in (60, 95):
+        direct = PatchStore.create(tmp_path / f"d{quality}.zarr", n_tiles=4, tile_px=32, chunk_tiles=4, codec="jpeg",
+                                   attrs={}, per_tile={}, images={}, jpeg_quality=quality)
+        direct.chunk_writer().write(0, tiles)
+        via_zarr = PatchStore.create(tmp_path / f"z{quality}.zarr", n_tiles=4, tile_px=32, chunk_tiles=4, codec="jpeg",
+                                     attrs={}, per_tile={}, images={}, jpeg_quality=quality)
+        via_zarr.tiles[...] = tiles
+        assert np.array_equal(direct.read_tiles(0, 4), via_zarr.read_tiles(0, 4))
+        assert direct.attrs["jpeg_quality"] == quality
+        sizes[quality] = (direct.path / "tiles" / "c" / "0" / "0" / "0" / "0").stat().st_size
+    assert sizes[95] > sizes[60]
+    with pytest.raises(ConfigError, match="jpeg-quality"):
+        TileConfig(jpeg_quality=30).validate()

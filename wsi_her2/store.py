@@ -34,7 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_her2.errors import StoreError
-from wsi_her2.store_codecs import chunk_encoder, zarr_codecs  # importing it registers the JPEG codec with zarr
+from wsi_her2.store_codecs import JPEG_QUALITY, chunk_encoder, zarr_codecs  # importing it registers the JPEG codec
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class PatchStore:
         chunk_tiles: int,
         codec: str,
         attrs: dict,
+        jpeg_quality: int = JPEG_QUALITY,
         per_tile: dict[str, NDArray],
         images: dict[str, NDArray],
     ) -> "PatchStore":
@@ -103,7 +104,7 @@ class PatchStore:
             shutil.rmtree(path)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         try:
-            codec_kwargs = zarr_codecs(codec)
+            codec_kwargs = zarr_codecs(codec, jpeg_quality=jpeg_quality)
         except ValueError as exc:
             raise StoreError(str(exc)) from exc
         group.create_array(
@@ -124,7 +125,8 @@ class PatchStore:
             group[name][...] = value
         for name, image in images.items():
             group.create_array(name, data=np.ascontiguousarray(image), chunks=image.shape)
-        meta = dict(attrs, schema_version=SCHEMA_VERSION, complete=False, chunk_tiles=chunk_tiles, codec=codec)
+        meta = dict(attrs, schema_version=SCHEMA_VERSION, complete=False, chunk_tiles=chunk_tiles, codec=codec,
+                    jpeg_quality=jpeg_quality if codec == "jpeg" else None)
         group.attrs[ATTR_KEY] = meta
         return cls(path, group)
 
@@ -222,7 +224,8 @@ class TileChunkWriter:
     def __init__(self, store: PatchStore) -> None:
         array = store.tiles
         self.chunk_shape = tuple(int(c) for c in array.chunks)
-        self._encode = chunk_encoder(store.attrs["codec"])
+        serializer = array.metadata.codecs[0]  # the JPEG codec carries its quality; the others ignore it
+        self._encode = chunk_encoder(store.attrs["codec"], jpeg_quality=getattr(serializer, "quality", JPEG_QUALITY))
         self._key = array.metadata.encode_chunk_key
         self._root = store.path / "tiles"
         self.n_tiles = store.n_tiles

@@ -37,6 +37,12 @@ TILE_CODECS = ("jpeg", "zstd", "lz4", "none")
 DEFAULT_TILE_CODEC = "jpeg"
 
 
+def check_jpeg_quality(quality: int) -> int:
+    if not 50 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality {quality} is outside 50-100 (90 is the measured default)")
+    return int(quality)
+
+
 def encode_jpeg_chunk(tiles: NDArray[np.uint8], quality: int = JPEG_QUALITY) -> bytes:
     """``(n, h, w, 3)`` uint8 tiles -> one 4:4:4 baseline JPEG of the ``(n*h, w, 3)`` stack."""
     import imagecodecs
@@ -98,12 +104,12 @@ class JpegTileCodec(ArrayBytesCodec):
 register_codec(JPEG_CODEC_NAME, JpegTileCodec)
 
 
-def zarr_codecs(name: str) -> dict[str, Any]:
+def zarr_codecs(name: str, *, jpeg_quality: int = JPEG_QUALITY) -> dict[str, Any]:
     """``create_array`` keyword arguments (serializer / compressors) for tile codec ``name``."""
     import zarr
 
     if name == "jpeg":
-        return {"serializer": JpegTileCodec(), "compressors": None}
+        return {"serializer": JpegTileCodec(quality=check_jpeg_quality(jpeg_quality)), "compressors": None}
     if name == "zstd":
         return {"compressors": [zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)]}
     if name == "lz4":
@@ -113,12 +119,13 @@ def zarr_codecs(name: str) -> dict[str, Any]:
     raise ValueError(f"unknown tile codec {name!r}; choose {', '.join(TILE_CODECS)}")
 
 
-def chunk_encoder(name: str):
+def chunk_encoder(name: str, *, jpeg_quality: int = JPEG_QUALITY):
     """``(chunk_tiles, h, w, 3)`` uint8 array -> the bytes zarr writes for that chunk with codec ``name``."""
     import numcodecs
 
     if name == "jpeg":
-        return encode_jpeg_chunk
+        quality = check_jpeg_quality(jpeg_quality)
+        return lambda tiles: encode_jpeg_chunk(tiles, quality)
     if name == "zstd":
         return numcodecs.Zstd(level=ZSTD_LEVEL, checksum=False).encode
     if name == "lz4":

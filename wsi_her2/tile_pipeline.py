@@ -31,7 +31,7 @@ from wsi_her2.qc_picture import render_qc_picture, save_qc_picture
 from wsi_her2.slide import open_slide
 from wsi_her2.slide.mpp import read_mpp_csv, resolve_mpp
 from wsi_her2.store import QC_ARRAYS, PatchStore, TileChunkWriter
-from wsi_her2.store_codecs import DEFAULT_TILE_CODEC, TILE_CODECS
+from wsi_her2.store_codecs import DEFAULT_TILE_CODEC, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
 from wsi_her2.tiling import TileGeometry, choose_geometry, mask_coverage, plan_tiles
 from wsi_her2.tissue import TissueParams, detect_tissue
 
@@ -52,6 +52,7 @@ class TileConfig:
     chunk_tiles: int = 64
     block_tiles: int = 8
     codec: str = DEFAULT_TILE_CODEC
+    jpeg_quality: int = JPEG_QUALITY  # codec "jpeg" only
     thumb_mpp_um: float = 8.0
     min_mask_fraction: float = 0.05
     mpp_tolerance: float = 0.025
@@ -64,6 +65,10 @@ class TileConfig:
     def validate(self) -> None:
         if self.codec not in TILE_CODECS:
             raise ConfigError(f"--codec {self.codec!r}: choose one of {', '.join(TILE_CODECS)}")
+        try:
+            check_jpeg_quality(self.jpeg_quality)
+        except ValueError as exc:
+            raise ConfigError(f"--jpeg-quality: {exc}") from exc
         if self.chunk_tiles < 1 or self.block_tiles < 1 or self.workers < 1:
             raise ConfigError("--chunk-tiles, --block-tiles and --workers must be >= 1")
         if self.stride_px is not None and self.stride_px < 1:
@@ -205,6 +210,7 @@ def _fingerprint(slide_sha: str, slide_mpp: float, config: TileConfig, geometry:
         "chunk_tiles": config.chunk_tiles,
         "block_tiles": config.block_tiles,
         "codec": config.codec,
+        "jpeg_quality": config.jpeg_quality if config.codec == "jpeg" else None,
         "thumb_mpp_um": config.thumb_mpp_um,
         "min_mask_fraction": config.min_mask_fraction,
         "tissue": config.tissue.to_dict(),
@@ -349,6 +355,7 @@ def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, p
     }
     return PatchStore.create(
         store_path, n_tiles=plan.n_tiles, tile_px=geometry.tile_px, chunk_tiles=config.chunk_tiles, codec=config.codec,
+        jpeg_quality=config.jpeg_quality,
         attrs=attrs,
         per_tile={"coords_level0": plan.coords_level0, "grid_rc": plan.grid_rc, "mask_fraction": plan.mask_fraction},
         images={"thumbnail": thumb, "tissue_mask": tissue.mask, "pen_mask": tissue.pen},

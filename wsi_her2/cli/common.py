@@ -20,6 +20,7 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
                    help=f"tile compression (default {DEFAULT_TILE_CODEC}): zstd / lz4 / none are lossless; jpeg (quality 90, "
                         "4:4:4) stores 5-8x fewer bytes than zstd and is faster to write, at a small pixel change "
                         "(README, Tile codecs)")
+    g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the jpeg codec, 50-100 (default 90)")
     g.add_argument("--chunk-tiles", type=int, default=64, help="tiles per zarr chunk and per work unit")
     g.add_argument("--thumb-mpp", dest="thumb_mpp_um", type=float, default=8.0, help="thumbnail resolution for tissue detection")
     q = parser.add_argument_group("quality control (defaults from the source papers)")
@@ -52,6 +53,7 @@ def tile_config_from_args(args: argparse.Namespace, *, workers: int, progress: b
         workers=workers,
         chunk_tiles=args.chunk_tiles,
         codec=args.codec,
+        jpeg_quality=args.jpeg_quality,
         thumb_mpp_um=args.thumb_mpp_um,
         tissue=TissueParams(max_gray=args.max_gray, min_od_sum=args.min_od),
         qc=QcParams(min_tissue_fraction=args.min_tissue, min_laplacian_var=args.min_laplacian_var, max_pen_fraction=args.max_pen),
