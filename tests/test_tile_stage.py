@@ -224,8 +224,8 @@ def test_laplacian_matches_reference_definition():
 
 def test_real_fixture_cmu_tiles_with_both_backends(tmp_path):
     path = fixture_slide("CMU-1-Small-Region.svs")
-    a = open_store(tile_slide(path, tmp_path / "o", config=TileConfig(backend="openslide", workers=1)).store)
-    b = open_store(tile_slide(path, tmp_path / "t", config=TileConfig(backend="tiffslide", workers=1)).store)
+    a = open_store(tile_slide(path, tmp_path / "o", config=TileConfig(backend="openslide", workers=1, codec="zstd")).store)
+    b = open_store(tile_slide(path, tmp_path / "t", config=TileConfig(backend="tiffslide", workers=1, codec="zstd")).store)
     assert a.n_tiles == b.n_tiles > 30
     assert np.array_equal(a.array("tiles"), b.array("tiles"))
     assert 20 < a.qc_pass.sum() < a.n_tiles
