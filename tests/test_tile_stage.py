@@ -340,3 +340,11 @@ def test_jpeg_quality_reaches_the_chunk_files(tmp_path):
     assert sizes[95] > sizes[60]
     with pytest.raises(ConfigError, match="jpeg-quality"):
         TileConfig(jpeg_quality=30).validate()
+
+
+def test_large_tiles_get_fewer_tiles_per_jpeg_chunk(tmp_path):
+    """1024 px tiles x 64 per chunk would be a 65,536 px tall JPEG (limit 65,500): the tiler fits the chunk."""
+    spec = SyntheticSlideSpec(4096, 3072, regions=(Region("ihc", 0, 0, 4096, 3072, grade=2),), dust=False)
+    slide = write_synthetic_slide(tmp_path / "big-tiles.svs", spec)
+    store = open_store(tile_slide(slide, tmp_path / "out", config=TileConfig(workers=1, tile_px=1024)).store)
+    assert store.chunk_tiles * 1024 <= 65_500 and store.n_tiles == 12

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -31,7 +31,7 @@ from wsi_her2.qc_picture import render_qc_picture, save_qc_picture
 from wsi_her2.slide import open_slide
 from wsi_her2.slide.mpp import read_mpp_csv, resolve_mpp
 from wsi_her2.store import QC_ARRAYS, PatchStore, TileChunkWriter
-from wsi_her2.store_codecs import DEFAULT_TILE_CODEC, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
+from wsi_her2.store_codecs import DEFAULT_TILE_CODEC, JPEG_MAX_SIDE_PX, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
 from wsi_her2.tiling import TileGeometry, choose_geometry, mask_coverage, plan_tiles
 from wsi_her2.tissue import TissueParams, detect_tissue
 
@@ -219,10 +219,22 @@ def _fingerprint(slide_sha: str, slide_mpp: float, config: TileConfig, geometry:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
+def _fit_chunks_to_codec(config: TileConfig) -> TileConfig:
+    """A JPEG chunk is one image at most 65,500 px tall: large tiles get fewer tiles per chunk."""
+    if config.codec != "jpeg" or config.chunk_tiles * config.tile_px <= JPEG_MAX_SIDE_PX:
+        return config
+    fitted = JPEG_MAX_SIDE_PX // config.tile_px
+    if fitted < 1:
+        raise ConfigError(f"--tile-px {config.tile_px} exceeds the JPEG size limit ({JPEG_MAX_SIDE_PX} px); use --codec zstd")
+    log.info("%d px tiles: %d tiles per chunk (a JPEG chunk is at most %d px tall)", config.tile_px, fitted, JPEG_MAX_SIDE_PX)
+    return replace(config, chunk_tiles=fitted)
+
+
 def tile_slide(slide: str | Path, out_dir: str | Path, *, config: TileConfig | None = None) -> TileResult:
     """Tile ``slide`` into ``out_dir/<slide-id>.zarr`` (and ``<slide-id>.qc.png``); resume if interrupted."""
     config = config or TileConfig()
     config.validate()
+    config = _fit_chunks_to_codec(config)
     t_start = time.perf_counter()
     slide = Path(slide)
     out_dir = Path(out_dir)
