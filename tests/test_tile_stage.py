@@ -348,3 +348,35 @@ def test_large_tiles_get_fewer_tiles_per_jpeg_chunk(tmp_path):
     slide = write_synthetic_slide(tmp_path / "big-tiles.svs", spec)
     store = open_store(tile_slide(slide, tmp_path / "out", config=TileConfig(workers=1, tile_px=1024)).store)
     assert store.chunk_tiles * 1024 <= 65_500 and store.n_tiles == 12
+
+
+def test_interrupted_threaded_run_resumes_to_identical_store(graded_slide, tmp_path, monkeypatch):
+    """Ctrl-C reaching a worker thread: finished units are kept, the rest is redone, same store."""
+    import threading
+    import time
+
+    import wsi_her2.tile_pipeline as tp
+
+    config = TileConfig(workers=2, chunk_tiles=16, codec="jpeg")
+    clean = open_store(tile_slide(graded_slide, tmp_path / "clean", config=config).store)
+    real = tp._process_unit
+    lock, calls = threading.Lock(), {"n": 0}
+
+    def dying(unit):
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        if n > 4:
+            time.sleep(0.5)  # let the coordinator record the finished units first
+            raise KeyboardInterrupt
+        return real(unit)
+
+    monkeypatch.setattr(tp, "_process_unit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tile_slide(graded_slide, tmp_path / "resumed", config=config)
+    partial = PatchStore.open(tmp_path / "resumed" / "graded.zarr", require_complete=False)
+    assert partial.attrs["complete"] is False and 0 < partial.units_done().sum() < partial.n_units
+    monkeypatch.setattr(tp, "_process_unit", real)
+    resumed = open_store(tile_slide(graded_slide, tmp_path / "resumed", config=config).store)
+    for name in ("tiles", "qc_flags", "laplacian_var", "tissue_fraction", "pen_fraction"):
+        assert np.array_equal(clean.array(name), resumed.array(name)), name
