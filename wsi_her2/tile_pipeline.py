@@ -448,9 +448,10 @@ def _run_units(slide: Path, store: PatchStore, pending: list[int], *, config: Ti
             futures = [pool.submit(_process_run, r) for r in runs]
             try:
                 for fut in _as_completed_fail_fast(futures):
-                    for unit, qc in fut.result():
+                    results = fut.result()
+                    for unit, qc in results:
                         ledger.add(unit, qc)
-                    bar.update(len(fut.result()))
+                    bar.update(len(results))
             except BaseException:  # Ctrl-C or a failed unit: run no more units, keep the finished ones
                 for fut in futures:
                     fut.cancel()

@@ -5,6 +5,7 @@ standard library.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
@@ -36,6 +37,18 @@ def emit(*, tool: str, version: str, tiles: int, seconds: float, processes: int,
     result.update(extra)
     sys.stdout.flush()
     print(json.dumps(result), flush=True)
+
+
+def runner_parser(description: str, *, mpp: bool = True) -> argparse.ArgumentParser:
+    """The arguments every runner takes: SLIDE OUT_DIR [--workers N] [--mpp UM] [--tile-px PX]."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("slide")
+    parser.add_argument("out_dir")
+    parser.add_argument("--workers", type=int, default=1)
+    if mpp:
+        parser.add_argument("--mpp", type=float, default=0.5)
+    parser.add_argument("--tile-px", type=int, default=224)
+    return parser
 
 
 class Stopwatch:

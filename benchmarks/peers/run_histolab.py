@@ -9,20 +9,15 @@ must be at 0.5 µm/px for level 0 to give 0.5 µm/px tiles (the benchmark slide 
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 t_import = time.perf_counter()
 
-from _common import Stopwatch, emit  # noqa: E402
+from _common import Stopwatch, emit, runner_parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("slide")
-    parser.add_argument("out_dir")
-    parser.add_argument("--workers", type=int, default=1, help="ignored: histolab tiles in one process")
-    parser.add_argument("--tile-px", type=int, default=224)
+    parser = runner_parser(__doc__.split("\n")[0], mpp=False)  # --workers is ignored: histolab tiles in one process
     parser.add_argument("--save-png", action="store_true")
     args = parser.parse_args()
 

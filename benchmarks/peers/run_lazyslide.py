@@ -9,12 +9,11 @@ read and decoded, not written anywhere (LazySlide has no tile store of its own).
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 t_import = time.perf_counter()
 
-from _common import Stopwatch, emit  # noqa: E402
+from _common import Stopwatch, emit, runner_parser  # noqa: E402
 
 
 def _keep_images(batch: list[dict]) -> list:
@@ -22,12 +21,7 @@ def _keep_images(batch: list[dict]) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("slide")
-    parser.add_argument("out_dir")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--mpp", type=float, default=0.5)
-    parser.add_argument("--tile-px", type=int, default=224)
+    parser = runner_parser(__doc__.split("\n")[0])
     args = parser.parse_args()
 
     import lazyslide as zs

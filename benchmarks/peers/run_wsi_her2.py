@@ -10,22 +10,16 @@ tissue, per-tile QC, the zarr store and the QC picture written.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 t_import = time.perf_counter()
 
-from _common import emit  # noqa: E402
+from _common import emit, runner_parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("slide")
-    parser.add_argument("out_dir")
-    parser.add_argument("--workers", type=int, default=1)
+    parser = runner_parser(__doc__.split("\n")[0])
     parser.add_argument("--codec", default="jpeg")
-    parser.add_argument("--mpp", type=float, default=0.5)
-    parser.add_argument("--tile-px", type=int, default=224)
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
 

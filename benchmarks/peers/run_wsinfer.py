@@ -12,7 +12,6 @@ registry file, so a stub ``{"models": {}}`` is written there first when none exi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 t_import = time.perf_counter()
 
-from _common import Stopwatch, emit  # noqa: E402
+from _common import Stopwatch, emit, runner_parser  # noqa: E402
 
 
 def _stub_registry() -> None:
@@ -35,12 +34,7 @@ def _keep_images(batch: list) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("slide")
-    parser.add_argument("out_dir")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--mpp", type=float, default=0.5)
-    parser.add_argument("--tile-px", type=int, default=224)
+    parser = runner_parser(__doc__.split("\n")[0])
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

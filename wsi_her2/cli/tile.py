@@ -21,11 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.errors import ConfigError, WsiHer2Error
     from wsi_her2.tile_pipeline import default_workers, tile_slide
 
     workers = args.workers or default_workers()
-    config = tile_config_from_args(args, workers=workers, progress=not args.quiet and sys.stderr.isatty())
+    try:  # a bad option is one error, not one per slide
+        config = tile_config_from_args(args, workers=workers, progress=not args.quiet and sys.stderr.isatty())
+        config.validate()
+    except ConfigError as exc:
+        print(f"wsi-her2 tile: error: {exc}", file=sys.stderr)
+        return 2
     failed = 0
     for slide in args.slides:
         try:
