@@ -13,6 +13,7 @@ from PIL import Image
 
 from wsi_her2.slide.base import SlideReader
 from wsi_her2.tiling import TileGeometry
+from wsi_her2.tissue import THUMB_MPP_UM
 
 STRIP_ROWS = 2048
 
@@ -28,7 +29,7 @@ def _resize_box(region: NDArray[np.uint8], size_wh: tuple[int, int], box: tuple[
 
 
 def read_thumbnail(
-    reader: SlideReader, *, slide_mpp_um: float, thumb_mpp_um: float = 8.0, max_side_px: int = 4096
+    reader: SlideReader, *, slide_mpp_um: float, thumb_mpp_um: float = THUMB_MPP_UM, max_side_px: int = 4096
 ) -> tuple[NDArray[np.uint8], float]:
     """Whole-slide thumbnail near ``thumb_mpp_um``; returns ``(rgb, thumb_px_per_level0_px)``."""
     w0, h0 = reader.dimensions

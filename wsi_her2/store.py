@@ -8,8 +8,9 @@ Layout of ``<slide-id>.zarr`` (a zarr v3 group)::
     coords_level0    (N, 2) int64     x, y of each tile's top-left, level-0 pixels of the full slide
     grid_rc          (N, 2) int32     row, col on the tile grid
     mask_fraction    (N,)   float32   thumbnail tissue coverage that selected the tile
-    tissue_fraction  (N,)   float32   tissue pixels / all pixels, measured on the tile itself
-    laplacian_var    (N,)   float32   blur measure (low = blurry)
+    tissue_fraction  (N,)   float32   share of the tile covered by the slide's tissue mask
+    laplacian_var    (N,)   float32   the papers' blur measure (low = blurry; grows with contrast)
+    sharpness        (N,)   float32   contrast-normalised focus measure at 1 µm/px (wsi_her2.qc)
     pen_fraction     (N,)   float32   marker-ink pixels / all pixels
     qc_flags         (N,)   uint8     bit flags (wsi_her2.qc.QC_FLAGS); 0 = passed QC
     unit_done        (U,)   uint8     1 when work unit u (tiles u*chunk_tiles ...) is fully written
@@ -46,10 +47,11 @@ PER_TILE_ARRAYS = {  # name -> (dtype, trailing shape)
     "mask_fraction": ("float32", ()),
     "tissue_fraction": ("float32", ()),
     "laplacian_var": ("float32", ()),
+    "sharpness": ("float32", ()),
     "pen_fraction": ("float32", ()),
     "qc_flags": ("uint8", ()),
 }
-QC_ARRAYS = ("tissue_fraction", "laplacian_var", "pen_fraction", "qc_flags")
+QC_ARRAYS = ("tissue_fraction", "laplacian_var", "sharpness", "pen_fraction", "qc_flags")
 
 
 class PatchStore:

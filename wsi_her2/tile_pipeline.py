@@ -26,14 +26,14 @@ import numpy as np
 from wsi_her2 import __version__
 from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError
 from wsi_her2.pixels import read_thumbnail, read_tiles
-from wsi_her2.qc import QcParams, TileQc, slide_qc_summary, tile_qc
+from wsi_her2.qc import QC_FLAGS, QcParams, TileQc, slide_qc_summary, tile_qc
 from wsi_her2.qc_picture import render_qc_picture, save_qc_picture
 from wsi_her2.slide import open_slide
 from wsi_her2.slide.mpp import read_mpp_csv, resolve_mpp
 from wsi_her2.store import QC_ARRAYS, PatchStore, TileChunkWriter
 from wsi_her2.store_codecs import DEFAULT_TILE_CODEC, JPEG_MAX_SIDE_PX, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
 from wsi_her2.tiling import TileGeometry, choose_geometry, mask_coverage, plan_tiles
-from wsi_her2.tissue import TissueParams, detect_tissue
+from wsi_her2.tissue import THUMB_MPP_UM, TissueParams, detect_tissue
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class TileConfig:
     block_tiles: int = 8
     codec: str = DEFAULT_TILE_CODEC
     jpeg_quality: int = JPEG_QUALITY  # codec "jpeg" only
-    thumb_mpp_um: float = 8.0
+    thumb_mpp_um: float = THUMB_MPP_UM
     min_mask_fraction: float = 0.05
     mpp_tolerance: float = 0.025
     tissue: TissueParams = field(default_factory=TissueParams)
@@ -152,7 +152,8 @@ class _UnitJob:
     backend: str
     geometry: TileGeometry
     grid_rc: np.ndarray
-    glass: np.ndarray
+    mask_fraction: np.ndarray  # (N,) tissue-mask coverage of each tile: its tissue fraction
+    mpp_um: float  # tile pixel size
     tissue: TissueParams
     qc: QcParams
     block_tiles: int
@@ -196,7 +197,8 @@ def _process_unit(unit: int) -> tuple[int, TileQc]:
         ) from exc
     n = stop - start
     tiles[n:] = 0  # the last unit's chunk is padded with the array's fill value
-    qc = tile_qc(tiles[:n], glass_rgb=job.glass, tissue_params=job.tissue, qc_params=job.qc)
+    qc = tile_qc(tiles[:n], tissue_fraction=job.mask_fraction[start:stop], mpp_um=job.mpp_um,
+                 tissue_params=job.tissue, qc_params=job.qc)
     job.writer.write(unit, tiles)
     return unit, qc
 
@@ -299,7 +301,7 @@ def tile_slide(slide: str | Path, out_dir: str | Path, *, config: TileConfig | N
     pending = [u for u, done in enumerate(store.units_done()) if not done]
     status = "resumed" if len(pending) < store.n_units else "tiled"
     t0 = time.perf_counter()
-    _run_units(slide, store, pending, config=config, geometry=geometry, glass=tissue.glass_rgb)
+    _run_units(slide, store, pending, config=config, geometry=geometry)
     t_tiles = time.perf_counter() - t0
 
     flags = store.array("qc_flags")
@@ -361,9 +363,10 @@ def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, p
         "thumbnail": {"mpp_um": mpp.mpp_um / thumb_scale, "px_per_level0_px": thumb_scale},
         "tissue": {
             "params": config.tissue.to_dict(), "glass_rgb": [float(v) for v in tissue.glass_rgb],
+            "od_threshold": round(tissue.glass.od_threshold, 4), "texture_threshold": round(tissue.glass.texture_threshold, 3),
             "tissue_area_mm2": round(tissue.tissue_area_mm2, 4), "tissue_fraction_of_slide": round(tissue.tissue_fraction, 4),
         },
-        "qc": {"params": config.qc.to_dict(), "flags": {"low_tissue": 1, "blurry": 2, "pen": 4}},
+        "qc": {"params": config.qc.to_dict(), "flags": dict(QC_FLAGS)},
     }
     return PatchStore.create(
         store_path, n_tiles=plan.n_tiles, tile_px=geometry.tile_px, chunk_tiles=config.chunk_tiles, codec=config.codec,
@@ -416,12 +419,13 @@ class _QcLedger:
 QC_FLUSH_S = 2.0
 
 
-def _run_units(slide: Path, store: PatchStore, pending: list[int], *, config: TileConfig, geometry: TileGeometry, glass) -> None:
+def _run_units(slide: Path, store: PatchStore, pending: list[int], *, config: TileConfig, geometry: TileGeometry) -> None:
     if not pending:
         return
     job = _UnitJob(
         slide=str(slide), backend=config.backend, geometry=geometry, grid_rc=store.grid_rc,
-        glass=np.asarray(glass, np.float32), tissue=config.tissue, qc=config.qc, block_tiles=config.block_tiles,
+        mask_fraction=store.array("mask_fraction"), mpp_um=geometry.effective_mpp_um,
+        tissue=config.tissue, qc=config.qc, block_tiles=config.block_tiles,
         writer=store.chunk_writer(),
     )
     ledger = _QcLedger(store)

@@ -15,7 +15,6 @@ inks look like eosin and are not detected (documented limit).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -23,12 +22,39 @@ import numpy as np
 from numpy.typing import NDArray
 
 
+#: Resolution of the thumbnail tissue is found on, µm/px: coarse enough to be cheap, fine
+#: enough that nuclei (5-10 µm) still make texture.
+THUMB_MPP_UM = 4.0
+
+
 @dataclass(frozen=True)
 class TissueParams:
-    """Every tissue/pen threshold in one place (all configurable from the CLI)."""
+    """Every tissue/pen threshold in one place (all configurable from the CLI).
 
-    max_gray: float = 220.0  # paper default: pixels darker than 220 are tissue
-    min_od_sum: float = 0.12  # also tissue: summed RGB optical density vs glass above this (pale hematoxylin)
+    Tissue is found on the thumbnail (``thumb_mpp_um``, a few µm/px, where nuclei still make
+    texture) by two pieces of evidence, each thresholded against the slide's own glass so that
+    the rule holds on white, grey, lavender or yellowish glass alike:
+
+    - absorbance: summed RGB optical density against the glass colour, averaged over
+      ``smooth_um`` (averaging beats down JPEG noise by the square root of the pixels averaged),
+      above ``min_od_sum`` or ``noise_k`` robust standard deviations of the same measure on
+      glass, whichever is larger;
+    - texture: local standard deviation of grey over ``texture_window_um`` (nuclei, fibres and
+      membranes give it; glass gives only noise), above ``min_texture`` grey levels or
+      ``noise_k`` robust standard deviations of glass texture.
+
+    Pale hematoxylin-only tissue on tinted glass sits only a few grey levels below the glass
+    (median OD sum ~0.03) but its nuclei give it texture; dense pale stroma is smooth but
+    absorbs. Either suffices.
+    """
+
+    min_od_sum: float = 0.02  # floor of the absorbance threshold (summed decimal OD vs glass)
+    min_texture: float = 1.5  # floor of the texture threshold (grey levels of local std)
+    noise_k: float = 6.0  # thresholds sit this many robust SDs above glass (a CFAR-style rule)
+    max_glass_texture: float = 1.0  # glass is flat (grey-level local SD at 4 µm/px: ~0-0.5 on real glass)
+    smooth_um: float = 4.0  # absorbance averaged over a Gaussian of this sigma
+    texture_window_um: float = 12.0  # side of the window of the local standard deviation
+    max_gray: float | None = None  # the papers' absolute rule (darker than this is tissue); off: wrong on grey glass
     pen_green_minus_red: float = 40.0  # G - R above this (8-bit levels) is not a stain: green/cyan ink
     pen_blue_minus_red: float = 80.0  # with B > 150 and G - R > 15: blue ink
     black_ink_max_value: float = 50.0  # dark and achromatic: black ink
@@ -41,39 +67,23 @@ class TissueParams:
         return asdict(self)
 
 
-def estimate_glass_rgb(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
-    """Glass (background) brightness per channel: the bright end of the histogram.
+@dataclass(frozen=True)
+class GlassEstimate:
+    """The slide's glass: colour and the noise floor of the tissue evidence measured on it."""
 
-    The 99.5th percentile per channel is glass on any slide that has some glass; on a slide
-    fully covered by tissue it is the brightest tissue, which only makes detection stricter.
-    Floored at 200 so a dark slide cannot declare its tissue to be glass.
-    """
-    flat = rgb.reshape(-1, 3)
-    if flat.shape[0] > 2_000_000:  # a strided sample is enough for a percentile
-        flat = flat[:: flat.shape[0] // 1_000_000]
-    glass = np.percentile(flat, 99.5, axis=0).astype(np.float32)
-    return np.clip(glass, 200.0, 255.0)
+    rgb: NDArray[np.float32]  # (3,) median colour of glass pixels
+    od_threshold: float  # smoothed summed OD above this is tissue
+    texture_threshold: float  # local grey std above this is tissue
+    n_pixels: int  # glass pixels the estimate rests on
 
 
-def classify_pixels(
-    rgb: NDArray[np.uint8],
-    *,
-    glass_rgb: NDArray[np.floating] | None = None,
-    params: TissueParams = TissueParams(),
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """``(tissue, pen)`` masks of an RGB image ``(h, w, 3)`` (or a stack ``(n, h, w, 3)``).
-
-    Tissue: darker than ``max_gray`` (OpenCV's 8-bit grey, as in the papers) or summed optical
-    density against the glass above ``min_od_sum``; never pen ink. Pen: green/cyan ink
-    (G - R above ``pen_green_minus_red``), blue ink (B - R above ``pen_blue_minus_red`` with
-    B > 150 and G - R > 15), black ink (dark and achromatic).
+def pen_mask(rgb: NDArray[np.uint8], params: TissueParams = TissueParams()) -> NDArray[np.bool_]:
+    """Marker-ink pixels of ``(..., h, w, 3)`` RGB: green/cyan and blue inks by the sign and
+    size of ``G - R`` and ``B - R`` (no stain reaches them), black ink by darkness without colour.
 
     Every step is an OpenCV primitive on 8-bit data (this runs on every tile): saturating
-    subtraction gives ``max(G - R, 0)``, which is all the positive thresholds need; optical
-    density is a per-channel lookup quantised so that the threshold sits at level 240.
+    subtraction gives ``max(G - R, 0)``, which is all the positive thresholds need.
     """
-    if glass_rgb is None:
-        glass_rgb = np.array([255.0, 255.0, 255.0], dtype=np.float32)
     shape = rgb.shape[:-1]
     img = np.ascontiguousarray(rgb).reshape(-1, rgb.shape[-2], 3)  # a stack of tiles as one tall image
     r, g, b = cv2.split(img)
@@ -84,56 +94,99 @@ def classify_pixels(
     mx = cv2.max(cv2.max(r, g), b)
     mn = cv2.min(cv2.min(r, g), b)
     pen |= (mx < params.black_ink_max_value) & (cv2.subtract(mx, mn) < params.black_ink_max_chroma)
-    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    tissue = (gray < params.max_gray) | _od_above(img, glass_rgb, params.min_od_sum)
-    tissue &= ~pen
-    return tissue.reshape(shape), pen.reshape(shape)
+    return pen.reshape(shape)
 
 
-_OD_LEVEL = 240  # the OD threshold maps to this 8-bit level; the channel sum saturates at 255
+def _gray_f32(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY).astype(np.float32)
 
 
-def _od_above(img: NDArray[np.uint8], glass_rgb: NDArray[np.floating], min_od_sum: float) -> NDArray[np.bool_]:
-    """Summed optical density against glass, ``sum_c log10((glass_c + 1) / (v_c + 1))``, above ``min_od_sum``.
+def od_sum_map(rgb: NDArray[np.uint8], glass_rgb: NDArray[np.floating]) -> NDArray[np.float32]:
+    """Summed decimal optical density against the glass, ``sum_c log10(glass_c / I_c)``, >= 0.
 
-    uint8 in, so OD is a 256-entry lookup per channel (no per-pixel log); pixels brighter than
-    glass count as zero absorbance. Quantised to ``min_od_sum / 240`` OD per level (5e-4 OD at
-    the default 0.12) and clipped at 241 per channel: one channel at the threshold decides alone.
+    A 256-entry lookup per channel (no per-pixel log); pixels brighter than glass absorb nothing.
     """
-    if min_od_sum <= 0:  # any absorbance at all: some channel darker than its glass
-        return np.any(img < np.asarray(glass_rgb, np.float32).reshape(1, 1, 3), axis=-1)
-    od = cv2.LUT(img, _od_lut(tuple(float(g) for g in glass_rgb), float(min_od_sum)))
-    od_sum = cv2.transform(od, np.ones((1, 3), np.float32))  # saturating 8-bit sum of the channels
-    return od_sum.reshape(img.shape[:2]) > _OD_LEVEL
+    levels = np.maximum(np.arange(256, dtype=np.float64), 0.5)
+    lut = np.stack([np.log10(max(float(g), 1.0) / levels) for g in glass_rgb], axis=-1).clip(min=0.0)
+    od = cv2.LUT(np.ascontiguousarray(rgb), lut.astype(np.float32).reshape(256, 1, 3))
+    return od.sum(axis=-1, dtype=np.float32)
 
 
-@functools.lru_cache(maxsize=16)
-def _od_lut(glass_rgb: tuple[float, ...], min_od_sum: float) -> NDArray[np.uint8]:
-    levels = np.arange(256, dtype=np.float64)
-    lut = np.stack([np.log10(g + 1.0) - np.log10(levels + 1.0) for g in glass_rgb], axis=-1) * (_OD_LEVEL / min_od_sum)
-    lut = np.clip(np.round(lut), 0, _OD_LEVEL + 1).astype(np.uint8).reshape(256, 1, 3)
-    lut.flags.writeable = False  # shared between calls (and threads)
-    return lut
+def local_std(gray: NDArray[np.float32], window_px: int) -> NDArray[np.float32]:
+    """Standard deviation of ``gray`` in a ``window_px`` square around each pixel (box filters)."""
+    k = (max(3, window_px), max(3, window_px))
+    mean = cv2.blur(gray, k, borderType=cv2.BORDER_REFLECT)
+    mean_sq = cv2.blur(gray * gray, k, borderType=cv2.BORDER_REFLECT)
+    return np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
 
 
-def pen_pixels(rgb: NDArray[np.uint8], params: TissueParams = TissueParams()) -> NDArray[np.bool_]:
-    """Marker-ink pixels (green/blue/cyan by stain physics, black by darkness)."""
-    return classify_pixels(rgb, params=params)[1]
+def _evidence(rgb: NDArray[np.uint8], glass_rgb, *, mpp_um: float, params: TissueParams):
+    od = od_sum_map(rgb, glass_rgb)
+    sigma_px = params.smooth_um / mpp_um
+    od_s = cv2.GaussianBlur(od, (0, 0), sigma_px) if sigma_px >= 0.5 else od
+    texture = local_std(_gray_f32(rgb), int(round(params.texture_window_um / mpp_um)))
+    return od_s, texture
 
 
-def tissue_pixels(
-    rgb: NDArray[np.uint8], *, glass_rgb: NDArray[np.floating] | None = None, params: TissueParams = TissueParams()
-) -> NDArray[np.bool_]:
-    """Pixels that are stained tissue (not glass, not pen ink)."""
-    return classify_pixels(rgb, glass_rgb=glass_rgb, params=params)[0]
+def _robust_upper(values: NDArray[np.float32], k: float) -> float:
+    med = float(np.median(values))
+    mad = float(np.median(np.abs(values - med))) * 1.4826
+    return med + k * mad
+
+
+def estimate_glass(rgb: NDArray[np.uint8], *, mpp_um: float, params: TissueParams = TissueParams()) -> GlassEstimate:
+    """Glass colour and noise floor of a thumbnail ``(h, w, 3)`` at ``mpp_um``.
+
+    Glass candidates are the brightest fifth of the pixels that are also the smoothest half of
+    those: glass is the brightest and flattest thing on a slide, whatever its tint. Its colour
+    is their per-channel median (a mode-like estimate: the old 99.5th percentile sat above the
+    glass by the JPEG noise, which hid pale tissue a few levels below it). On a slide fully
+    covered by tissue the candidates are the palest tissue, which only makes detection stricter.
+    The thresholds are ``noise_k`` robust SDs above glass of each piece of evidence, floored.
+    When even the flattest bright pixels have texture (``max_glass_texture``), there is no glass
+    in view: the glass is taken as the bright end of the histogram and the thresholds at their floors.
+    """
+    gray = _gray_f32(rgb)
+    flat_rgb = rgb.reshape(-1, 3)
+    step = max(1, flat_rgb.shape[0] // 1_000_000)  # a strided sample is enough for quantiles
+    g = gray.reshape(-1)[::step]
+    tex = local_std(gray, int(round(params.texture_window_um / mpp_um))).reshape(-1)[::step]
+    bright = g >= np.percentile(g, 80)
+    cand = bright & (tex <= np.median(tex[bright]))
+    if cand.sum() < 16 or np.median(tex[cand]) > params.max_glass_texture:
+        # Nothing flat and bright: the slide is covered by tissue. Fall back to the bright end
+        # of the histogram, floored at 200 so a dark slide cannot declare its tissue glass.
+        glass_rgb = np.clip(np.percentile(flat_rgb[::step], 99.5, axis=0), 200.0, 255.0).astype(np.float32)
+        return GlassEstimate(glass_rgb, params.min_od_sum, params.min_texture, 0)
+    glass_rgb = np.median(flat_rgb[::step][cand], axis=0).astype(np.float32)
+    od_s, texture = _evidence(rgb, glass_rgb, mpp_um=mpp_um, params=params)
+    od_t = max(params.min_od_sum, _robust_upper(od_s.reshape(-1)[::step][cand], params.noise_k))
+    tex_t = max(params.min_texture, _robust_upper(texture.reshape(-1)[::step][cand], params.noise_k))
+    return GlassEstimate(glass_rgb, float(od_t), float(tex_t), int(cand.sum()))
+
+
+def tissue_evidence_mask(
+    rgb: NDArray[np.uint8], glass: GlassEstimate, *, mpp_um: float, params: TissueParams = TissueParams()
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """``(tissue, pen)`` pixel masks of ``(h, w, 3)`` RGB at ``mpp_um`` (before morphology)."""
+    od_s, texture = _evidence(rgb, glass.rgb, mpp_um=mpp_um, params=params)
+    tissue = (od_s > glass.od_threshold) | (texture > glass.texture_threshold)
+    if params.max_gray is not None:
+        tissue |= _gray_f32(rgb) < params.max_gray
+    pen = pen_mask(rgb, params)
+    return tissue & ~pen, pen
 
 
 @dataclass
 class TissueMask:
     mask: NDArray[np.bool_]  # (h, w) at the thumbnail's resolution
     pen: NDArray[np.bool_]  # (h, w) pen ink
-    glass_rgb: NDArray[np.float32]  # (3,) glass brightness used for OD
+    glass: GlassEstimate  # glass colour and the evidence thresholds used
     mpp_um: float  # thumbnail pixel size
+
+    @property
+    def glass_rgb(self) -> NDArray[np.float32]:
+        return self.glass.rgb
 
     @property
     def tissue_fraction(self) -> float:
@@ -151,23 +204,30 @@ class TissueMask:
 def detect_tissue(
     thumbnail: NDArray[np.uint8], *, thumb_mpp_um: float, params: TissueParams = TissueParams()
 ) -> TissueMask:
-    """Tissue mask of a thumbnail: OD/grey pixel rule, then morphology in physical units.
+    """Tissue mask of a thumbnail: glass-relative absorbance or texture, then morphology in µm.
 
     Parameters
     ----------
     thumbnail
-        ``(h, w, 3)`` RGB at ``thumb_mpp_um`` µm per pixel.
+        ``(h, w, 3)`` RGB at ``thumb_mpp_um`` µm per pixel (a few µm/px: nuclei must still
+        make texture; the tile stage reads it at 4 µm/px).
     """
-    glass = estimate_glass_rgb(thumbnail)
-    raw, pen = classify_pixels(thumbnail, glass_rgb=glass, params=params)
+    glass = estimate_glass(thumbnail, mpp_um=thumb_mpp_um, params=params)
+    raw, pen = tissue_evidence_mask(thumbnail, glass, mpp_um=thumb_mpp_um, params=params)
     px_area_um2 = thumb_mpp_um**2
     radius = max(1, int(round(params.closing_um / thumb_mpp_um / 2)))
     mask = _closing(raw, _disk(radius))
-    mask &= ~pen  # closing must not bridge tissue across a pen stroke
     mask = _fill_small_holes(mask, max_area_px=params.max_hole_area_um2 / px_area_um2)
+    # A window straddling the tissue's edge sees the edge's contrast: both measures spill about
+    # half a window onto the glass. Trim that rim off the (by now solid) mask.
+    spill_px = int(round(max(params.texture_window_um / 2.0, params.smooth_um) / thumb_mpp_um))
+    if spill_px >= 1:
+        mask = cv2.erode(mask.astype(np.uint8), _disk(spill_px).astype(np.uint8),
+                         borderType=cv2.BORDER_REPLICATE).astype(bool)
+    mask &= ~pen  # closing must not bridge tissue across a pen stroke
     mask = _remove_small_objects(mask, min_area_px=params.min_tissue_area_um2 / px_area_um2)
     pen_clean = _remove_small_objects(pen, min_area_px=params.min_tissue_area_um2 / px_area_um2 / 4)
-    return TissueMask(mask=mask, pen=pen_clean, glass_rgb=glass, mpp_um=thumb_mpp_um)
+    return TissueMask(mask=mask, pen=pen_clean, glass=glass, mpp_um=thumb_mpp_um)
 
 
 def _disk(radius: int) -> NDArray[np.bool_]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from wsi_her2.errors import ConfigError
+from wsi_her2.qc import BLUR_METRICS, QcParams
+from wsi_her2.tissue import THUMB_MPP_UM, TissueParams
 from wsi_her2.store_codecs import DEFAULT_TILE_CODEC, TILE_CODECS
 
 
@@ -22,19 +24,26 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
                         "(README, Tile codecs)")
     g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the jpeg codec, 50-100 (default 90)")
     g.add_argument("--chunk-tiles", type=int, default=64, help="tiles per zarr chunk and per work unit")
-    g.add_argument("--thumb-mpp", dest="thumb_mpp_um", type=float, default=8.0, help="thumbnail resolution for tissue detection")
+    g.add_argument("--thumb-mpp", dest="thumb_mpp_um", type=float, default=THUMB_MPP_UM,
+                   help=f"thumbnail resolution for tissue detection, µm/px (default {THUMB_MPP_UM}: nuclei still make texture)")
     q = parser.add_argument_group("quality control (defaults from the source papers)")
     q.add_argument("--min-tissue", type=float, default=0.40, help="minimum tissue fraction of a usable tile (0.40)")
-    q.add_argument("--min-laplacian-var", type=float, default=75.0, help="tiles with Laplacian variance below this are blurry (75)")
-    q.add_argument("--max-gray", type=float, default=220.0, help="pixels darker than this grey level are tissue (220)")
-    q.add_argument("--min-od", type=float, default=0.12, help="also tissue: summed optical density vs glass above this (0.12)")
+    q.add_argument("--blur-metric", choices=BLUR_METRICS, default=QcParams.blur_metric,
+                   help="focus measure that flags blurry tiles: 'sharpness' (contrast-normalised, in µm; default) "
+                        "or 'laplacian' (the papers' Laplacian variance, with --min-laplacian-var)")
+    q.add_argument("--min-sharpness", type=float, default=QcParams.min_sharpness,
+                   help=f"tiles below this sharpness are blurry ({QcParams.min_sharpness})")
+    q.add_argument("--min-laplacian-var", type=float, default=QcParams.min_laplacian_var,
+                   help="with --blur-metric laplacian: tiles below this Laplacian variance are blurry (75)")
+    q.add_argument("--max-gray", type=float, default=None,
+                   help="also tissue: pixels darker than this grey level (the papers' 220; off by default: wrong on grey glass)")
+    q.add_argument("--min-od", type=float, default=TissueParams.min_od_sum,
+                   help=f"floor of the tissue absorbance threshold, summed OD vs glass ({TissueParams.min_od_sum})")
     q.add_argument("--max-pen", type=float, default=0.05, help="tiles with more marker ink than this fraction are rejected (0.05)")
 
 
 def tile_config_from_args(args: argparse.Namespace, *, workers: int, progress: bool):
-    from wsi_her2.qc import QcParams
     from wsi_her2.tile_pipeline import TileConfig
-    from wsi_her2.tissue import TissueParams
 
     stride = args.stride_px
     if args.overlap_px is not None:
@@ -56,7 +65,8 @@ def tile_config_from_args(args: argparse.Namespace, *, workers: int, progress: b
         jpeg_quality=args.jpeg_quality,
         thumb_mpp_um=args.thumb_mpp_um,
         tissue=TissueParams(max_gray=args.max_gray, min_od_sum=args.min_od),
-        qc=QcParams(min_tissue_fraction=args.min_tissue, min_laplacian_var=args.min_laplacian_var, max_pen_fraction=args.max_pen),
+        qc=QcParams(min_tissue_fraction=args.min_tissue, blur_metric=args.blur_metric, min_sharpness=args.min_sharpness,
+                    min_laplacian_var=args.min_laplacian_var, max_pen_fraction=args.max_pen),
         overwrite=getattr(args, "overwrite", False),
         progress=progress,
     )
