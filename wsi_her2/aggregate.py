@@ -445,6 +445,95 @@ def aggregate_asco(
     )
 
 
+#: Per-tile measurements of a cell-level scorer (``ihc_dab``) that the cell-level ASCO rule uses:
+#: the fractions of tumour cells at least 1+, at least 2+, and 3+, and the tumour cells they rest on.
+CELL_FRACTION_KEYS = ("frac_cells_1plus_or_more", "frac_cells_2plus_or_more", "frac_cells_3plus")
+TUMOUR_CELLS_KEY = "tumour_cell_count"
+#: Fewer tumour cells than this over the whole slide (or region) and the call is indeterminate.
+#: Why 200: at the guideline's 10 % cut a percentage from n cells has a binomial standard error
+#: of sqrt(0.1 * 0.9 / n): 2.1 points at 200 cells, enough to tell 5 % from 15 %; a 1 mm² of
+#: carcinoma holds thousands. Stated in cells, never tiles.
+MIN_TUMOUR_CELLS = 200
+#: HER2-ultralow needs *some* faint membrane staining: more than this fraction of tumour cells
+#: (1 %, above what stray DAB specks on a negative slide reach) and at most the 10 % cut.
+ULTRALOW_MIN_FRACTION = 0.01
+
+
+def aggregate_asco_cells(
+    cell_fractions: ArrayLike,
+    tumour_cells: ArrayLike,
+    *,
+    min_tumour_cells: float = MIN_TUMOUR_CELLS,
+    thresholds: Mapping[str, float] = ASCO_THRESHOLDS,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = DEFAULT_SEED,
+) -> SlideCall:
+    """The ASCO/CAP rule on tumour-cell percentages pooled over tiles (the guideline's own unit).
+
+    ``cell_fractions``: ``(N, 3)`` per tile, the fractions of its tumour cells at least 1+, at
+    least 2+ and 3+ (:data:`CELL_FRACTION_KEYS`); ``tumour_cells``: ``(N,)`` tumour cells per
+    tile. The slide's fractions are the tumour-cell-weighted means, so stroma, muscle and fat
+    tiles (few tumour cells) barely count and a small tumour nest decides. Indeterminate below
+    ``min_tumour_cells``. Confidence: the bootstrap agreement over tiles, as for every rule.
+    """
+    th = _validate_thresholds(thresholds)
+    f = np.asarray(cell_fractions, np.float64).reshape(-1, 3)
+    w = np.clip(np.nan_to_num(np.asarray(tumour_cells, np.float64).reshape(-1)), 0.0, None)
+    f = np.clip(np.nan_to_num(f), 0.0, 1.0)
+    total = float(w.sum())
+    th_arr = np.array([th["1+"], th["2+"], th["3+"]])
+
+    def decide(stats: NDArray[np.float64]) -> NDArray[np.intp]:
+        at_least = stats[:, :3] / np.maximum(stats[:, 3:4], 1e-12)
+        passed = at_least > th_arr
+        return np.where(passed[:, 2], 3, np.where(passed[:, 1], 2, np.where(passed[:, 0], 1, 0)))
+
+    at_least = (w[:, None] * f).sum(axis=0) / max(total, 1e-12)
+    shares = np.clip(-np.diff(np.concatenate([[1.0], at_least, [0.0]])), 0.0, 1.0)
+    fractions = _named(shares)  # share of tumour cells whose best pattern is 0 / 1+ / 2+ / 3+
+    details = {
+        "unit": "tumour cells", "tumour_cells": round(total, 1), "min_tumour_cells": float(min_tumour_cells),
+        "fraction_at_least": {">=1+": float(at_least[0]), ">=2+": float(at_least[1]), ">=3+": float(at_least[2])},
+        "thresholds": dict(th),
+    }
+    if total < min_tumour_cells:
+        details["reason"] = (f"too little tumour to judge: {total:.0f} tumour cells, fewer than "
+                             f"{min_tumour_cells:.0f}; score a region with more invasive carcinoma")
+        return SlideCall(INDETERMINATE, 0.0, fractions, int(f.shape[0]), "asco", details)
+    features = np.concatenate([w[:, None] * f, w[:, None]], axis=1)
+    call = int(decide(features.sum(axis=0)[None, :])[0])
+    details.update(
+        passed={c: bool(at_least[i] > th[c]) for i, c in enumerate(("1+", "2+", "3+"))},
+        rule="highest score whose share of tumour cells (at least that pattern) is strictly above its threshold",
+        confidence_method="bootstrap agreement: share of tile resamples that reproduce the call",
+        n_boot=int(n_boot), seed=int(seed),
+    )
+    confidence = _bootstrap_agreement(features, decide, call, n_boot=int(n_boot), seed=int(seed))
+    return SlideCall(HER2_CLASSES[call], float(confidence), fractions, int(f.shape[0]), "asco", details)
+
+
+#: The categories oncologists act on (ASCO/CAP 2023; DESTINY-Breast04/06 for HER2-low/ultralow).
+HER2_CATEGORIES = {
+    "null": "HER2-null (0: no membrane staining)",
+    "ultralow": "HER2-ultralow (0: faint, incomplete staining in <=10% of tumour cells)",
+    "low": "HER2-low (1+)",
+    "equivocal": "HER2 2+ equivocal: reflex ISH advised (HER2-low if ISH-negative)",
+    "positive": "HER2-positive (3+)",
+    "zero": "HER2 0 (null vs ultralow not resolved by this model)",
+    "indeterminate": "indeterminate",
+}
+
+
+def her2_category(score: str, fraction_any_staining: float | None) -> str:
+    """Key of :data:`HER2_CATEGORIES` for a call; ``fraction_any_staining`` is the share of tumour
+    cells with any membrane staining (None when the model does not measure cells)."""
+    if score == "0":
+        if fraction_any_staining is None:
+            return "zero"
+        return "ultralow" if fraction_any_staining > ULTRALOW_MIN_FRACTION else "null"
+    return {"1+": "low", "2+": "equivocal", "3+": "positive"}.get(score, "indeterminate")
+
+
 #: The closed set of slide aggregators; the CLI's ``--aggregate`` choices come from here.
 AGGREGATORS: dict[str, Callable[..., SlideCall]] = {
     "vote": aggregate_vote,

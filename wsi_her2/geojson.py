@@ -393,6 +393,11 @@ def slide_feature(
     }
     for cls, frac in (slide_call.get("class_fractions") or {}).items():
         meas[f"fraction {qupath_class_name(cls)}"] = float(frac)
+    details = slide_call.get("details") or {}
+    if details.get("unit") == "tumour cells":  # cell-level call: the percentages that decided it
+        meas["tumour cells"] = float(details.get("tumour_cells", np.nan))
+        for k, v in (details.get("fraction_at_least") or {}).items():
+            meas[f"tumour cells {k} %"] = 100.0 * float(v)
     meas = {k: v for k, v in meas.items() if np.isfinite(v)}
     props = {
         "objectType": "annotation",
@@ -402,6 +407,7 @@ def slide_feature(
         "measurements": meas,
         "metadata": {
             "her2_score": score,
+            "her2_category": str(slide_call.get("her2_category_text", slide_call.get("her2_category", ""))),
             "method": method,
             "slide_call": json.dumps(to_jsonable(dict(slide_call)), sort_keys=True),
         },

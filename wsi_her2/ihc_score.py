@@ -32,9 +32,9 @@ Limits
 - IHC only: DAB (brown) with hematoxylin counterstain. H&E, fluorescence, or red/other
   chromogens (AP-Red, Fast Red) are outside the model: on H&E the "DAB" channel is eosin
   crosstalk and the calls are meaningless.
-- Tile level, no tumour/stroma separation: cell percentages count every nucleus in the tile
-  (tumour, lymphocytes, fibroblasts), so mixed tiles under-count the tumour fraction, and in
-  situ carcinoma is not excluded. In very solid intense 3+ sheets, DAB can mask the
+- Tumour cells are nuclei in cohesive sheets (see ``IhcThresholds``: cohesion window), not a
+  trained tumour detector: in situ carcinoma and dense benign epithelium count as tumour,
+  single infiltrating cells little. In very solid intense 3+ sheets, DAB can mask the
   hematoxylin of nuclei and lower the cell count.
 - Stain and scanner variation: the OD cut-points assume a DAB hue close to the Ruifrok vector
   and a roughly linear (gamma-free) scanner response. Over- or under-developed DAB, heavy JPEG
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from wsi_her2.errors import ConfigError
-from wsi_her2.stain_od import estimate_background, od_to_hed, rgb_to_od
+from wsi_her2.stain_od import estimate_background, od_to_hed, od_to_hnd, rgb_to_od
 
 __all__ = [
     "CLASS_NAMES",
@@ -76,9 +76,12 @@ MEASUREMENT_NAMES: tuple[str, ...] = (
     "stained_fraction",  # fraction of tissue pixels with DAB OD above the faint level
     "cell_count",  # nuclei detected in the tile
     "cell_density_per_mm2",  # nuclei per mm² of tile area
-    "dab_od_membrane",  # mean over cells of the membrane DAB OD (mean over rays that hit)
+    "tumour_cell_count",  # nuclei weighted by their evidence of cohesive epithelium (tumour)
+    "tumour_area_mm2",  # tile area within a cell radius of a tumour nucleus
+    "neutral_od_mean",  # mean achromatic (grey) OD over tissue: absorbance that is not stain
+    "dab_od_membrane",  # mean over tumour cells of the membrane DAB OD (mean over rays that hit)
     "completeness",  # mean fraction of rays hitting DAB, over cells with membrane staining
-    "frac_cells_1plus_or_more",  # fraction of cells with any membrane DAB
+    "frac_cells_1plus_or_more",  # fraction of tumour cells with any membrane DAB
     "frac_cells_2plus_or_more",  # fraction with complete, at least weak-moderate membrane DAB
     "frac_cells_3plus",  # fraction with complete, intense membrane DAB
     "her2_index",  # membrane H-score / 100: sum of the three fractions above, in [0, 3]
@@ -156,7 +159,33 @@ class IhcThresholds:
     glass as dark as ~0.68; below 0.65 the "background" must be tissue), ``background_max_cast
     = 0.06`` (glass tints seen in practice are <3 %).
 
-    Low-information tiles: ``min_cells = 8`` cells (fewer and one cell moves the percentage
+    Tumour, not everything (ASCO/CAP percentages are over invasive tumour cells): each nucleus
+    is weighted by how much it looks like part of a cohesive epithelial sheet, counted as the
+    other nuclei in a ``cohesion_window_um = 40`` µm square around it. Carcinoma cells are
+    12-20 µm across, so such a square holds 5-14 of them (4-13 neighbours); fibroblasts, smooth
+    muscle and fat in stroma leave 0-3. The weight is a logistic in the neighbour count,
+    centred on ``min_neighbours = 4`` (``neighbours_softness = 1``), times one falling at
+    ``max_neighbours = 24``: cells over ~8 µm cannot pack more densely, so denser blobs are
+    lymphocyte aggregates. ``cell_radius_um = 8`` turns tumour nuclei into tumour area. Limits:
+    in situ carcinoma and dense benign epithelium count as tumour; single infiltrating tumour
+    cells in stroma count little.
+
+    Brown, not merely dark: DAB is read from the Ruifrok-Johnston channel, then multiplied by
+    its brown share: the fraction of it that stays DAB when a neutral (grey) vector is added to
+    the basis, measured on OD smoothed over ``chroma_sigma_um = 1.5`` µm (JPEG 4:2:0 stores
+    colour at half resolution, so a membrane's hue must be read over its neighbourhood) and
+    over at least ``chroma_min_od = 0.03`` DAB OD (below it the share is noise). A share of
+    ``brown_full_share = 0.5`` or more keeps the full OD (JPEG chroma loss and a real DAB hue a
+    little greyer than Ruifrok's lower the share of real membranes to ~0.5-0.9); grey tissue's
+    share is ~0, so it is scaled to ~0 in proportion. Neutral
+    absorbance (thick sections, dense stroma, muscle, a grey cast) thus reads as no DAB, while a
+    faint but brown membrane keeps its full OD.
+
+    Lab calibration: ``dab_gain`` multiplies the DAB optical density before every cut-point
+    (equivalently divides all three cut-points), the one intensity factor that differs between
+    labs (DAB development time, scanner); 1.0 unless ``wsi-her2 calibrate`` fitted another.
+
+    Low-information tiles: ``min_cells = 8`` tumour cells (fewer and one cell moves the percentage
     past 10 %), ``cells_softness = 2``; ``min_tissue_fraction = 0.10``,
     ``tissue_softness = 0.03``; below these the output approaches ``prior`` =
     (0.4, 0.2, 0.2, 0.2): argmax 0, low confidence.
@@ -183,6 +212,15 @@ class IhcThresholds:
     background_quantile: float = 0.99
     background_min_intensity: float = 0.65
     background_max_cast: float = 0.06
+    cohesion_window_um: float = 40.0
+    min_neighbours: float = 4.0
+    max_neighbours: float = 24.0
+    neighbours_softness: float = 1.0
+    cell_radius_um: float = 8.0
+    dab_gain: float = 1.0
+    chroma_sigma_um: float = 1.5
+    chroma_min_od: float = 0.03
+    brown_full_share: float = 0.5
     min_cells: float = 8.0
     cells_softness: float = 2.0
     min_tissue_fraction: float = 0.10
@@ -237,6 +275,22 @@ def _ray_offsets(n_directions: int, start_px: float, stop_px: float) -> list[lis
     return rays
 
 
+def _odd(size_px: float) -> int:
+    return max(3, 2 * int(round(size_px / 2.0)) + 1)
+
+
+def _box_sum(img: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum over a ``k x k`` window (zero outside), separably: O(k) per pixel, not O(k^2)."""
+    out = F.avg_pool2d(img, (1, k), stride=1, padding=(0, k // 2), count_include_pad=True)
+    return F.avg_pool2d(out, (k, 1), stride=1, padding=(k // 2, 0), count_include_pad=True) * float(k * k)
+
+
+def _box_max(img: torch.Tensor, k: int) -> torch.Tensor:
+    """Maximum over a ``k x k`` window, separably."""
+    out = F.max_pool2d(img, (1, k), stride=1, padding=(0, k // 2))
+    return F.max_pool2d(out, (k, 1), stride=1, padding=(k // 2, 0))
+
+
 def _logistic(x: torch.Tensor, centre: float, width: float) -> torch.Tensor:
     return torch.sigmoid((x - centre) / width)
 
@@ -275,6 +329,34 @@ class IhcDabScorer(torch.nn.Module):
             t.n_directions,
         )
 
+    def _brown_dab(self, od: torch.Tensor, hnd: torch.Tensor) -> torch.Tensor:
+        """DAB OD that is brown, not merely dark.
+
+        Intensity comes from the Ruifrok-Johnston DAB channel at full resolution (the scale the
+        cut-points are set on); its **hue** is checked on OD smoothed over ``chroma_sigma_um``:
+        the share of that DAB which survives when a neutral (grey) vector joins the basis
+        (:data:`wsi_her2.stain_od.RGB_FROM_HND`). Grey tissue keeps ~0 of it, DAB keeps all.
+        Smoothing first because scanners store chroma at half resolution (JPEG 4:2:0): a 1 µm
+        membrane's brown hue is spread over its neighbourhood while its darkness is not.
+        """
+        t = self.thresholds
+        dab_hed = od_to_hed(od)[:, 2:3].clamp(min=0.0)
+        sigma = t.chroma_sigma_um / self.mpp_um
+        hed_s = _gaussian_blur(dab_hed, sigma)
+        hnd_s = _gaussian_blur(hnd[:, 2:3].clamp(min=0.0), sigma)
+        share = hnd_s / hed_s.clamp(min=t.chroma_min_od)
+        brown = (share / t.brown_full_share).clamp(0.0, 1.0)
+        return dab_hed * brown
+
+    def _tumour_weight(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Per-pixel weight (read at seeds) of cohesive epithelium: neighbours in a square window."""
+        t = self.thresholds
+        k = _odd(t.cohesion_window_um / self.mpp_um)
+        neighbours = _box_sum(seeds, k) - seeds
+        return _logistic(neighbours, t.min_neighbours, t.neighbours_softness) * (
+            1.0 - _logistic(neighbours, t.max_neighbours, 3.0 * t.neighbours_softness)
+        )
+
     # ------------------------------------------------------------------ public
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` RGB in [0, 1] -> ``(B, 4)`` log-probabilities over ``CLASS_NAMES``."""
@@ -308,9 +390,10 @@ class IhcDabScorer(torch.nn.Module):
             max_cast=t.background_max_cast,
         )
         od = rgb_to_od(x, i0).clamp(min=0.0)  # brighter than glass is glass
-        hed = od_to_hed(od)
-        hema = hed[:, 0:1].clamp(min=0.0)
-        dab = hed[:, 2:3].clamp(min=0.0)
+        hnd = od_to_hnd(od)  # grey absorbance goes to its own channel, not to DAB
+        hema = hnd[:, 0:1].clamp(min=0.0)
+        neutral = hnd[:, 1:2].clamp(min=0.0)
+        dab = self._brown_dab(od, hnd) * t.dab_gain
 
         # 2. Tissue.
         tissue = (od.sum(dim=1, keepdim=True) > t.tissue_od_sum).float()
@@ -318,17 +401,24 @@ class IhcDabScorer(torch.nn.Module):
         tissue_fraction = n_tissue / float(h * w)
         denom_tissue = n_tissue.clamp(min=1.0)
         hema_mean = (hema * tissue).sum(dim=(1, 2, 3)) / denom_tissue
+        neutral_mean = (neutral * tissue).sum(dim=(1, 2, 3)) / denom_tissue
         dab_mean = (dab * tissue).sum(dim=(1, 2, 3)) / denom_tissue
         stained_fraction = ((dab > t.dab_faint_od).float() * tissue).sum(dim=(1, 2, 3)) / denom_tissue
 
         # 3. Nuclei: hematoxylin blobs at the nucleus scale (DoG ~ LoG with sigma = r / sqrt 2).
+        # Nuclei absorb as hematoxylin and, in real scans, partly as grey: blobs of the
+        # non-DAB absorbance (a smooth grey stroma makes no blob, the DoG contrast rejects it).
+        nuclear = hema + neutral
         sigma1 = t.nucleus_diameter_um / (2.0 * math.sqrt(2.0)) / mpp
-        h1 = _gaussian_blur(hema, sigma1)
-        dog = h1 - _gaussian_blur(hema, 1.6 * sigma1)
+        h1 = _gaussian_blur(nuclear, sigma1)
+        dog = h1 - _gaussian_blur(nuclear, 1.6 * sigma1)
         win = max(3, 2 * int(round(t.seed_min_distance_um / mpp / 2.0)) + 1)
         is_max = dog >= F.max_pool2d(dog, win, stride=1, padding=win // 2)
         seeds = (is_max & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)).float()
         n_cells = seeds.sum(dim=(1, 2, 3))
+        tumour = seeds * self._tumour_weight(seeds)  # each nucleus weighted by epithelial cohesion
+        n_tumour = tumour.sum(dim=(1, 2, 3))
+        tumour_area_frac = (_box_max(tumour, _odd(2 * t.cell_radius_um / mpp)) > 0.5).float().mean(dim=(1, 2, 3))
 
         # 4. Membrane rays: running max of shifted DAB maps along each direction.
         dab_s = _gaussian_blur(dab, t.dab_smooth_sigma_um / mpp)
@@ -359,13 +449,13 @@ class IhcDabScorer(torch.nn.Module):
         p_3 = p_complete * _logistic(log_i, math.log(t.dab_strong_od), t.od_log_softness)
         p_ge1 = torch.maximum(p_any, p_ge2)
 
-        def per_cell(m: torch.Tensor) -> torch.Tensor:
-            return (m * seeds).sum(dim=(1, 2, 3)) / n_cells.clamp(min=1.0)
+        def per_cell(m: torch.Tensor) -> torch.Tensor:  # mean over tumour cells
+            return (m * tumour).sum(dim=(1, 2, 3)) / n_tumour.clamp(min=eps)
 
         f1, f2, f3 = per_cell(p_ge1), per_cell(p_ge2), per_cell(p_3)
         dab_membrane = per_cell(intensity_map)
-        stained_w = (p_ge1 * seeds).sum(dim=(1, 2, 3))
-        completeness = (completeness_map * p_ge1 * seeds).sum(dim=(1, 2, 3)) / stained_w.clamp(min=eps)
+        stained_w = (p_ge1 * tumour).sum(dim=(1, 2, 3))
+        completeness = (completeness_map * p_ge1 * tumour).sum(dim=(1, 2, 3)) / stained_w.clamp(min=eps)
         completeness = torch.where(stained_w > eps, completeness, torch.zeros_like(completeness))
 
         # 6. ASCO/CAP decision list with soft 10 % edges, then reliability towards the prior.
@@ -375,7 +465,7 @@ class IhcDabScorer(torch.nn.Module):
         rule = torch.stack(
             [(1 - s3) * (1 - s2) * (1 - s1), (1 - s3) * (1 - s2) * s1, (1 - s3) * s2, s3], dim=1
         )
-        reliability = _logistic(n_cells, t.min_cells, t.cells_softness) * _logistic(
+        reliability = _logistic(n_tumour, t.min_cells, t.cells_softness) * _logistic(
             tissue_fraction, t.min_tissue_fraction, t.tissue_softness
         )
         prior = torch.tensor(t.prior, dtype=torch.float32, device=x.device).unsqueeze(0)
@@ -390,6 +480,9 @@ class IhcDabScorer(torch.nn.Module):
             "stained_fraction": stained_fraction,
             "cell_count": n_cells,
             "cell_density_per_mm2": n_cells / (h * w * mpp * mpp * 1e-6),
+            "tumour_cell_count": n_tumour,
+            "tumour_area_mm2": tumour_area_frac * (h * w * mpp * mpp * 1e-6),
+            "neutral_od_mean": neutral_mean,
             "dab_od_membrane": dab_membrane,
             "completeness": completeness,
             "frac_cells_1plus_or_more": f1,

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SLIDES_CSV_COLUMNS = [
     "slide", "her2_score", "confidence", "frac_0", "frac_1+", "frac_2+", "frac_3+",
-    "tiles_used", "tiles_rejected", "model", "aggregation",
+    "tiles_used", "tiles_rejected", "model", "aggregation", "her2_category", "tumour_cells", "tumour_area_mm2",
 ]
 # Physical field of view must match what the model was trained on (tile px x µm/px).
 MPP_MATCH_TOLERANCE = 0.10
@@ -109,6 +109,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     from wsi_her2.aggregate import AGGREGATORS
     from wsi_her2.inference import InferenceConfig, predict_store
 
+
     config = config or ScoreConfig()
     if config.agg not in AGGREGATORS:
         raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
@@ -141,7 +142,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     calls = np.full(store.n_tiles, -1, dtype=np.int64)
     if scored.any():
         calls[scored] = np.argmax(pred.probs[scored], axis=1)
-    slide_call = AGGREGATORS[config.agg](pred.probs[scored], min_tiles=config.min_tiles).to_dict()
+    slide_call = call_slide(pred.probs, pred.measurements, scored, agg=config.agg, min_tiles=config.min_tiles)
 
     flags = store.qc_flags
     reasons = [reject_reason(int(f)) for f in flags]
@@ -170,6 +171,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         **extra_outputs,
     }
     fractions = slide_call.get("class_fractions", {})
+    tumour = tumour_summary(pred.measurements, scored)
     row = {
         "slide": sid,
         "her2_score": slide_call["her2_score"],
@@ -179,12 +181,16 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         "tiles_rejected": int(store.n_tiles - scored.sum()),
         "model": _model_label(config),
         "aggregation": config.agg,
+        "her2_category": slide_call["her2_category"],
+        "tumour_cells": tumour.get("cells", ""),
+        "tumour_area_mm2": tumour.get("area_mm2", ""),
     }
     result = {
         "slide": sid,
         "store": str(store.path),
         "slide_sha256": store.attrs["slide"]["sha256"],
         "call": slide_call,
+        "tumour": tumour,
         "row": row,
         "aggregation": config.agg,
         "model": {"name": _model_label(config), "config": model_cfg.to_dict(), "weights": config.weights},
@@ -199,6 +205,37 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     _atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(sid, slide_call, row, outputs)
+
+
+def call_slide(probs, measurements: dict, scored, *, agg: str, min_tiles: int) -> dict:
+    """The slide call with its HER2 category. With a cell-level scorer (``ihc_dab``) the ``asco``
+    rule runs on tumour-cell percentages pooled over tiles; otherwise on tile calls."""
+    from wsi_her2.aggregate import (
+        AGGREGATORS, CELL_FRACTION_KEYS, HER2_CATEGORIES, TUMOUR_CELLS_KEY, aggregate_asco_cells, her2_category,
+    )
+
+    has_cells = all(k in measurements for k in (*CELL_FRACTION_KEYS, TUMOUR_CELLS_KEY))
+    if agg == "asco" and has_cells:
+        fractions = np.stack([np.asarray(measurements[k])[scored] for k in CELL_FRACTION_KEYS], axis=1)
+        call = aggregate_asco_cells(fractions, np.asarray(measurements[TUMOUR_CELLS_KEY])[scored]).to_dict()
+        any_staining = call["details"]["fraction_at_least"][">=1+"]
+    else:
+        call = AGGREGATORS[agg](probs[scored], min_tiles=min_tiles).to_dict()
+        any_staining = None
+    key = her2_category(call["her2_score"], any_staining)
+    call["her2_category"] = key
+    call["her2_category_text"] = HER2_CATEGORIES[key]
+    return call
+
+
+def tumour_summary(measurements: dict, scored) -> dict:
+    """Scored tumour (cells, mm²) over the QC-passed tiles, when the scorer measures it."""
+    if "tumour_cell_count" not in measurements:
+        return {}
+    cells = np.nan_to_num(np.asarray(measurements["tumour_cell_count"], np.float64)[scored])
+    area = np.nan_to_num(np.asarray(measurements.get("tumour_area_mm2", np.zeros_like(cells)), np.float64)[scored])
+    return {"cells": int(round(cells.sum())), "area_mm2": round(float(area.sum()), 4),
+            "rule": "nuclei weighted by epithelial cohesion (wsi_her2.ihc_score.IhcThresholds)"}
 
 
 def _model_label(config: ScoreConfig) -> str:

@@ -27,6 +27,8 @@ __all__ = [
     "rgb_to_od",
     "od_to_hed",
     "rgb_to_hed_od",
+    "RGB_FROM_HND",
+    "od_to_hnd",
 ]
 
 #: Ruifrok & Johnston (2001) stain OD vectors (rows: hematoxylin, eosin, DAB; columns: R, G, B),
@@ -36,6 +38,19 @@ RGB_FROM_HED = torch.tensor(
 )
 #: Inverse of :data:`RGB_FROM_HED` (float64, cast on use): ``hed = od_rgb @ HED_FROM_RGB``.
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+#: Hematoxylin, **neutral** and DAB unit OD vectors (rows; columns R, G, B) for IHC.
+#:
+#: Why a neutral third vector instead of eosin: IHC has no eosin, and the Ruifrok matrix sends
+#: achromatic absorbance (section thickness, dense stroma, muscle, a grey scanner cast) partly
+#: into DAB: a neutral OD of 1 reads as 0.51 DAB. DAB is brown, i.e. its OD has a hue (blue
+#: absorbed ~3x more than red); grey absorbance has none. With a neutral vector in the basis,
+#: grey goes to its own channel and DAB holds only brown: unstained tissue of any density reads
+#: ~0 DAB, while pure DAB still unmixes exactly onto DAB.
+RGB_FROM_HND = torch.nn.functional.normalize(
+    torch.tensor([[0.65, 0.70, 0.29], [1.0, 1.0, 1.0], [0.27, 0.57, 0.78]], dtype=torch.float64), dim=1
+)
+HND_FROM_RGB = torch.linalg.inv(RGB_FROM_HND)
 
 #: Intensities are clamped to at least one 8-bit grey level before the log, so a black pixel
 #: reads as OD ~2.4 rather than infinity (8-bit scanners cannot measure beyond that anyway).
@@ -104,6 +119,12 @@ def rgb_to_od(x: torch.Tensor, background: torch.Tensor | float = 1.0) -> torch.
 def od_to_hed(od: torch.Tensor) -> torch.Tensor:
     """Unmix ``(B, 3, H, W)`` RGB optical density into hematoxylin, eosin/residual, DAB OD."""
     m = HED_FROM_RGB.to(device=od.device, dtype=torch.float32)
+    return torch.einsum("bchw,cs->bshw", od.float(), m)
+
+
+def od_to_hnd(od: torch.Tensor) -> torch.Tensor:
+    """Unmix ``(B, 3, H, W)`` RGB optical density into hematoxylin, neutral, DAB OD (see :data:`RGB_FROM_HND`)."""
+    m = HND_FROM_RGB.to(device=od.device, dtype=torch.float32)
     return torch.einsum("bchw,cs->bshw", od.float(), m)
 
 
