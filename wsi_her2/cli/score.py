@@ -46,7 +46,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import WsiHer2Error
-    from wsi_her2.score_pipeline import find_stores, load_scoring_model, score_store
+    from wsi_her2.score_pipeline import find_stores, score_store
 
     targets = args.stores or ["wsi-her2-out"]
     stores: list[Path] = []
