@@ -20,8 +20,8 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from wsi_her2.errors import ConfigError, OutputError, StoreError
 
@@ -154,6 +154,19 @@ def clean_stale_tmp(directory: str | Path, *, recursive: bool = False) -> int:
     if removed:
         log.info("%s: removed %d temporary files left by an interrupted run", directory, removed)
     return removed
+
+
+def remove_tmp_files(directory: str | Path) -> int:
+    """Remove every ``.*.tmp`` file under ``directory`` (the caller holds its lock: all are left over)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    found = [p for p in directory.rglob(".*.tmp") if p.is_file()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    if found:
+        log.info("%s: removed %d temporary files left by an interrupted run", directory, len(found))
+    return len(found)
 
 
 # --- one tile run per store ------------------------------------------------------------------------

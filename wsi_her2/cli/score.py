@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
             continue
+        except OSError as exc:  # e.g. a full disk mid-run: one line, not a traceback
+            failed += 1
+            print(f"wsi-her2 score: error: {store}: {exc}", file=sys.stderr)
+            continue
         c = res.call
         note = " (already scored)" if res.skipped else ""
         print(f"{res.slide_id}: HER2 {c['her2_score']} (confidence {c['confidence']:.2f}, {args.agg}, "
