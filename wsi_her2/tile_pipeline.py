@@ -317,6 +317,8 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
         t0 = time.perf_counter()
         try:
             thumb, thumb_scale = read_thumbnail(reader, slide_mpp_um=mpp.mpp_um, thumb_mpp_um=config.thumb_mpp_um)
+        except SlideOpenError:
+            raise  # already one clear line (e.g. the memory budget)
         except Exception as exc:  # decoder errors from a damaged file: one clear line, not a traceback
             raise SlideOpenError(
                 f"{slide}: cannot read the slide's pixels ({type(exc).__name__}: {exc}); "
