@@ -42,7 +42,8 @@ def _run_limited(args, tmp_path):
         from wsi_her2.cli import main
         sys.exit(main({args!r}))
     """)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    return subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
 
 
 @pytest.mark.parametrize("command", ["info", "tile"])
@@ -93,7 +94,7 @@ def test_info_on_a_truncated_slide_is_one_line(graded_slide, tmp_path):
     data = graded_slide.read_bytes()
     broken = tmp_path / "broken.svs"
     broken.write_bytes(data[: int(len(data) * 0.6)])
-    proc = subprocess.run([sys.executable, "-m", "wsi_her2", "info", str(broken)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "wsi_her2", "info", str(broken)], check=False, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
