@@ -77,7 +77,7 @@ def test_store_is_self_describing(graded_store, graded_slide):
 
     res, store = graded_store
     meta = store.attrs
-    assert meta["complete"] is True and meta["schema_version"] == 1
+    assert meta["complete"] is True and meta["schema_version"] == 2
     assert meta["slide"]["sha256"] == hashlib.sha256(graded_slide.read_bytes()).hexdigest()
     assert meta["slide"]["mpp_source"].startswith("vendor:")
     assert meta["slide"]["reader"] in ("openslide", "tiffslide") and meta["slide"]["reader_version"]

@@ -50,3 +50,11 @@ class ModelNotFoundError(WsiHer2Error, KeyError):
 
 class DatasetError(WsiHer2Error, ValueError):
     """A training or evaluation dataset is empty, unreadable or mislabelled."""
+
+
+class OutputError(WsiHer2Error, OSError):
+    """An output path cannot be used: a file or a foreign directory is in the way, or it is not writable."""
+
+
+class StainError(WsiHer2Error, ValueError):
+    """The slide's colours do not fit the scorer (e.g. H&E given to the DAB IHC scorer)."""

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -469,14 +468,8 @@ def write_geojson(fc: dict, path: str | os.PathLike, *, gzip: bool = False) -> P
         # mtime=0 and no file name in the header: identical inputs give identical bytes.
         data = _gzip.compress(data, compresslevel=6, mtime=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an overlay is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from wsi_her2.outputs import atomic_write_bytes
+
+    atomic_write_bytes(path, data)  # temporary name + rename; the mode follows the umask like every output
     log.info("wrote %d features to %s (%.1f MB)", len(fc.get("features", [])), path, len(data) / 1e6)
     return path

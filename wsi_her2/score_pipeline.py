@@ -14,10 +14,10 @@ to the store unless ``out_dir`` is given::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +27,11 @@ import numpy as np
 
 from wsi_her2 import __version__
 from wsi_her2.errors import ConfigError, StoreError
+from wsi_her2.outputs import atomic_write_text, clean_stale_tmp, prepare_output_dir
 from wsi_her2.qc import reject_reason
+from wsi_her2.stain_check import check_stain_for_model
 from wsi_her2.store import PatchStore, open_store
+from wsi_her2.store_verify import verify_store
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class ScoreConfig:
     overwrite: bool = False
     progress: bool = False
     explain: str | None = None  # "gradcam" | "gradcam++": also write <id>.saliency.png and a saliency measurement
+    force: bool = False  # score even when the stain check says the slide is not DAB IHC
 
 
 @dataclass
@@ -115,21 +119,24 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
     t_start = time.perf_counter()
     store = open_store(store_path)
-    out = Path(out_dir) if out_dir else store.path.parent
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
+    clean_stale_tmp(out)  # temporary files of a killed run
     sid = store.slide_id
     json_path = out / f"{sid}.json"
     if json_path.exists() and not config.overwrite:
         done = json.loads(json_path.read_text())
         if done.get("model", {}).get("name") == _model_label(config) and done.get("aggregation") == config.agg:
             log.info("%s: already scored (use --overwrite to redo)", sid)
+            ensure_slides_csv_row(out / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
             return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
+    verify_store(store.path)  # a missing or damaged chunk is refused, never scored as black tiles
 
     tiling = store.attrs["tiling"]
     if model is None:
         model = load_scoring_model(config, store_mpp_um=float(tiling["effective_mpp_um"]))
     model_cfg = model.wsi_her2_config
     check_model_matches_store(model_cfg, store)
+    check_stain_for_model(store, model_cfg, force=config.force)  # H&E given to the DAB scorer is refused
     inf_cfg = InferenceConfig(
         batch_size=config.batch_size, device=config.device, tta=config.tta, compile=config.compile,
         loader_workers=config.loader_workers,
@@ -253,10 +260,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)  # the mode follows the umask, like every other output
 
 
 def _write_tiles_parquet(path: Path, store: PatchStore, calls, classes, reasons, measurements) -> Path:
@@ -325,14 +329,23 @@ def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
                 existing[r["slide"]] = r
     for r in rows:
         existing[str(r["slide"])] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".slides.csv.")
-    with os.fdopen(fd, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=SLIDES_CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for key in sorted(existing):
-            writer.writerow(existing[key])
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=SLIDES_CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for key in sorted(existing):
+        writer.writerow(existing[key])
+    atomic_write_text(path, text.getvalue())
     return path
+
+
+def ensure_slides_csv_row(path: Path, row: dict) -> None:
+    """Put ``row`` back into ``slides.csv`` if it is missing (a run killed after ``<id>.json``)."""
+    if path.exists():
+        with path.open(newline="") as fh:
+            if any(r.get("slide") == str(row["slide"]) for r in csv.DictReader(fh)):
+                return
+    log.info("%s: row of %s missing; restored from its result JSON", path, row["slide"])
+    upsert_slides_csv(path, [row])
 
 
 def find_stores(root: str | Path) -> list[Path]:

@@ -20,6 +20,11 @@ Layout of ``<slide-id>.zarr`` (a zarr v3 group)::
 Group attribute ``wsi_her2`` holds the schema version, the slide (path, SHA-256, reader and
 version, MPP and its source), the tiling geometry, QC thresholds and summary, codec, package
 version and timings. ``complete`` is set True last: a crashed run never looks complete.
+
+Schema 2 (this version) ends every chunk of every array in a CRC32C checksum and records the
+tiling ``settings_key``; schema 1 stores (no checksums) are still read, and
+:mod:`wsi_her2.store_verify` checks every chunk is present (zarr would silently read a missing
+chunk as its fill value) and, where the array has one, its checksum.
 """
 from __future__ import annotations
 
@@ -35,11 +40,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_her2.errors import StoreError
-from wsi_her2.store_codecs import JPEG_QUALITY, chunk_encoder, zarr_codecs  # importing it registers the JPEG codec
+from wsi_her2.outputs import check_store_slot
+from wsi_her2.store_codecs import (  # importing it registers the JPEG codec
+    JPEG_QUALITY,
+    chunk_encoder,
+    small_array_codecs,
+    zarr_codecs,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: no chunk checksums (verified for presence only)
+IMAGE_ARRAYS = ("thumbnail", "tissue_mask", "pen_mask")
 ATTR_KEY = "wsi_her2"
 PER_TILE_ARRAYS = {  # name -> (dtype, trailing shape)
     "coords_level0": ("int64", (2,)),
@@ -52,6 +65,8 @@ PER_TILE_ARRAYS = {  # name -> (dtype, trailing shape)
     "qc_flags": ("uint8", ()),
 }
 QC_ARRAYS = ("tissue_fraction", "laplacian_var", "sharpness", "pen_fraction", "qc_flags")
+ALL_ARRAYS = ("tiles", *PER_TILE_ARRAYS, "unit_done", *IMAGE_ARRAYS)  # what a complete store holds
+STORE_ENTRIES = frozenset(ALL_ARRAYS)
 
 
 class PatchStore:
@@ -75,7 +90,7 @@ class PatchStore:
             raise StoreError(f"{path}: unreadable patch store ({exc}); delete it and re-run `wsi-her2 tile`") from exc
         store = cls(path, group)
         meta = store.attrs
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") not in READABLE_SCHEMAS:
             raise StoreError(
                 f"{path}: store schema {meta.get('schema_version')!r}, this wsi-her2 reads {SCHEMA_VERSION}; "
                 "re-tile the slide with --overwrite"
@@ -102,6 +117,7 @@ class PatchStore:
         import zarr
 
         path = Path(path)
+        check_store_slot(path, known_entries=STORE_ENTRIES)  # a user's directory or file in the store's place is refused, never removed
         if path.exists():
             shutil.rmtree(path)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -120,13 +136,16 @@ class PatchStore:
         # Per-tile arrays are a few bytes per tile: one chunk each, written in bulk by the
         # tiler's coordinating thread (a chunk per work unit would mean thousands of tiny files).
         for name, (dtype, trailing) in PER_TILE_ARRAYS.items():
-            group.create_array(name, shape=(n_tiles, *trailing), chunks=(max(n_tiles, 1), *trailing), dtype=dtype, fill_value=0)
+            group.create_array(name, shape=(n_tiles, *trailing), chunks=(max(n_tiles, 1), *trailing), dtype=dtype,
+                               fill_value=0, **small_array_codecs())
         n_units = (n_tiles + chunk_tiles - 1) // chunk_tiles
-        group.create_array("unit_done", shape=(n_units,), chunks=(max(n_units, 1),), dtype="uint8", fill_value=0)
+        group.create_array("unit_done", shape=(n_units,), chunks=(max(n_units, 1),), dtype="uint8", fill_value=0,
+                           **small_array_codecs())
         for name, value in per_tile.items():
-            group[name][...] = value
+            _every_chunk(group[name])[...] = value
         for name, image in images.items():
-            group.create_array(name, data=np.ascontiguousarray(image), chunks=image.shape)
+            group.create_array(name, data=np.ascontiguousarray(image), chunks=image.shape, config=WRITE_EVERY_CHUNK,
+                               **small_array_codecs())
         meta = dict(attrs, schema_version=SCHEMA_VERSION, complete=False, chunk_tiles=chunk_tiles, codec=codec,
                     jpeg_quality=jpeg_quality if codec == "jpeg" else None)
         group.attrs[ATTR_KEY] = meta
@@ -168,7 +187,18 @@ class PatchStore:
         return self._group["tiles"]
 
     def array(self, name: str) -> NDArray:
-        return np.asarray(self._group[name][...])
+        try:
+            return np.asarray(self._group[name][...])
+        except Exception as exc:  # a missing or damaged array: one line naming the store and the fix
+            raise self.damaged(f"array {name!r} unreadable ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+    def damaged(self, problem: str) -> StoreError:
+        """The one-line error for a damaged store: what is wrong and the command that rebuilds it."""
+        slide = self.attrs.get("slide", {}).get("path") or "SLIDE"
+        return StoreError(
+            f"{self.path}: damaged patch store ({problem}); rebuild it with "
+            f"`wsi-her2 tile {slide} -o {self.path.parent} --overwrite`"
+        )
 
     # per-tile metadata is small (bytes per tile): load once and cache
     @cached_property
@@ -192,7 +222,10 @@ class PatchStore:
         return float(self.attrs["tiling"]["tile_size_level0"])
 
     def read_tiles(self, start: int, stop: int) -> NDArray[np.uint8]:
-        return np.asarray(self._group["tiles"][start:stop])
+        try:
+            return np.asarray(self._group["tiles"][start:stop])
+        except Exception as exc:  # checksum mismatch or undecodable chunk
+            raise self.damaged(f"tiles {start}-{stop - 1} unreadable ({type(exc).__name__}: {_first_line(exc)})") from exc
 
     def units_done(self) -> NDArray[np.bool_]:
         return self.array("unit_done").astype(bool)
@@ -207,8 +240,22 @@ class PatchStore:
     def write_qc(self, qc: dict[str, NDArray], units_done: NDArray[np.bool_]) -> None:
         """Write whole QC arrays (``QC_ARRAYS``), then ``unit_done``."""
         for name in QC_ARRAYS:
-            self._group[name][...] = qc[name]
-        self._group["unit_done"][...] = units_done.astype(np.uint8)
+            _every_chunk(self._group[name])[...] = qc[name]
+        _every_chunk(self._group["unit_done"])[...] = units_done.astype(np.uint8)
+
+
+# zarr skips (and deletes) a chunk equal to the fill value unless told otherwise; a store writes
+# every chunk so that a missing chunk file always means damage (wsi_her2.store_verify).
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+def _every_chunk(array: Any) -> Any:
+    return array.with_config(WRITE_EVERY_CHUNK)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 WRITE_PIECE_BYTES = 1 << 20
@@ -218,8 +265,8 @@ class TileChunkWriter:
     """Writes one work unit's tiles as the ``tiles`` array's chunk file, bypassing zarr's
     per-write machinery (which costs more than the compression itself at 64 tiles a chunk).
 
-    The bytes are what zarr writes for the chunk (same codec, same parameters, zarr's own
-    chunk key), written to a temporary name and renamed, so a killed run never leaves half a
+    The bytes are what zarr writes for the chunk (same codec, same parameters, the same CRC32C
+    appended, zarr's own chunk key; ``tests/test_store_integrity.py`` compares them), written to a temporary name and renamed, so a killed run never leaves half a
     chunk. ``tests/test_tile_stage.py`` reads them back through zarr.
     """
 

@@ -10,8 +10,12 @@ so it is never used. JPEG is also what a GPU decodes natively (nvJPEG).
 The JPEG codec is a zarr v3 array->bytes codec named ``wsi_her2.jpeg``: one baseline JPEG per
 chunk, the chunk's tiles stacked into one tall image (8x8 blocks never straddle two tiles when
 the tile size is a multiple of 8, so each tile decodes exactly as if it were encoded alone).
-Reading such a store needs this package imported (it registers the codec); lossless stores
-are plain zarr.
+Reading such a store needs ``wsi_her2.store_codecs`` imported (importing it registers the
+codec); lossless stores are plain zarr.
+
+Every chunk of every array ends in a CRC32C checksum (zarr v3's core ``crc32c`` codec, last in
+each array's pipeline): a truncated, overwritten or bit-flipped chunk fails to read instead of
+decoding into wrong pixels (``wsi_her2.store_verify`` checks a whole store).
 """
 from __future__ import annotations
 
@@ -108,19 +112,49 @@ def zarr_codecs(name: str, *, jpeg_quality: int = JPEG_QUALITY) -> dict[str, Any
     """``create_array`` keyword arguments (serializer / compressors) for tile codec ``name``."""
     import zarr
 
+    crc = zarr.codecs.Crc32cCodec()
     if name == "jpeg":
-        return {"serializer": JpegTileCodec(quality=check_jpeg_quality(jpeg_quality)), "compressors": None}
+        return {"serializer": JpegTileCodec(quality=check_jpeg_quality(jpeg_quality)), "compressors": [crc]}
     if name == "zstd":
-        return {"compressors": [zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)]}
+        return {"compressors": [zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), crc]}
     if name == "lz4":
-        return {"compressors": [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")]}
+        return {"compressors": [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), crc]}
     if name == "none":
-        return {"compressors": None}
+        return {"compressors": [crc]}
     raise ValueError(f"unknown tile codec {name!r}; choose {', '.join(TILE_CODECS)}")
 
 
+def small_array_codecs() -> dict[str, Any]:
+    """``create_array`` keyword arguments of the per-tile and image arrays: zarr's default zstd, then crc32c."""
+    import zarr
+
+    return {"compressors": [zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec()]}
+
+
+def crc32c_value(data: bytes) -> int:
+    import google_crc32c
+
+    return int(google_crc32c.value(data))
+
+
+def append_crc32c(data: bytes) -> bytes:
+    """What zarr's ``crc32c`` codec writes: the data, then its CRC32C as 4 little-endian bytes."""
+    return bytes(data) + crc32c_value(data).to_bytes(4, "little")
+
+
+def crc32c_ok(chunk: bytes) -> bool:
+    """True when a chunk file's trailing 4 bytes are the CRC32C of the rest."""
+    return len(chunk) >= 4 and crc32c_value(chunk[:-4]) == int.from_bytes(chunk[-4:], "little")
+
+
 def chunk_encoder(name: str, *, jpeg_quality: int = JPEG_QUALITY):
-    """``(chunk_tiles, h, w, 3)`` uint8 array -> the bytes zarr writes for that chunk with codec ``name``."""
+    """``(chunk_tiles, h, w, 3)`` uint8 array -> the bytes zarr writes for that chunk with codec ``name``
+    (the codec's bytes followed by their CRC32C)."""
+    encode = _codec_encoder(name, jpeg_quality=jpeg_quality)
+    return lambda tiles: append_crc32c(encode(tiles))
+
+
+def _codec_encoder(name: str, *, jpeg_quality: int = JPEG_QUALITY):
     import numcodecs
 
     if name == "jpeg":

@@ -25,12 +25,13 @@ import numpy as np
 
 from wsi_her2 import __version__
 from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError
+from wsi_her2.outputs import check_store_slot, prepare_output_dir, remove_tmp_files, store_lock
 from wsi_her2.pixels import read_thumbnail, read_tiles
 from wsi_her2.qc import QC_FLAGS, QcParams, TileQc, slide_qc_summary, tile_qc
 from wsi_her2.qc_picture import render_qc_picture, save_qc_picture
 from wsi_her2.slide import open_slide
 from wsi_her2.slide.mpp import read_mpp_csv, resolve_mpp
-from wsi_her2.store import QC_ARRAYS, PatchStore, TileChunkWriter
+from wsi_her2.store import QC_ARRAYS, STORE_ENTRIES, PatchStore, TileChunkWriter
 from wsi_her2.store_codecs import DEFAULT_TILE_CODEC, JPEG_MAX_SIDE_PX, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
 from wsi_her2.tiling import TileGeometry, choose_geometry, mask_coverage, plan_tiles
 from wsi_her2.tissue import THUMB_MPP_UM, TissueParams, detect_tissue
@@ -239,19 +240,60 @@ def tile_slide(slide: str | Path, out_dir: str | Path, *, config: TileConfig | N
     config = _fit_chunks_to_codec(config)
     t_start = time.perf_counter()
     slide = Path(slide)
-    out_dir = Path(out_dir)
+    out_dir = prepare_output_dir(out_dir)
     store_path = store_path_for(slide, out_dir)
-    if store_path.exists() and not config.overwrite:
-        try:
-            done = PatchStore.open(store_path, require_complete=False)
-            meta = done.attrs
-            if meta.get("complete"):
-                log.info("%s: complete store exists, skipping (use --overwrite to redo)", store_path)
-                qc_summary = meta.get("qc", {}).get("summary", {})
-                return TileResult(slide, store_path, "skipped", done.n_tiles, int(qc_summary.get("n_passed", 0)), 0.0)
-        except StoreError:
-            pass  # unreadable leftovers: rebuilt below
+    check_store_slot(store_path, known_entries=STORE_ENTRIES)  # a user's file or directory is never touched
+    with store_lock(store_path):  # one run per store: a second one exits with a clear line
+        remove_tmp_files(store_path)  # chunks a killed run was writing (we hold the lock: nobody else is)
+        done = _complete_store_to_skip(slide, store_path, config)
+        if done is not None:
+            qc_summary = done.attrs.get("qc", {}).get("summary", {})
+            return TileResult(slide, store_path, "skipped", done.n_tiles, int(qc_summary.get("n_passed", 0)), 0.0)
+        return _tile_into(slide, out_dir, store_path, config, t_start)
 
+
+def settings_key(config: TileConfig) -> str:
+    """Fingerprint of every setting that changes a store's content (recorded; a complete store must match it)."""
+    relevant = {
+        "target_mpp_um": config.target_mpp_um, "tile_px": config.tile_px, "stride_px": config.stride_px,
+        "slide_mpp_um": config.slide_mpp_um, "mpp_csv": str(Path(config.mpp_csv).resolve()) if config.mpp_csv else None,
+        "chunk_tiles": config.chunk_tiles, "block_tiles": config.block_tiles, "codec": config.codec,
+        "jpeg_quality": config.jpeg_quality if config.codec == "jpeg" else None, "thumb_mpp_um": config.thumb_mpp_um,
+        "min_mask_fraction": config.min_mask_fraction, "mpp_tolerance": config.mpp_tolerance,
+        "tissue": config.tissue.to_dict(), "qc": config.qc.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _complete_store_to_skip(slide: Path, store_path: Path, config: TileConfig) -> PatchStore | None:
+    """The complete store to keep as it is; ``None`` to (re)tile; an error when it was made from another slide
+    file or with other settings (never silently reused)."""
+    if config.overwrite or not store_path.exists():
+        return None
+    try:
+        done = PatchStore.open(store_path, require_complete=False)
+    except StoreError:
+        return None  # unreadable leftovers of our own: rebuilt
+    meta = done.attrs
+    if not meta.get("complete"):
+        return None  # resumed (or restarted if the slide or settings changed)
+    fix = "use --overwrite to redo it, or a different -o"
+    if meta.get("settings_key") is None:
+        raise StoreError(f"{store_path}: complete store from an older wsi-her2 (schema {meta.get('schema_version')}) "
+                         f"whose settings are not recorded; {fix}")
+    if meta["settings_key"] != settings_key(config):
+        raise StoreError(f"{store_path}: complete store made with other tiling settings ({meta.get('command', '?')}); {fix}")
+    recorded = meta.get("slide", {})
+    st = slide.stat()
+    same_file = (recorded.get("path"), recorded.get("size_bytes"), recorded.get("mtime_ns")) == (
+        str(slide.resolve()), st.st_size, st.st_mtime_ns)
+    if not same_file and recorded.get("sha256") != sha256_file(slide):
+        raise StoreError(f"{store_path}: complete store made from another slide file ({recorded.get('path')}); {fix}")
+    log.info("%s: complete store exists, skipping (use --overwrite to redo)", store_path)
+    return done
+
+
+def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig, t_start: float) -> TileResult:
     reader = open_slide(slide, backend=config.backend)
     with reader:
         table = read_mpp_csv(config.mpp_csv) if config.mpp_csv else None
@@ -277,6 +319,8 @@ def tile_slide(slide: str | Path, out_dir: str | Path, *, config: TileConfig | N
         t0 = time.perf_counter()
         try:
             thumb, thumb_scale = read_thumbnail(reader, slide_mpp_um=mpp.mpp_um, thumb_mpp_um=config.thumb_mpp_um)
+        except SlideOpenError:
+            raise  # already one clear line (e.g. the memory budget)
         except Exception as exc:  # decoder errors from a damaged file: one clear line, not a traceback
             raise SlideOpenError(
                 f"{slide}: cannot read the slide's pixels ({type(exc).__name__}: {exc}); "
@@ -341,11 +385,13 @@ def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, p
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "plan_fingerprint": fingerprint,
+        "settings_key": settings_key(config),
         "slide": {
             "id": slide_id_for(slide),
             "path": str(Path(slide).resolve()),
             "sha256": slide_sha,
             "size_bytes": Path(slide).stat().st_size,
+            "mtime_ns": Path(slide).stat().st_mtime_ns,
             "reader": reader.backend,
             "reader_version": reader.backend_version,
             "vendor": reader.vendor,

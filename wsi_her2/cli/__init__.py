@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "info",
     "tile",
     "score",
+    "verify",
     "models",
     "run",
     "status",

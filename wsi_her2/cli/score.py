@@ -32,6 +32,8 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gz", action="store_true", help="write .geojson.gz instead of .geojson")
     g.add_argument("--explain", nargs="?", const="gradcam++", choices=("gradcam", "gradcam++"), default=None,
                    help="also write a Grad-CAM(++) saliency overlay and a per-tile saliency measurement (trained models)")
+    g.add_argument("--force", action="store_true",
+                   help="score with ihc_dab even when the stain check says the slide is not DAB IHC (e.g. H&E)")
 
 
 def score_config_from_args(args: argparse.Namespace, *, progress: bool):
@@ -40,7 +42,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
     return ScoreConfig(
         model=args.model, weights=args.weights, agg=args.agg, batch_size=args.batch_size, device=args.device,
         tta=args.tta, compile=args.compile, min_tiles=args.min_tiles, geojson_gz=args.gz, explain=args.explain,
-        overwrite=getattr(args, "overwrite", False), progress=progress,
+        overwrite=getattr(args, "overwrite", False), progress=progress, force=getattr(args, "force", False),
     )
 
 
@@ -64,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         except WsiHer2Error as exc:
             failed += 1
             print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
+            continue
+        except OSError as exc:  # e.g. a full disk mid-run: one line, not a traceback
+            failed += 1
+            print(f"wsi-her2 score: error: {store}: {exc}", file=sys.stderr)
             continue
         c = res.call
         note = " (already scored)" if res.skipped else ""

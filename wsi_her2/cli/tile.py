@@ -22,12 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import ConfigError, WsiHer2Error
-    from wsi_her2.tile_pipeline import default_workers, tile_slide
+    from wsi_her2.outputs import check_unique_slide_ids
+    from wsi_her2.tile_pipeline import default_workers, slide_id_for, tile_slide
 
     workers = args.workers or default_workers()
     try:  # a bad option is one error, not one per slide
         config = tile_config_from_args(args, workers=workers, progress=not args.quiet and sys.stderr.isatty())
         config.validate()
+        check_unique_slide_ids(args.slides, slide_id_for)  # two slides may not share one store
     except ConfigError as exc:
         print(f"wsi-her2 tile: error: {exc}", file=sys.stderr)
         return 2
@@ -38,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
         except WsiHer2Error as exc:
             failed += 1
             print(f"wsi-her2 tile: error: {exc}", file=sys.stderr)
+            continue
+        except OSError as exc:  # e.g. a full disk mid-run: one line, not a traceback
+            failed += 1
+            print(f"wsi-her2 tile: error: {slide}: {exc}", file=sys.stderr)
             continue
         rate = res.n_tiles / res.seconds if res.seconds > 0 else 0.0
         extra = "" if res.status == "skipped" else f" in {res.seconds:.1f} s ({rate:.0f} tiles/s)"
