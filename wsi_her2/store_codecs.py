@@ -10,8 +10,8 @@ so it is never used. JPEG is also what a GPU decodes natively (nvJPEG).
 The JPEG codec is a zarr v3 array->bytes codec named ``wsi_her2.jpeg``: one baseline JPEG per
 chunk, the chunk's tiles stacked into one tall image (8x8 blocks never straddle two tiles when
 the tile size is a multiple of 8, so each tile decodes exactly as if it were encoded alone).
-Reading such a store needs this package imported (it registers the codec); lossless stores
-are plain zarr.
+zarr finds the codec through the ``zarr.codecs`` entry point (pyproject.toml), so plain zarr
+reads such a store with the package installed, imported or not; lossless stores are plain zarr.
 """
 from __future__ import annotations
 
