@@ -50,3 +50,7 @@ class ModelNotFoundError(WsiHer2Error, KeyError):
 
 class DatasetError(WsiHer2Error, ValueError):
     """A training or evaluation dataset is empty, unreadable or mislabelled."""
+
+
+class MissingDependencyError(WsiHer2Error, ImportError):
+    """An optional package that this feature needs is not installed (the message names the extra)."""
