@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -31,8 +30,8 @@ def test_run_without_dask_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
     code = main(["run", str(tmp_path), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == ["wsi-her2 run: error: wsi-her2 run needs the optional package 'dask[distributed]', which is not "
-                   "installed; install it with: pip install 'wsi-her2[cohort]'"]
+    assert err == [("wsi-her2 run: error: wsi-her2 run needs the optional package 'dask[distributed]', which is not "
+                    "installed; install it with: pip install 'wsi-her2[cohort]'")]
 
 
 def test_extras_in_pyproject_match_the_table():

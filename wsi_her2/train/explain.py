@@ -379,7 +379,7 @@ def save_slide_heatmap_png(
     if thumbnail_rgb is None:
         from wsi_her2.optional import require
 
-    matplotlib = require("matplotlib", purpose="saliency pictures")
+        matplotlib = require("matplotlib", purpose="saliency pictures")
 
         rgb = (matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255).astype(np.uint8)
         rgb[np.isnan(canvas)] = 255
