@@ -318,8 +318,9 @@ def write_measure_heatmap(path: str | os.PathLike, *, thumbnail: ArrayLike, thum
                           slide_call: Mapping, slide_id: str) -> Path:
     """A continuous map of one tile measurement (e.g. ``p_3+``, ``her2_index``) with a colour bar."""
     thumb, scale = display_thumbnail(thumbnail, thumb_px_per_level0_px)
+    fixed = (0.0, 1.0) if measure.startswith("p_") else (None, None)  # probabilities: the honest 0-1 scale
     image, lo, hi = render_measure_map(thumb, thumb_px_per_level0_px=scale, coords_level0=coords_level0,
-                                       tile_size_level0=tile_size_level0, values=values)
+                                       tile_size_level0=tile_size_level0, values=values, vmin=fixed[0], vmax=fixed[1])
     n_missing = int((~np.isfinite(np.asarray(values, dtype=np.float64))).sum())
     legend = {f"{QC_REJECTED} / no value: {n_missing} tiles": class_color(QC_REJECTED)}
     title = f"{call_title(slide_id, slide_call)}; map of {measure}"
