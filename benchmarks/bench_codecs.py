@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
-DATA_DIR = Path("/work/bench-data")
+DATA_DIR = Path(os.environ.get("WSI_HER2_BENCH_DIR", REPO / "bench-out"))  # or --data-dir
 CHUNK_TILES = 64  # TileConfig.chunk_tiles: the store compresses 64 tiles per chunk
 
 if str(REPO) not in sys.path:

@@ -7,7 +7,7 @@ tiles, 0.5 µm/px; generated once and cached outside the repository):
    straight from the file, with the same number of processes as the tiler;
 2. ``wsi-her2 tile`` end to end (224 px tiles at 0.5 µm/px over tissue, QC, zarr store) with
    1 and 2 worker processes, in a fresh interpreter, peak RSS of its process tree;
-3. peer tilers from PyPI, each in its own virtual environment (``/work/peer-venvs/<name>``),
+3. peer tilers from PyPI, each in its own virtual environment (``$WSI_HER2_PEER_VENVS/<name>``, default ``bench-out/peer-venvs``),
    producing the same tiles (224 px at 0.5 µm/px over tissue), same processes where possible;
 4. when wsi-her2 is below the target fraction of the ceiling, where its time goes (stage by
    stage, in one process).
@@ -41,11 +41,12 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
-PEER_VENVS = Path("/work/peer-venvs")
-DATA_DIR = Path("/work/bench-data")
+# Machine-specific places come from the environment (or --data-dir), never from the code.
+DATA_DIR = Path(os.environ.get("WSI_HER2_BENCH_DIR", REPO / "bench-out"))
+PEER_VENVS = Path(os.environ.get("WSI_HER2_PEER_VENVS", DATA_DIR / "peer-venvs"))
 TARGET_FRACTION_OF_CEILING = 0.6
 PEER_MAX_PROCESSES = {"histolab": 1}  # peers without a parallel path run once, at 1 process
-PEERS = {  # name -> runner script (run with /work/peer-venvs/<name>/bin/python)
+PEERS = {  # name -> runner script (run with $WSI_HER2_PEER_VENVS/<name>/bin/python)
     "lazyslide": "run_lazyslide.py",
     "wsinfer": "run_wsinfer.py",
     "histolab": "run_histolab.py",

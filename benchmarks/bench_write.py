@@ -5,7 +5,7 @@ content per file, as the tiler does) into a fresh folder, alternating the two wa
 reports the system CPU seconds spent in ``write()`` per GB and the ratio. The folder is emptied
 and ``sync``-ed before each pass so one pass's write-back does not land in the next.
 
-    python benchmarks/bench_write.py [--dir /work/bench-data/write] [--chunks 200]
+    python benchmarks/bench_write.py [--dir bench-out/write] [--chunks 200]
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def write_pass(folder: Path, chunks: int, *, piece: int | None) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", type=Path, default=Path("/work/bench-data/write"))
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("WSI_HER2_BENCH_DIR", "bench-out")) / "write")
     parser.add_argument("--chunks", type=int, default=200)
     args = parser.parse_args(argv)
     gb = args.chunks * 64 * 224 * 224 * 3 / 1e9

@@ -131,27 +131,92 @@ def test_png_is_readable_with_title_and_legend(tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG"
         png = np.asarray(im.convert("RGB"))
-    assert png.shape[1] == max(200, 240)
-    assert png.shape[0] > 100  # title bar and legend strip added
-    # the heatmap sits unchanged below the title bar: find it by its planted tile
+    zoom = 5  # 200 px wide -> 1000 px: nearest neighbour, integer factor
+    assert png.shape[1] == 200 * zoom
+    # the heatmap sits below the title bar, each pixel a sharp 5 x 5 square: find it by its planted tile
     title_h = next(r for r in range(png.shape[0]) if (png[r, 0:16] == CLASS_COLORS["HER2 0"]).all())
     assert title_h > 0
-    assert (png[title_h : title_h + 100, :200] == out).all()
+    big = np.repeat(np.repeat(out, zoom, 0), zoom, 1)
+    assert (png[title_h : title_h + 100 * zoom, : 200 * zoom] == big).all()
     # every legend colour appears as a swatch in the strip below the heatmap
-    strip = png[title_h + 100 :].reshape(-1, 3)
+    strip = png[title_h + 100 * zoom :].reshape(-1, 3)
     for rgb in legend.values():
         assert (strip == np.array(rgb)).all(axis=1).any(), rgb
     # the title bar holds dark text pixels
     assert (png[:title_h] < 100).all(axis=2).any()
 
 
-def test_png_without_title_or_legend_is_the_image(tmp_path):
+def test_png_without_title_or_legend_is_the_image_enlarged(tmp_path):
     img = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
     path = save_heatmap_png(img, tmp_path / "plain.png")
     with Image.open(path) as im:
-        assert (np.asarray(im.convert("RGB")) == img).all()
+        assert (np.asarray(im.convert("RGB")) == np.repeat(np.repeat(img, 3, 0), 3, 1)).all()
+    big = np.zeros((1200, 900, 3), np.uint8)
+    with Image.open(save_heatmap_png(big, tmp_path / "big.png")) as im:
+        assert im.size == (900, 1200)  # already readable: left as is
     with pytest.raises(ConfigError):
         save_heatmap_png(img, tmp_path / "plain.jpg")
+
+
+def _text_rows(png: np.ndarray) -> np.ndarray:
+    return (png < 100).all(axis=2).any(axis=1)
+
+
+def test_tiny_core_heatmap_is_readable_and_its_long_title_is_never_cut(tmp_path):
+    """Regression: a 1.4 mm core came out 240 px wide with its title cut off."""
+    from wsi_her2.heatmap import write_call_heatmap
+
+    thumb = np.full((60, 40, 3), 230, np.uint8)  # a core at 8 µm/px, portrait
+    coords = np.array([[x, y] for y in range(0, 900, 224) for x in range(0, 600, 224)])
+    calls = np.arange(len(coords)) % 5 - 1
+    call = {"her2_score": "2+", "method": "asco", "confidence": 0.87, "n_tiles_used": 9,
+            "class_fractions": {"0": 0.111, "1+": 0.222, "2+": 0.333, "3+": 0.334}}
+    sid = "TMA-block-7_core-B12_with-a-very-long-identifier-from-the-scanner-0123456789"
+    path = write_call_heatmap(tmp_path / "core.png", thumbnail=thumb, thumb_px_per_level0_px=1 / 16,
+                              coords_level0=coords, tile_size_level0=224, calls=calls, class_names=CLASSES,
+                              slide_call=call, slide_id=sid)
+    with Image.open(path) as im:
+        png = np.asarray(im.convert("RGB"))
+    assert max(png.shape[:2]) >= 1000
+    # long title wrapped onto several text lines above the picture, all inside the canvas
+    first_picture_row = next(r for r in range(png.shape[0]) if not (png[r] == 255).all(axis=1).any())
+    rows = _text_rows(png[:first_picture_row])
+    lines = np.count_nonzero(np.diff(rows.astype(int)) == 1) + int(rows[0])
+    assert lines >= 2
+    assert not (png[:, -2:] < 100).all(axis=2).any()  # no text runs into the right edge
+
+
+def test_call_legend_holds_the_class_fractions():
+    from wsi_her2.heatmap import call_legend
+
+    legend = call_legend(CLASSES, slide_call={"class_fractions": {"0": 0.5, "1+": 0.25, "2+": 0.25, "3+": 0.0}},
+                         n_rejected=7)
+    assert list(legend) == ["HER2 0: 50 % of tiles", "HER2 1+: 25 % of tiles", "HER2 2+: 25 % of tiles",
+                            "HER2 3+: 0 % of tiles", "QC rejected: 7 tiles"]
+
+
+def test_measure_map_colours_follow_the_values_and_gets_a_colour_bar(tmp_path):
+    from wsi_her2.heatmap import render_measure_map, write_measure_heatmap
+    from wsi_her2.picture_layout import viridis_lut
+
+    coords = [[0, 0], [256, 0], [512, 0], [768, 0]]
+    values = np.array([0.0, 0.5, 1.0, np.nan])
+    out, lo, hi = render_measure_map(white(), thumb_px_per_level0_px=SCALE, coords_level0=coords,
+                                     tile_size_level0=256, values=values, vmin=0, vmax=1, alpha=1.0)
+    lut = viridis_lut()
+    assert (lo, hi) == (0.0, 1.0)
+    assert (out[0:16, 0:16] == lut[0]).all() and (out[0:16, 32:48] == lut[255]).all()
+    assert (out[0:16, 16:32] == lut[128]).all()
+    missing = out[0:16, 48:64].reshape(-1, 3)  # NaN: hatched grey, never a colour of the scale
+    assert ((missing == CLASS_COLORS[QC_REJECTED]).all(1) | (missing == WHITE).all(1)).all()
+    path = write_measure_heatmap(tmp_path / "m.png", thumbnail=white(), thumb_px_per_level0_px=SCALE,
+                                 coords_level0=np.array(coords), tile_size_level0=256, values=values, measure="p_3+",
+                                 slide_call={"her2_score": "0", "method": "asco", "confidence": 1.0}, slide_id="s")
+    with Image.open(path) as im:
+        png = np.asarray(im.convert("RGB"))
+    assert png.shape[1] >= 1000
+    bar = png[-60:].reshape(-1, 3)  # the colour bar at the bottom holds both ends of the scale
+    assert (np.abs(bar.astype(int) - lut[0]).sum(1) < 10).any() and (np.abs(bar.astype(int) - lut[255]).sum(1) < 10).any()
 
 
 def test_on_a_real_slide_thumbnail(tmp_path):

@@ -58,3 +58,7 @@ class OutputError(WsiHer2Error, OSError):
 
 class StainError(WsiHer2Error, ValueError):
     """The slide's colours do not fit the scorer (e.g. H&E given to the DAB IHC scorer)."""
+
+
+class MissingDependencyError(WsiHer2Error, ImportError):
+    """An optional package that this feature needs is not installed (the message names the extra)."""

@@ -14,23 +14,30 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from wsi_her2.errors import ConfigError
 from wsi_her2.geojson import QC_REJECTED, class_color, qupath_class_name
+from wsi_her2.picture_layout import (
+    MIN_LONG_SIDE_PX,
+    colorbar_strip,
+    compose,
+    display_zoom,
+    font_px_for,
+    upsample_nearest,
+    viridis_lut,
+)
 
 log = logging.getLogger(__name__)
 
 _EMPTY = -2  # label of pixels no tile covers
 _REJECTED = -1
 _HATCH_PERIOD_PX = 6  # one grey diagonal every 6 px: visible at thumbnail scale, see-through
-_PAD_PX = 6
-_SWATCH_PX = 14
 
 
 def default_legend(
@@ -156,26 +163,80 @@ def render_heatmap(
     return out
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1 has no size argument
-        return ImageFont.load_default()
+def call_legend(
+    class_names: Sequence[str],
+    *,
+    slide_call: Mapping | None = None,
+    n_rejected: int | None = None,
+    colors: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, tuple[int, int, int]]:
+    """Legend with the share of scored tiles per class (``"HER2 2+: 59 % of tiles"``) and the rejected count."""
+    fractions = (slide_call or {}).get("class_fractions", {}) or {}
+    legend: dict[str, tuple[int, int, int]] = {}
+    for c in class_names:
+        label = _display_name(c)
+        if c in fractions:
+            label = f"{label}: {100 * float(fractions[c]):.0f} % of tiles"
+        legend[label] = _colour_of(c, colors)
+    rejected = QC_REJECTED if n_rejected is None else f"{QC_REJECTED}: {int(n_rejected)} tiles"
+    legend[rejected] = _colour_of(QC_REJECTED, colors)
+    return legend
 
 
-def _legend_rows(
-    entries: list[tuple[str, tuple[int, int, int]]], width: int, draw: ImageDraw.ImageDraw, font
-) -> list[list[tuple[str, tuple[int, int, int], int]]]:
-    rows: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
-    x = _PAD_PX
-    for label, rgb in entries:
-        item_w = _SWATCH_PX + 4 + int(np.ceil(draw.textlength(label, font=font))) + 2 * _PAD_PX
-        if rows[-1] and x + item_w > width:
-            rows.append([])
-            x = _PAD_PX
-        rows[-1].append((label, rgb, x))
-        x += item_w
-    return rows
+def call_title(slide_id: str, slide_call: Mapping, *, what: str = "") -> str:
+    """``"<id>: call HER2 2+ (asco, confidence 0.93, 120 tiles)"``."""
+    n = slide_call.get("n_tiles_used")
+    tiles = f", {n} tiles" if n is not None else ""
+    return (f"{slide_id}{what}: call HER2 {slide_call['her2_score']} ({slide_call.get('method', '')}, "
+            f"confidence {float(slide_call.get('confidence', 0.0)):.2f}{tiles})")
+
+
+def render_measure_map(
+    thumbnail: ArrayLike,
+    *,
+    thumb_px_per_level0_px: float,
+    coords_level0: ArrayLike,
+    tile_size_level0: float,
+    values: ArrayLike,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.75,
+    thumb_origin_level0: tuple[float, float] = (0.0, 0.0),
+) -> tuple[NDArray[np.uint8], float, float]:
+    """Paint a continuous per-tile measurement (viridis) over a thumbnail.
+
+    Tiles whose value is NaN (rejected, not scored) are hatched grey as in :func:`render_heatmap`.
+    ``vmin``/``vmax`` default to the 1st/99th percentile of the finite values. Returns the
+    image and the ``(vmin, vmax)`` used, for the colour bar.
+    """
+    img = np.asarray(thumbnail)
+    if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype != np.uint8:
+        raise ConfigError(f"thumbnail must be an (h, w, 3) uint8 RGB array, got {img.shape} {img.dtype}")
+    img = img[..., :3]
+    h, w = img.shape[:2]
+    xy = np.asarray(coords_level0, dtype=np.float64).reshape(-1, 2)
+    vals = np.asarray(values, dtype=np.float64).reshape(-1)
+    if vals.shape[0] != xy.shape[0]:
+        raise ConfigError(f"values has {vals.shape[0]} entries for {xy.shape[0]} tiles")
+    finite = vals[np.isfinite(vals)]
+    lo = float(vmin) if vmin is not None else (float(np.percentile(finite, 1)) if finite.size else 0.0)
+    hi = float(vmax) if vmax is not None else (float(np.percentile(finite, 99)) if finite.size else 1.0)
+    if not hi > lo:
+        hi = lo + 1e-6
+    rects = _tile_rects(xy, float(tile_size_level0), float(thumb_px_per_level0_px),
+                        np.asarray(thumb_origin_level0, dtype=np.float64), h, w)
+    level = np.full((h, w), -1, dtype=np.int16)  # -1: no tile; -2: tile without a value
+    codes = np.where(np.isfinite(vals), np.clip(np.round((vals - lo) / (hi - lo) * 255), 0, 255), -2).astype(np.int16)
+    order = np.argsort(codes >= 0, kind="stable")  # tiles with values drawn last, on top
+    for (x0, y0, x1, y1), c in zip(rects[order].tolist(), codes[order].tolist()):
+        level[y0:y1, x0:x1] = c
+    out = img.copy()
+    has = level >= 0
+    lut = viridis_lut().astype(np.float32)
+    out[has] = np.clip(np.round((1 - alpha) * img[has] + alpha * lut[level[has]]), 0, 255).astype(np.uint8)
+    diagonal = (np.arange(h)[:, None] + np.arange(w)[None, :]) % _HATCH_PERIOD_PX == 0
+    out[(level == -2) & diagonal] = np.array(class_color(QC_REJECTED), np.uint8)
+    return out, lo, hi
 
 
 def save_heatmap_png(
@@ -184,20 +245,26 @@ def save_heatmap_png(
     *,
     title: str | None = None,
     legend: Mapping[str, Sequence[int]] | None = None,
+    colorbar: Mapping | None = None,
+    min_long_side_px: int = MIN_LONG_SIDE_PX,
 ) -> Path:
-    """Save a rendered heatmap as PNG, with an optional title bar and legend strip.
+    """Save a rendered heatmap as PNG, at least ``min_long_side_px`` on the long side, with title and legend.
 
     Parameters
     ----------
     image
-        ``(h, w, 3)`` uint8, typically from :func:`render_heatmap`.
+        ``(h, w, 3)`` uint8, typically from :func:`render_heatmap` or :func:`render_measure_map`.
+        Enlarged by an integer factor, nearest neighbour (no blur), until its long side is at
+        least ``min_long_side_px``.
     path
         Output ``.png`` path (parent folders are created).
     title
-        Text above the image, e.g. ``"slide-1: HER2 2+ (asco, confidence 0.93)"``.
+        Text above the image, wrapped to its width (never cut).
     legend
-        Label -> RGB, drawn as swatches below the image (wrapped onto several rows when
-        needed); :func:`default_legend` gives the usual one.
+        Label -> RGB, drawn as swatches below the image, wrapped onto several rows as needed;
+        :func:`call_legend` gives the usual one.
+    colorbar
+        ``{"label", "vmin", "vmax"}``: a viridis colour bar below the legend (continuous maps).
 
     Returns
     -------
@@ -210,28 +277,52 @@ def save_heatmap_png(
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"{path} must end in .png")
-    h, w = arr.shape[:2]
-    font = _font()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = max(_SWATCH_PX, int(np.ceil(probe.textbbox((0, 0), "Hg+", font=font)[3]))) + _PAD_PX
-    # Narrow thumbnails still get a readable legend and title.
-    canvas_w = max(w, 240)
-    title_h = line_h + _PAD_PX if title else 0
-    rows = _legend_rows(list((str(k), tuple(int(c) for c in v)) for k, v in (legend or {}).items()),
-                        canvas_w, probe, font) if legend else []
-    legend_h = len(rows) * line_h + _PAD_PX if rows else 0
-
-    canvas = Image.new("RGB", (canvas_w, title_h + h + legend_h), (255, 255, 255))
-    canvas.paste(Image.fromarray(arr, mode="RGB"), (0, title_h))
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((_PAD_PX, _PAD_PX // 2 + 1), title, fill=(0, 0, 0), font=font)
-    for r, row in enumerate(rows):
-        y = title_h + h + _PAD_PX // 2 + r * line_h
-        for label, rgb, x in row:
-            draw.rectangle([x, y, x + _SWATCH_PX - 1, y + _SWATCH_PX - 1], fill=rgb, outline=(0, 0, 0))
-            draw.text((x + _SWATCH_PX + 4, y), label, fill=(0, 0, 0), font=font)
+    big = upsample_nearest(arr, display_zoom(*arr.shape[:2], min_long_side_px=min_long_side_px))
+    picture = Image.fromarray(np.ascontiguousarray(big), mode="RGB")
+    below = None
+    if colorbar:
+        below = colorbar_strip(picture.width, vmin=float(colorbar["vmin"]), vmax=float(colorbar["vmax"]),
+                               label=str(colorbar["label"]), lut=viridis_lut(), font_px=font_px_for(picture.width))
+    entries = [(str(k), tuple(int(c) for c in v)) for k, v in (legend or {}).items()]
+    canvas = compose(picture, title=title, legend=entries, below=below)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     log.info("wrote heatmap %s (%d x %d px)", path, canvas.width, canvas.height)
     return path
+
+
+def display_thumbnail(thumbnail: ArrayLike, thumb_px_per_level0_px: float) -> tuple[NDArray[np.uint8], float]:
+    """The thumbnail enlarged (nearest neighbour) to a readable size, and its new px per level-0 px.
+
+    Painting tiles on the enlarged thumbnail keeps tile edges sharp at the picture's scale.
+    """
+    thumb = np.asarray(thumbnail)[..., :3]
+    zoom = display_zoom(*thumb.shape[:2])
+    return upsample_nearest(thumb, zoom), float(thumb_px_per_level0_px) * zoom
+
+
+def write_call_heatmap(path: str | os.PathLike, *, thumbnail: ArrayLike, thumb_px_per_level0_px: float,
+                       coords_level0: ArrayLike, tile_size_level0: float, calls: ArrayLike,
+                       class_names: Sequence[str], slide_call: Mapping, slide_id: str) -> Path:
+    """The tile-call heatmap of one slide: readable size, call in the title, class fractions in the legend."""
+    thumb, scale = display_thumbnail(thumbnail, thumb_px_per_level0_px)
+    image = render_heatmap(thumb, thumb_px_per_level0_px=scale, coords_level0=coords_level0,
+                           tile_size_level0=tile_size_level0, calls=calls, class_names=class_names)
+    n_rejected = int((np.asarray(calls) < 0).sum())
+    legend = call_legend(class_names, slide_call=slide_call, n_rejected=n_rejected)
+    return save_heatmap_png(image, path, title=call_title(slide_id, slide_call), legend=legend)
+
+
+def write_measure_heatmap(path: str | os.PathLike, *, thumbnail: ArrayLike, thumb_px_per_level0_px: float,
+                          coords_level0: ArrayLike, tile_size_level0: float, values: ArrayLike, measure: str,
+                          slide_call: Mapping, slide_id: str) -> Path:
+    """A continuous map of one tile measurement (e.g. ``p_3+``, ``her2_index``) with a colour bar."""
+    thumb, scale = display_thumbnail(thumbnail, thumb_px_per_level0_px)
+    fixed = (0.0, 1.0) if measure.startswith("p_") else (None, None)  # probabilities: the honest 0-1 scale
+    image, lo, hi = render_measure_map(thumb, thumb_px_per_level0_px=scale, coords_level0=coords_level0,
+                                       tile_size_level0=tile_size_level0, values=values, vmin=fixed[0], vmax=fixed[1])
+    n_missing = int((~np.isfinite(np.asarray(values, dtype=np.float64))).sum())
+    legend = {f"{QC_REJECTED} / no value: {n_missing} tiles": class_color(QC_REJECTED)}
+    title = f"{call_title(slide_id, slide_call)}; map of {measure}"
+    return save_heatmap_png(image, path, title=title, legend=legend,
+                            colorbar={"label": f"{measure} per tile", "vmin": lo, "vmax": hi})

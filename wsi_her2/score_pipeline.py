@@ -59,6 +59,10 @@ class ScoreConfig:
     progress: bool = False
     explain: str | None = None  # "gradcam" | "gradcam++": also write <id>.saliency.png and a saliency measurement
     force: bool = False  # score even when the stain check says the slide is not DAB IHC
+    heatmap_measures: list[str] = field(default_factory=list)  # --heatmap: continuous maps of these tile measurements
+    roi: str | None = None  # --roi: QuPath GeoJSON of regions; only tiles mostly inside are scored, one call per region
+    roi_class: str | None = None  # --roi-class: only regions of this QuPath class
+    tma: bool = False  # --tma: find the cores of a tissue microarray, one call per core
 
 
 @dataclass
@@ -125,7 +129,8 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     json_path = out / f"{sid}.json"
     if json_path.exists() and not config.overwrite:
         done = json.loads(json_path.read_text())
-        if done.get("model", {}).get("name") == _model_label(config) and done.get("aggregation") == config.agg:
+        if (done.get("model", {}).get("name") == _model_label(config) and done.get("aggregation") == config.agg
+                and done.get("parts") == _parts_key(config)):
             log.info("%s: already scored (use --overwrite to redo)", sid)
             ensure_slides_csv_row(out / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
             return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
@@ -142,7 +147,9 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         loader_workers=config.loader_workers,
     )
     t0 = time.perf_counter()
-    pred = predict_store(store, model, config=inf_cfg, progress=config.progress)
+    groups = _tile_groups(store, config)  # regions (--roi) or TMA cores (--tma); None: the whole slide
+    pred = predict_store(store, model, config=inf_cfg, progress=config.progress,
+                         indices=None if groups is None else store.qc_pass & groups.inside)
     t_infer = time.perf_counter() - t0
     classes = list(model_cfg.classes)
     scored = pred.scored
@@ -153,6 +160,13 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
 
     flags = store.qc_flags
     reasons = [reject_reason(int(f)) for f in flags]
+    group_part: dict[str, Any] = {"rows": [], "features": [], "outputs": {}, "slide_name": ""}
+    if groups is not None:
+        from wsi_her2.tile_groups import score_groups
+
+        reasons = [r if inside or r else f"outside {groups.kind}s" for r, inside in zip(reasons, groups.inside)]
+        group_part = score_groups(out, store, groups, pred=pred, calls=calls, classes=classes, config=config,
+                                  slide_call=slide_call)
     per_tile = {
         "tissue_fraction": store.array("tissue_fraction"),
         "laplacian_var": store.array("laplacian_var"),
@@ -173,8 +187,11 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         extra_outputs["saliency_png"] = str(out / f"{sid}.saliency.png")
     outputs = {
         "tiles_parquet": str(_write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
-        "geojson": str(_write_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz)),
+        "geojson": str(_write_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz,
+                                      extra_features=group_part["features"], slide_name_suffix=group_part["slide_name"])),
         "heatmap_png": str(_write_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
+        **_write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
+        **group_part["outputs"],
         **extra_outputs,
     }
     fractions = slide_call.get("class_fractions", {})
@@ -209,6 +226,9 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         "timings_s": {"inference": round(t_infer, 3), "total": round(time.perf_counter() - t_start, 3)},
         "outputs": outputs,
     }
+    result["parts"] = _parts_key(config)
+    if groups is not None:
+        result[f"{groups.kind}s"] = group_part["rows"]
     _atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(sid, slide_call, row, outputs)
@@ -243,6 +263,26 @@ def tumour_summary(measurements: dict, scored) -> dict:
     area = np.nan_to_num(np.asarray(measurements.get("tumour_area_mm2", np.zeros_like(cells)), np.float64)[scored])
     return {"cells": int(round(cells.sum())), "area_mm2": round(float(area.sum()), 4),
             "rule": "nuclei weighted by epithelial cohesion (wsi_her2.ihc_score.IhcThresholds)"}
+
+def _parts_key(config: ScoreConfig) -> dict | None:
+    """What was scored (regions file and class, TMA cores, or None: the whole slide): a change re-scores."""
+    if config.roi or config.tma:
+        return {"roi": str(config.roi) if config.roi else None, "roi_class": config.roi_class, "tma": bool(config.tma)}
+    return None
+
+
+def _tile_groups(store: PatchStore, config: ScoreConfig):
+    if config.roi and config.tma:
+        raise ConfigError("give --roi or --tma, not both")
+    if config.roi:
+        from wsi_her2.roi import region_groups
+
+        return region_groups(store, config.roi, roi_class=config.roi_class)
+    if config.tma:
+        from wsi_her2.tma import core_groups
+
+        return core_groups(store)
+    return None
 
 
 def _model_label(config: ScoreConfig) -> str:
@@ -289,7 +329,8 @@ def _write_tiles_parquet(path: Path, store: PatchStore, calls, classes, reasons,
     return path
 
 
-def _write_geojson(out: Path, sid: str, store: PatchStore, calls, classes, reasons, measurements, slide_call, *, gz: bool) -> Path:
+def _write_geojson(out: Path, sid: str, store: PatchStore, calls, classes, reasons, measurements, slide_call, *, gz: bool,
+                   extra_features: list[dict] = (), slide_name_suffix: str = "") -> Path:
     from wsi_her2.geojson import build_feature_collection, slide_feature, tile_features, write_geojson
 
     bounds = tuple(store.attrs["slide"].get("bounds_offset_px", (0, 0)))
@@ -302,22 +343,39 @@ def _write_geojson(out: Path, sid: str, store: PatchStore, calls, classes, reaso
     size = store.tile_size_level0
     bbox = (float(coords[:, 0].min()), float(coords[:, 1].min()), float(coords[:, 0].max() + size), float(coords[:, 1].max() + size))
     slide = slide_feature(slide_call=slide_call, bbox=bbox, bounds_offset_px=bounds, id_namespace=namespace)
-    fc = build_feature_collection(tiles, slide)
+    slide["properties"]["name"] += slide_name_suffix
+    fc = build_feature_collection(list(extra_features) + tiles, slide)
     name = f"{sid}.geojson.gz" if gz else f"{sid}.geojson"
     return write_geojson(fc, out / name, gzip=gz)
 
 
 def _write_heatmap(path: Path, store: PatchStore, calls, classes, slide_call) -> Path:
-    from wsi_her2.heatmap import default_legend, render_heatmap, save_heatmap_png
+    from wsi_her2.heatmap import write_call_heatmap
 
-    thumb = store.array("thumbnail")
-    scale = float(store.attrs["thumbnail"]["px_per_level0_px"])
-    image = render_heatmap(
-        thumb, thumb_px_per_level0_px=scale, coords_level0=store.coords_level0, tile_size_level0=store.tile_size_level0,
-        calls=calls, class_names=classes,
+    return write_call_heatmap(
+        path, thumbnail=store.array("thumbnail"), thumb_px_per_level0_px=float(store.attrs["thumbnail"]["px_per_level0_px"]),
+        coords_level0=store.coords_level0, tile_size_level0=store.tile_size_level0, calls=calls, class_names=classes,
+        slide_call=slide_call, slide_id=store.slide_id,
     )
-    title = f"{store.slide_id}: HER2 {slide_call['her2_score']} ({slide_call['method']}, confidence {slide_call['confidence']:.2f})"
-    return save_heatmap_png(image, path, title=title, legend=default_legend(classes))
+
+
+def _write_measure_heatmaps(out: Path, store: PatchStore, measures: list[str], measurements: dict, slide_call) -> dict[str, str]:
+    """``--heatmap MEASURE``: one continuous map per named tile measurement, ``<id>.heatmap.<measure>.png``."""
+    from wsi_her2.heatmap import write_measure_heatmap
+
+    unknown = [m for m in measures if m not in measurements]
+    if unknown:
+        raise ConfigError(f"--heatmap {', '.join(unknown)}: no such tile measurement; choose from {', '.join(sorted(measurements))}")
+    written = {}
+    for m in measures:
+        path = write_measure_heatmap(
+            out / f"{store.slide_id}.heatmap.{m}.png", thumbnail=store.array("thumbnail"),
+            thumb_px_per_level0_px=float(store.attrs["thumbnail"]["px_per_level0_px"]), coords_level0=store.coords_level0,
+            tile_size_level0=store.tile_size_level0, values=np.where(store.qc_pass, measurements[m], np.nan),
+            measure=m, slide_call=slide_call, slide_id=store.slide_id,
+        )
+        written[f"heatmap_{m}_png"] = str(path)
+    return written
 
 
 def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:

@@ -10,8 +10,8 @@ so it is never used. JPEG is also what a GPU decodes natively (nvJPEG).
 The JPEG codec is a zarr v3 array->bytes codec named ``wsi_her2.jpeg``: one baseline JPEG per
 chunk, the chunk's tiles stacked into one tall image (8x8 blocks never straddle two tiles when
 the tile size is a multiple of 8, so each tile decodes exactly as if it were encoded alone).
-Reading such a store needs ``wsi_her2.store_codecs`` imported (importing it registers the
-codec); lossless stores are plain zarr.
+zarr finds the codec through the ``zarr.codecs`` entry point (pyproject.toml), so plain zarr
+reads such a store with the package installed, imported or not; lossless stores are plain zarr.
 
 Every chunk of every array ends in a CRC32C checksum (zarr v3's core ``crc32c`` codec, last in
 each array's pipeline): a truncated, overwritten or bit-flipped chunk fails to read instead of

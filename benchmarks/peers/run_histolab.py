@@ -1,6 +1,6 @@
 """Peer: histolab's GridTiler on one slide; prints the runner JSON line.
 
-Run with ``/work/peer-venvs/histolab/bin/python``. What it does, with histolab's own code:
+Run with ``$WSI_HER2_PEER_VENVS/histolab/bin/python``. What it does, with histolab's own code:
 ``Slide`` -> ``GridTiler(tile_size=(224, 224), level=0, check_tissue=True)`` over a
 ``TissueMask`` (all tissue, not only the biggest box), tiles generated in memory through the
 tiler's own generator (``--save-png``: ``GridTiler.extract``, its normal path, which also

@@ -1,6 +1,6 @@
 """Peer: LazySlide (``pip install lazyslide``) tiling one slide; prints the runner JSON line.
 
-Run with ``/work/peer-venvs/lazyslide/bin/python``. What it does, with LazySlide's own API:
+Run with ``$WSI_HER2_PEER_VENVS/lazyslide/bin/python``. What it does, with LazySlide's own API:
 ``open_wsi`` -> ``pp.find_tissues(method="entropy")`` (its default Otsu method misses most of
 the pale synthetic tissue) -> ``pp.tile_tissues(224, mpp=0.5)`` -> read every tile's pixels
 through ``wsi.ds.tile_images()`` (the torch Dataset its feature extraction uses), with a

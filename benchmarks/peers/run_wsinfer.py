@@ -1,6 +1,6 @@
 """Peer: WSInfer's patching and patch loading on one slide; prints the runner JSON line.
 
-Run with ``/work/peer-venvs/wsinfer/bin/python``. What it does, with WSInfer's own code:
+Run with ``$WSI_HER2_PEER_VENVS/wsinfer/bin/python``. What it does, with WSInfer's own code:
 ``patchlib.segment_and_patch_one_slide(patch_size_px=224, patch_spacing_um_px=0.5)`` (its
 tissue mask and patch coordinates, written to HDF5) -> every patch's pixels through
 ``modellib.data.WholeSlideImagePatches`` (the Dataset ``wsinfer run`` feeds its model with) and

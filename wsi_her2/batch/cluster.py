@@ -104,6 +104,9 @@ def local_cluster(
     ``processes=False`` runs workers as threads of this process (faster to start; tiling then
     shares the GIL, so it is for tests and small runs).
     """
+    from wsi_her2.optional import require
+
+    require("distributed", purpose="a local dask cluster")
     from distributed import Client, LocalCluster
 
     cores = available_cores()
@@ -196,6 +199,9 @@ def make_slurm_cluster(
     workers that tile and score on CPU. More GPUs per job are not split between worker
     processes: ask for more jobs instead.
     """
+    from wsi_her2.optional import require
+
+    require("dask_jobqueue", purpose="wsi-her2 run --slurm")
     from dask_jobqueue import SLURMCluster
 
     from wsi_her2.errors import ConfigError

@@ -78,6 +78,10 @@ def _open_cluster(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from wsi_her2.optional import require
+
+    require("distributed", purpose="wsi-her2 run")  # first: it sets its loggers' levels on import
+
     from wsi_her2.batch.manifest import load_jobs
     from wsi_her2.batch.report import format_agreement
     from wsi_her2.batch.runner import RunConfig, run_cohort
@@ -86,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
     tile_config = tile_config_from_args(args, workers=1, progress=False)
     tile_config.validate()
     score_config = score_config_from_args(args, progress=False)
-    import distributed  # noqa: F401  (imported first: it sets its loggers' levels on import)
 
     for name in ("distributed", "tornado", "bokeh"):  # dask's INFO chatter drowns the progress line
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -14,6 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("stores", nargs="*", help="<slide-id>.zarr stores or directories holding them (default ./wsi-her2-out)")
     add_score_options(p)
     p.add_argument("-o", "--out", default=None, help="output directory (default: next to each store)")
+    parts = p.add_argument_group("parts of the slide")
+    parts.add_argument("--roi", default=None, metavar="GEOJSON",
+                       help="score only tiles mostly inside these regions (QuPath File > Export objects: FeatureCollection or "
+                            "feature array, level-0 px); one call per region (regions.csv) plus the call over all regions")
+    parts.add_argument("--roi-class", default=None, metavar="CLASS", help="only regions of this QuPath class, e.g. Tumor")
+    parts.add_argument("--tma", action="store_true",
+                       help="tissue microarray: find the round cores, name them by grid (A1, A2, ...), one call per core (cores.csv)")
     p.add_argument("--overwrite", action="store_true", help="re-score slides already scored with this model and aggregation")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -30,6 +37,9 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--min-tiles", type=int, default=10, help="fewer usable tiles than this -> indeterminate")
     g.add_argument("--gz", action="store_true", help="write .geojson.gz instead of .geojson")
+    g.add_argument("--heatmap", action="append", default=[], metavar="MEASURE",
+                   help="also write a continuous map of this tile measurement with a colour bar, e.g. p_3+, her2_index, "
+                        "dab_od_membrane (repeatable): <id>.heatmap.MEASURE.png")
     g.add_argument("--explain", nargs="?", const="gradcam++", choices=("gradcam", "gradcam++"), default=None,
                    help="also write a Grad-CAM(++) saliency overlay and a per-tile saliency measurement (trained models)")
     g.add_argument("--force", action="store_true",
@@ -42,6 +52,8 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
     return ScoreConfig(
         model=args.model, weights=args.weights, agg=args.agg, batch_size=args.batch_size, device=args.device,
         tta=args.tta, compile=args.compile, min_tiles=args.min_tiles, geojson_gz=args.gz, explain=args.explain,
+        heatmap_measures=list(getattr(args, "heatmap", None) or []),
+        roi=getattr(args, "roi", None), roi_class=getattr(args, "roi_class", None), tma=getattr(args, "tma", False),
         overwrite=getattr(args, "overwrite", False), progress=progress, force=getattr(args, "force", False),
     )
 

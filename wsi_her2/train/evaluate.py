@@ -178,7 +178,9 @@ def predict_dataset(
 # Plots (matplotlib Agg: no display needed on a cluster node)
 # --------------------------------------------------------------------------------------------
 def _pyplot():
-    import matplotlib
+    from wsi_her2.optional import require
+
+    matplotlib = require("matplotlib", purpose="evaluation plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

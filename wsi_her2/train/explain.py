@@ -278,7 +278,9 @@ def stage_cams(
 # --------------------------------------------------------------------------------------------
 def overlay_heatmap(rgb: NDArray[np.uint8], heat: NDArray, *, alpha: float = 0.45, cmap: str = "jet") -> NDArray[np.uint8]:
     """Blend a [0, 1] heatmap (resized to the image) over a uint8 RGB image."""
-    import matplotlib
+    from wsi_her2.optional import require
+
+    matplotlib = require("matplotlib", purpose="saliency pictures")
 
     from PIL import Image
 
@@ -302,7 +304,9 @@ def save_stage_row_png(
     rgb: NDArray[np.uint8], cams: Sequence[tuple[str, NDArray]], path: str | Path, *, title: str = ""
 ) -> Path:
     """A row: the tile, then one overlay per stage (input side left), titled by layer name."""
-    import matplotlib
+    from wsi_her2.optional import require
+
+    matplotlib = require("matplotlib", purpose="saliency pictures")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -373,7 +377,9 @@ def save_slide_heatmap_png(
 
     heat = np.nan_to_num(np.asarray(canvas, dtype=np.float32), nan=0.0)
     if thumbnail_rgb is None:
-        import matplotlib
+        from wsi_her2.optional import require
+
+        matplotlib = require("matplotlib", purpose="saliency pictures")
 
         rgb = (matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255).astype(np.uint8)
         rgb[np.isnan(canvas)] = 255

@@ -63,6 +63,9 @@ def _as_uint8_rgb(img: NDArray) -> NDArray[np.uint8]:
 
 def rgb_to_lab(img: NDArray) -> NDArray[np.float64]:
     """uint8 RGB (H, W, 3) -> CIE L*a*b* float64 (D65)."""
+    from wsi_her2.optional import require
+
+    require("skimage", purpose="stain normalisation")
     from skimage.color import rgb2lab
 
     return rgb2lab(_as_uint8_rgb(img))
