@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wsi_her2.errors import ConfigError
-from wsi_her2.ihc_score import CLASS_NAMES, MEASUREMENT_NAMES, IhcDabScorer, IhcThresholds
+from wsi_her2.ihc_score import MEASUREMENT_NAMES, IhcDabScorer, IhcThresholds
 from wsi_her2.stain_od import RGB_FROM_HED, estimate_background, rgb_to_hed_od
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
