@@ -61,9 +61,39 @@ __all__ = [
     "MEASUREMENT_NAMES",
     "IhcThresholds",
     "IhcDabScorer",
+    "CellEvidence",
+    "CELL_GRID_UM",
 ]
 
 log = logging.getLogger(__name__)
+
+#: Cell-scale evidence (nuclei, cohesion, tumour area, the brown-hue check) is computed on a grid
+#: of about this pixel size, in block means of whole tile pixels (factor ``round(1 / mpp_um)``,
+#: at least 1): the smallest of those structures, a 7 µm nucleus blurred at sigma ~2.5 µm or the
+#: hue read over 1.5 µm, is still sampled at >= 1.5 px there. Membrane intensity (a ~1 µm line)
+#: stays at the tile's own resolution. At 0.5 µm/px this does 4x less work at the cell scale.
+CELL_GRID_UM = 1.0
+#: Implementations of the same measurements (see :class:`IhcDabScorer`).
+KERNELS = ("auto", "torch", "opencv")
+
+
+@dataclass
+class CellEvidence:
+    """What steps 1-3 hand to the shared steps 4-6, for a batch of ``B`` tiles of ``H x W`` px.
+
+    ``stats``: per-tile ``(B,)`` tissue statistics (``tissue_fraction``, ``hematoxylin_od_mean``,
+    ``neutral_od_mean``, ``dab_od_mean``, ``stained_fraction``); per nucleus: ``seed_tile``
+    ``(N,)`` (its tile), ``ray_max`` ``(N, n_directions)`` (the maximum of the brown DAB OD,
+    smoothed at ``dab_smooth_sigma_um``, along each ray: :meth:`IhcDabScorer._ray_maxima`),
+    ``tumour_weight`` ``(N,)`` (cohesion); ``tumour_area_fraction`` ``(B,)``: fraction of the
+    tile within the cell-radius box of a nucleus of weight > 0.5.
+    """
+
+    stats: dict[str, torch.Tensor]
+    seed_tile: torch.Tensor
+    ray_max: torch.Tensor
+    tumour_weight: torch.Tensor
+    tumour_area_fraction: torch.Tensor
 
 #: Output classes, in logit order.
 CLASS_NAMES: tuple[str, ...] = ("0", "1+", "2+", "3+")
@@ -244,17 +274,25 @@ class IhcThresholds:
             raise ConfigError(f"IhcThresholds.prior must be 4 positive numbers summing to 1, got {self.prior}.")
 
 
-def _gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, 1, H, W)`` with reflect padding (no dark border)."""
+def _gaussian_taps(sigma_px: float, h: int, w: int) -> torch.Tensor | None:
+    """The normalised 1-D Gaussian taps both kernels blur with (``None``: too narrow to blur)."""
     if sigma_px < 0.3:
-        return img
-    h, w = img.shape[-2:]
+        return None
     radius = min(int(math.ceil(3.0 * sigma_px)), h - 1, w - 1)
     if radius < 1:
-        return img
-    t = torch.arange(-radius, radius + 1, device=img.device, dtype=torch.float32)
+        return None
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / sigma_px) ** 2)
-    k = k / k.sum()
+    return k / k.sum()
+
+
+def _gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, 1, H, W)`` with reflect padding (no dark border)."""
+    k = _gaussian_taps(sigma_px, *img.shape[-2:])
+    if k is None:
+        return img
+    k = k.to(img.device)
+    radius = k.numel() // 2
     out = F.conv2d(F.pad(img, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
 
@@ -305,12 +343,20 @@ class IhcDabScorer(torch.nn.Module):
         converted with it. Meant for 0.25-1.0.
     thresholds
         Cut-points; defaults to :class:`IhcThresholds()`.
+    kernel
+        ``"auto"`` (OpenCV on CPU tensors without gradient, torch otherwise), ``"torch"`` or
+        ``"opencv"`` (CPU only; tensors elsewhere still go through torch). Both compute the same
+        definitions; ``tests/test_ihc_kernels.py`` holds them to the same calls and measurements.
     """
 
     class_names: tuple[str, ...] = CLASS_NAMES
+    _ray_table: torch.Tensor
 
-    def __init__(self, *, mpp_um: float = 0.5, thresholds: IhcThresholds | None = None) -> None:
+    def __init__(self, *, mpp_um: float = 0.5, thresholds: IhcThresholds | None = None, kernel: str = "auto") -> None:
         super().__init__()
+        if kernel not in KERNELS:
+            raise ConfigError(f"IhcDabScorer kernel must be one of {KERNELS}, got {kernel!r}.")
+        self.kernel = kernel
         if not (0.05 <= mpp_um <= 4.0):
             raise ConfigError(
                 f"IhcDabScorer got mpp_um={mpp_um}, outside 0.05-4 µm/px; pass the tile pixel "
@@ -323,36 +369,31 @@ class IhcDabScorer(torch.nn.Module):
         t = self.thresholds
         self._rays = _ray_offsets(t.n_directions, t.ray_start_um / mpp_um, t.ray_stop_um / mpp_um)
         self._reach_px = max(abs(c) for ray in self._rays for off in ray for c in off)
+        longest = max(len(ray) for ray in self._rays)  # rays padded with their last sample (max unchanged)
+        self._ray_table = torch.tensor([ray + [ray[-1]] * (longest - len(ray)) for ray in self._rays], dtype=torch.long)
+        self.cell_grid_factor = max(1, int(round(CELL_GRID_UM / self.mpp_um)))
         log.debug(
             "IhcDabScorer at %.3g µm/px: nucleus %.1f px, rays %.1f-%.1f px, %d directions",
             mpp_um, t.nucleus_diameter_um / mpp_um, t.ray_start_um / mpp_um, t.ray_stop_um / mpp_um,
             t.n_directions,
         )
 
-    def _brown_dab(self, od: torch.Tensor, hnd: torch.Tensor) -> torch.Tensor:
-        """DAB OD that is brown, not merely dark.
+    def _brown_share(self, dab_hed: torch.Tensor, dab_hnd: torch.Tensor, mpp_um: float) -> torch.Tensor:
+        """Brown share of the DAB OD (1: all brown, 0: all grey), from ``(B, 1, h, w)`` clamped OD.
 
-        Intensity comes from the Ruifrok-Johnston DAB channel at full resolution (the scale the
-        cut-points are set on); its **hue** is checked on OD smoothed over ``chroma_sigma_um``:
-        the share of that DAB which survives when a neutral (grey) vector joins the basis
-        (:data:`wsi_her2.stain_od.RGB_FROM_HND`). Grey tissue keeps ~0 of it, DAB keeps all.
-        Smoothing first because scanners store chroma at half resolution (JPEG 4:2:0): a 1 µm
-        membrane's brown hue is spread over its neighbourhood while its darkness is not.
+        The share is that DAB which survives when a neutral (grey) vector joins the basis
+        (:data:`wsi_her2.stain_od.RGB_FROM_HND`), read on OD smoothed over ``chroma_sigma_um``
+        (scanners store chroma at half resolution, JPEG 4:2:0: a 1 µm membrane's brown hue is
+        spread over its neighbourhood while its darkness is not). Grey tissue keeps ~0, DAB all.
         """
         t = self.thresholds
-        dab_hed = od_to_hed(od)[:, 2:3].clamp(min=0.0)
-        sigma = t.chroma_sigma_um / self.mpp_um
-        hed_s = _gaussian_blur(dab_hed, sigma)
-        hnd_s = _gaussian_blur(hnd[:, 2:3].clamp(min=0.0), sigma)
-        share = hnd_s / hed_s.clamp(min=t.chroma_min_od)
-        brown = (share / t.brown_full_share).clamp(0.0, 1.0)
-        return dab_hed * brown
+        sigma = t.chroma_sigma_um / mpp_um
+        share = _gaussian_blur(dab_hnd, sigma) / _gaussian_blur(dab_hed, sigma).clamp(min=t.chroma_min_od)
+        return (share / t.brown_full_share).clamp(0.0, 1.0)
 
-    def _tumour_weight(self, seeds: torch.Tensor) -> torch.Tensor:
-        """Per-pixel weight (read at seeds) of cohesive epithelium: neighbours in a square window."""
+    def _cohesion_weight(self, neighbours: torch.Tensor) -> torch.Tensor:
+        """Weight of cohesive epithelium from the count of other nuclei in the cohesion window."""
         t = self.thresholds
-        k = _odd(t.cohesion_window_um / self.mpp_um)
-        neighbours = _box_sum(seeds, k) - seeds
         return _logistic(neighbours, t.min_neighbours, t.neighbours_softness) * (
             1.0 - _logistic(neighbours, t.max_neighbours, 3.0 * t.neighbours_softness)
         )
@@ -370,21 +411,37 @@ class IhcDabScorer(torch.nn.Module):
         out["probs"] = ev["logits"].exp()
         return out
 
+    def use_opencv(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is measured by the OpenCV kernel (CPU, no gradient) or the torch one."""
+        if self.kernel == "torch" or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        return self.kernel in ("auto", "opencv")
+
     # ----------------------------------------------------------------- internal
     def _evidence(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ConfigError(f"IhcDabScorer expects (B, 3, H, W) RGB tiles, got shape {tuple(x.shape)}.")
+        if min(x.shape[-2:]) < 2 * self.cell_grid_factor:
+            raise ConfigError(f"IhcDabScorer needs tiles of at least {2 * self.cell_grid_factor} px, got {tuple(x.shape[-2:])}.")
         # Log/OD arithmetic in float32 even inside a bf16 autocast region.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._evidence_f32(x.float())
+            x = x.float()
+            if self.use_opencv(x):
+                from wsi_her2.ihc_score_cpu import cell_evidence_opencv
 
-    def _evidence_f32(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+                cells = cell_evidence_opencv(self, x)
+            else:
+                cells = self._cell_evidence_torch(x)
+            return self._calls(cells, x.shape)
+
+    def _cell_evidence_torch(self, x: torch.Tensor) -> CellEvidence:
+        """Steps 1-3 and the smoothed DAB map of step 4, batched in torch (any device)."""
         t = self.thresholds
-        mpp = self.mpp_um
+        f = self.cell_grid_factor
+        mpp_c = self.mpp_um * f
         b, _, h, w = x.shape
-        eps = 1e-6
 
-        # 1. Optical density against this tile's glass, then stain unmixing.
+        # 1. Optical density against this tile's glass, then stain unmixing (full resolution).
         i0 = estimate_background(
             x, quantile=t.background_quantile, min_intensity=t.background_min_intensity,
             max_cast=t.background_max_cast,
@@ -393,69 +450,113 @@ class IhcDabScorer(torch.nn.Module):
         hnd = od_to_hnd(od)  # grey absorbance goes to its own channel, not to DAB
         hema = hnd[:, 0:1].clamp(min=0.0)
         neutral = hnd[:, 1:2].clamp(min=0.0)
-        dab = self._brown_dab(od, hnd) * t.dab_gain
+        dab_hed = od_to_hed(od)[:, 2:3].clamp(min=0.0)
+        dab_hnd = hnd[:, 2:3].clamp(min=0.0)
+
+        # Cell-scale evidence on the cell grid (block means of f x f pixels).
+        hc, wc = h // f, w // f
+
+        def coarse(m: torch.Tensor) -> torch.Tensor:
+            return m if f == 1 else F.avg_pool2d(m[:, :, : hc * f, : wc * f], f)
+
+        brown = self._brown_share(coarse(dab_hed), coarse(dab_hnd), mpp_c)
+        if f > 1:
+            brown = F.interpolate(brown, size=(hc * f, wc * f), mode="bilinear", align_corners=False)
+            brown = F.pad(brown, (0, w - wc * f, 0, h - hc * f), mode="replicate")
+        dab = dab_hed * brown * t.dab_gain
 
         # 2. Tissue.
         tissue = (od.sum(dim=1, keepdim=True) > t.tissue_od_sum).float()
         n_tissue = tissue.sum(dim=(1, 2, 3))
-        tissue_fraction = n_tissue / float(h * w)
-        denom_tissue = n_tissue.clamp(min=1.0)
-        hema_mean = (hema * tissue).sum(dim=(1, 2, 3)) / denom_tissue
-        neutral_mean = (neutral * tissue).sum(dim=(1, 2, 3)) / denom_tissue
-        dab_mean = (dab * tissue).sum(dim=(1, 2, 3)) / denom_tissue
-        stained_fraction = ((dab > t.dab_faint_od).float() * tissue).sum(dim=(1, 2, 3)) / denom_tissue
+        denom = n_tissue.clamp(min=1.0)
+        stats = {
+            "tissue_fraction": n_tissue / float(h * w),
+            "hematoxylin_od_mean": (hema * tissue).sum(dim=(1, 2, 3)) / denom,
+            "neutral_od_mean": (neutral * tissue).sum(dim=(1, 2, 3)) / denom,
+            "dab_od_mean": (dab * tissue).sum(dim=(1, 2, 3)) / denom,
+            "stained_fraction": ((dab > t.dab_faint_od).float() * tissue).sum(dim=(1, 2, 3)) / denom,
+        }
 
-        # 3. Nuclei: hematoxylin blobs at the nucleus scale (DoG ~ LoG with sigma = r / sqrt 2).
-        # Nuclei absorb as hematoxylin and, in real scans, partly as grey: blobs of the
-        # non-DAB absorbance (a smooth grey stroma makes no blob, the DoG contrast rejects it).
-        nuclear = hema + neutral
-        sigma1 = t.nucleus_diameter_um / (2.0 * math.sqrt(2.0)) / mpp
+        # 3. Nuclei: blobs of the non-DAB absorbance at the nucleus scale (DoG ~ LoG, sigma r / sqrt 2).
+        nuclear = coarse(hema + neutral)
+        sigma1 = t.nucleus_diameter_um / (2.0 * math.sqrt(2.0)) / mpp_c
         h1 = _gaussian_blur(nuclear, sigma1)
         dog = h1 - _gaussian_blur(nuclear, 1.6 * sigma1)
-        win = max(3, 2 * int(round(t.seed_min_distance_um / mpp / 2.0)) + 1)
+        win = _odd(t.seed_min_distance_um / mpp_c)
         is_max = dog >= F.max_pool2d(dog, win, stride=1, padding=win // 2)
-        seeds = (is_max & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)).float()
-        n_cells = seeds.sum(dim=(1, 2, 3))
-        tumour = seeds * self._tumour_weight(seeds)  # each nucleus weighted by epithelial cohesion
-        n_tumour = tumour.sum(dim=(1, 2, 3))
-        tumour_area_frac = (_box_max(tumour, _odd(2 * t.cell_radius_um / mpp)) > 0.5).float().mean(dim=(1, 2, 3))
+        seed_map = is_max & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)
+        neighbours_map = _box_sum(seed_map.float(), _odd(t.cohesion_window_um / mpp_c)) - 1.0
+        tile_i, _, yc, xc = seed_map.nonzero(as_tuple=True)
+        weights = self._cohesion_weight(neighbours_map[tile_i, 0, yc, xc])
+        keep = torch.zeros_like(neighbours_map)
+        keep[tile_i, 0, yc, xc] = (weights > 0.5).float()
+        area = _box_max(keep, _odd(2 * t.cell_radius_um / mpp_c)).mean(dim=(1, 2, 3))
 
-        # 4. Membrane rays: running max of shifted DAB maps along each direction.
-        dab_s = _gaussian_blur(dab, t.dab_smooth_sigma_um / mpp)
-        pad = min(self._reach_px, h - 1, w - 1)
-        padded = F.pad(dab_s, (pad, pad, pad, pad), mode="reflect")
-        hit_sum = torch.zeros_like(dab_s)
-        od_hit_sum = torch.zeros_like(dab_s)
+        # 4 (first half). Smoothed DAB, read along the rays of every seed (in tile pixels).
+        pad = self.ray_pad_px(h, w)
+        dab_s = F.pad(_gaussian_blur(dab, t.dab_smooth_sigma_um / self.mpp_um), (pad, pad, pad, pad), mode="reflect")[:, 0]
+        base = (tile_i * (h + 2 * pad) + yc * f + f // 2 + pad) * (w + 2 * pad) + xc * f + f // 2 + pad
+        return CellEvidence(
+            stats=stats, seed_tile=tile_i, ray_max=self._ray_maxima(dab_s.reshape(-1), base, w + 2 * pad, pad),
+            tumour_weight=weights, tumour_area_fraction=area,
+        )
+
+    def ray_pad_px(self, h: int, w: int) -> int:
+        """Reflect padding of the smoothed DAB map that the rays read (their reach, within the tile)."""
+        return min(self._reach_px, h - 1, w - 1)
+
+    def ray_offsets_flat(self, row_px: int, pad: int) -> torch.Tensor:
+        """``(n_directions, L)`` ray samples as offsets into a flattened map of ``row_px`` columns."""
+        offs = self._ray_table.clamp(-pad, pad)
+        return offs[:, :, 0] * row_px + offs[:, :, 1]
+
+    def _ray_maxima(self, flat_map: torch.Tensor, base: torch.Tensor, row_px: int, pad: int) -> torch.Tensor:
+        """``(N, n_directions)``: per seed and ray, the maximum smoothed DAB OD along the ray.
+
+        ``flat_map``: the smoothed DAB maps, reflect-padded by ``pad`` (so samples beyond the
+        tile edge read the reflected tile) and flattened; ``base``: each seed's flat index.
+        """
+        offs = self.ray_offsets_flat(row_px, pad).to(flat_map.device)
+        samples = flat_map[base.view(-1, 1, 1) + offs]
+        return samples.amax(dim=2)
+
+    def _calls(self, cells: CellEvidence, shape: torch.Size) -> dict[str, torch.Tensor]:
+        """Steps 4-6 from the cell evidence: membrane rays per seed, memberships, tile calls."""
+        t = self.thresholds
+        mpp = self.mpp_um
+        b, _, h, w = shape
+        eps = 1e-6
+        dev = cells.ray_max.device
+        tile_i, tumour = cells.seed_tile, cells.tumour_weight
+
+        def per_tile(v: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(b, device=dev, dtype=torch.float32).index_add_(0, tile_i, v.float())
+
+        n_cells = per_tile(torch.ones_like(tumour))
+        n_tumour = per_tile(tumour)
+
+        # 4 (second half). Membrane rays: soft hits above faint.
+        ray_max = cells.ray_max
         log_faint = math.log(t.dab_faint_od)
-        for ray in self._rays:
-            ray_max = torch.zeros_like(dab_s)
-            for dy, dx in ray:
-                dy = max(-pad, min(pad, dy))
-                dx = max(-pad, min(pad, dx))
-                shifted = padded[:, :, pad + dy: pad + dy + h, pad + dx: pad + dx + w]
-                ray_max = torch.maximum(ray_max, shifted)
-            hit = _logistic(torch.log(ray_max + eps), log_faint, t.od_log_softness)
-            hit_sum = hit_sum + hit
-            od_hit_sum = od_hit_sum + hit * ray_max
-        completeness_map = hit_sum / float(len(self._rays))
-        intensity_map = od_hit_sum / (hit_sum + eps)
+        hit = _logistic(torch.log(ray_max + eps), log_faint, t.od_log_softness)
+        completeness_c = hit.mean(dim=1)
+        intensity_c = (hit * ray_max).sum(dim=1) / (hit.sum(dim=1) + eps)
 
-        # 5. Soft per-cell memberships (evaluated densely, read at the seeds).
-        log_i = torch.log(intensity_map + eps)
-        p_complete = _logistic(completeness_map, t.complete_fraction, t.completeness_softness)
-        p_partial = _logistic(completeness_map, t.partial_min_fraction, t.completeness_softness)
+        # 5. Soft per-cell memberships, averaged over tumour cells.
+        log_i = torch.log(intensity_c + eps)
+        p_complete = _logistic(completeness_c, t.complete_fraction, t.completeness_softness)
+        p_partial = _logistic(completeness_c, t.partial_min_fraction, t.completeness_softness)
         p_any = p_partial * _logistic(log_i, log_faint, t.od_log_softness)
         p_ge2 = p_complete * _logistic(log_i, math.log(t.dab_weak_od), t.od_log_softness)
         p_3 = p_complete * _logistic(log_i, math.log(t.dab_strong_od), t.od_log_softness)
         p_ge1 = torch.maximum(p_any, p_ge2)
 
         def per_cell(m: torch.Tensor) -> torch.Tensor:  # mean over tumour cells
-            return (m * tumour).sum(dim=(1, 2, 3)) / n_tumour.clamp(min=eps)
+            return per_tile(m * tumour) / n_tumour.clamp(min=eps)
 
         f1, f2, f3 = per_cell(p_ge1), per_cell(p_ge2), per_cell(p_3)
-        dab_membrane = per_cell(intensity_map)
-        stained_w = (p_ge1 * tumour).sum(dim=(1, 2, 3))
-        completeness = (completeness_map * p_ge1 * tumour).sum(dim=(1, 2, 3)) / stained_w.clamp(min=eps)
+        stained_w = per_tile(p_ge1 * tumour)
+        completeness = per_tile(completeness_c * p_ge1 * tumour) / stained_w.clamp(min=eps)
         completeness = torch.where(stained_w > eps, completeness, torch.zeros_like(completeness))
 
         # 6. ASCO/CAP decision list with soft 10 % edges, then reliability towards the prior.
@@ -465,25 +566,21 @@ class IhcDabScorer(torch.nn.Module):
         rule = torch.stack(
             [(1 - s3) * (1 - s2) * (1 - s1), (1 - s3) * (1 - s2) * s1, (1 - s3) * s2, s3], dim=1
         )
+        stats = {k: v.to(dev) for k, v in cells.stats.items()}
         reliability = _logistic(n_tumour, t.min_cells, t.cells_softness) * _logistic(
-            tissue_fraction, t.min_tissue_fraction, t.tissue_softness
+            stats["tissue_fraction"], t.min_tissue_fraction, t.tissue_softness
         )
-        prior = torch.tensor(t.prior, dtype=torch.float32, device=x.device).unsqueeze(0)
+        prior = torch.tensor(t.prior, dtype=torch.float32, device=dev).unsqueeze(0)
         probs = reliability.unsqueeze(1) * rule + (1 - reliability.unsqueeze(1)) * prior
-        logits = torch.log(probs.clamp(min=1e-8))
-
+        area_mm2 = h * w * mpp * mpp * 1e-6
         return {
-            "logits": logits,
-            "tissue_fraction": tissue_fraction,
-            "hematoxylin_od_mean": hema_mean,
-            "dab_od_mean": dab_mean,
-            "stained_fraction": stained_fraction,
+            "logits": torch.log(probs.clamp(min=1e-8)),
+            **stats,
             "cell_count": n_cells,
-            "cell_density_per_mm2": n_cells / (h * w * mpp * mpp * 1e-6),
+            "cell_density_per_mm2": n_cells / area_mm2,
             "tumour_cell_count": n_tumour,
-            "tumour_area_mm2": tumour_area_frac * (h * w * mpp * mpp * 1e-6),
-            "neutral_od_mean": neutral_mean,
-            "dab_od_membrane": dab_membrane,
+            "tumour_area_mm2": cells.tumour_area_fraction.to(dev).float() * area_mm2,
+            "dab_od_membrane": per_cell(intensity_c),
             "completeness": completeness,
             "frac_cells_1plus_or_more": f1,
             "frac_cells_2plus_or_more": f2,
