@@ -411,6 +411,19 @@ class IhcDabScorer(torch.nn.Module):
         out["probs"] = ev["logits"].exp()
         return out
 
+    @torch.no_grad()
+    def measure_u8(self, tiles_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`measure` of ``(B, H, W, 3)`` uint8 tiles (as stored), the same as of ``tiles / 255``.
+
+        On CPU the OpenCV kernel reads the bytes directly (no float copy of the batch).
+        """
+        if tiles_u8.dtype != torch.uint8 or tiles_u8.ndim != 4 or tiles_u8.shape[-1] != 3:
+            raise ConfigError(f"measure_u8 expects (B, H, W, 3) uint8 tiles, got {tuple(tiles_u8.shape)} {tiles_u8.dtype}.")
+        x = tiles_u8.permute(0, 3, 1, 2)
+        if not self.use_opencv(x) or x.shape[0] == 0:
+            return self.measure(x.float().div_(255.0))
+        return self._evidence_opencv(x, with_probs=True)
+
     def use_opencv(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is measured by the OpenCV kernel (CPU, no gradient) or the torch one."""
         if self.kernel == "torch" or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
@@ -426,13 +439,25 @@ class IhcDabScorer(torch.nn.Module):
         # Log/OD arithmetic in float32 even inside a bf16 autocast region.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            if self.use_opencv(x):
-                from wsi_her2.ihc_score_cpu import cell_evidence_opencv
+            if self.use_opencv(x) and x.shape[0] > 0:
+                return self._evidence_opencv(x)
+            return self._calls(self._cell_evidence_torch(x), x.shape)
 
-                cells = cell_evidence_opencv(self, x)
-            else:
-                cells = self._cell_evidence_torch(x)
-            return self._calls(cells, x.shape)
+    def _evidence_opencv(self, x: torch.Tensor, *, with_probs: bool = False) -> dict[str, torch.Tensor]:
+        """Steps 1-3 by the OpenCV kernel on its tile threads; torch itself on one thread meanwhile.
+
+        With ``with_probs``, :meth:`measure`'s dict (measurements and ``probs``) instead of the evidence.
+        """
+        from wsi_her2.ihc_score_cpu import cell_evidence_opencv, tile_threads, torch_threads
+
+        threads = tile_threads(x.shape[0])
+        with torch_threads(1):
+            ev = self._calls(cell_evidence_opencv(self, x, threads=threads), x.shape)
+            if not with_probs:
+                return ev
+            out = {name: ev[name] for name in MEASUREMENT_NAMES}
+            out["probs"] = ev["logits"].exp()
+            return out
 
     def _cell_evidence_torch(self, x: torch.Tensor) -> CellEvidence:
         """Steps 1-3 and the smoothed DAB map of step 4, batched in torch (any device)."""

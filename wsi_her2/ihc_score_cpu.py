@@ -20,7 +20,9 @@ the torch one to the same calls and measurements on real and synthetic tiles.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,6 +41,8 @@ _UNMIX = np.concatenate([
     HND_FROM_RGB.T.numpy(), HED_FROM_RGB.T.numpy()[2:3], np.ones((1, 3)),
 ]).astype(np.float32)
 _MIN_TILES_PER_THREAD = 4
+#: The 256 intensity levels as float32 (``k / 255``, as ``uint8 tensor / 255`` gives them).
+_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
 #: log10 of the 256 intensity levels, the darkest clamped to one grey level (``MIN_INTENSITY``).
 _LOG10_LEVELS = np.log10(np.maximum(np.arange(256, dtype=np.float32) / np.float32(255.0), np.float32(MIN_INTENSITY)))
 
@@ -83,7 +87,7 @@ def _plan(scorer: IhcDabScorer, h: int, w: int) -> _Plan:
         cohesion_px=_odd(t.cohesion_window_um / mpp_c),
         area_window=np.ones((area_win, area_win), np.uint8),
         pad=scorer.ray_pad_px(h, w),
-        ray_offsets=scorer.ray_offsets_flat(w + 2 * scorer.ray_pad_px(h, w), scorer.ray_pad_px(h, w)).numpy(),
+        ray_offsets=scorer.ray_offsets_flat(w + 2 * scorer.ray_pad_px(h, w), scorer.ray_pad_px(h, w)).numpy().astype(np.int32),
     )
 
 
@@ -94,11 +98,14 @@ def _blur(img: np.ndarray, taps: np.ndarray | None) -> np.ndarray:
 
 
 def _planes_u8(rgb: np.ndarray) -> list[np.ndarray]:
-    """Three ``(H, W)`` uint8 planes of one tile, from ``(3, H, W)`` float in [0, 1] with either strides."""
+    """Three ``(H, W)`` uint8 planes of one ``(3, H, W)`` tile: uint8, or float in [0, 1], any strides."""
     _, h, w = rgb.shape
-    if rgb.strides[0] == rgb.itemsize:  # channels-last memory (what the loader hands over)
-        hwc = np.lib.stride_tricks.as_strided(rgb, (h, w * 3), (rgb.strides[1], rgb.itemsize))
-        return list(cv2.split(cv2.convertScaleAbs(hwc, alpha=255.0).reshape(h, w, 3)))
+    hwc = np.moveaxis(rgb, 0, -1)  # a view; contiguous for channels-last memory (what the loader hands over)
+    if hwc.flags.c_contiguous:
+        u8 = hwc if rgb.dtype == np.uint8 else cv2.convertScaleAbs(hwc.reshape(h, w * 3), alpha=255.0).reshape(h, w, 3)
+        return list(cv2.split(u8))
+    if rgb.dtype == np.uint8:
+        return [np.ascontiguousarray(rgb[c]) for c in range(3)]
     u8 = cv2.convertScaleAbs(np.ascontiguousarray(rgb).reshape(3 * h, w), alpha=255.0)
     return [u8[c * h: (c + 1) * h] for c in range(3)]
 
@@ -112,16 +119,37 @@ def _optical_density(planes: list[np.ndarray], scorer: IhcDabScorer) -> np.ndarr
     t = scorer.thresholds
     h, w = planes[0].shape
     k = min(h * w, max(1, int(round(t.background_quantile * h * w))))
-    i0 = np.empty(3, np.float32)
-    for c in range(3):
-        cum = np.cumsum(cv2.calcHist([planes[c]], [0], None, [256], [0, 256]).ravel())
-        i0[c] = np.float32(np.searchsorted(cum, k - 0.5)) / np.float32(255.0)
+    hist = np.stack([cv2.calcHist([p], [0], None, [256], [0, 256]).ravel() for p in planes])
+    # The k-th smallest level: the number of levels whose cumulative count is still below k.
+    i0 = np.count_nonzero(np.cumsum(hist, axis=1) < k - 0.5, axis=1).astype(np.float32) / np.float32(255.0)
     i0 = np.clip(np.maximum(i0, i0.max() * np.float32(1.0 - t.background_max_cast)), t.background_min_intensity, 1.0)
     tables = np.maximum(np.log10(i0.astype(np.float32)).reshape(3, 1) - _LOG10_LEVELS, np.float32(0.0))
     od = np.empty((3, h * w), np.float32)
     for c in range(3):
         cv2.LUT(planes[c], tables[c], dst=od[c].reshape(h, w))
     return od
+
+
+def _optical_density_float(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
+    """As :func:`_optical_density` for float input that is not 8-bit: exact quantile, per-pixel logs."""
+    t = scorer.thresholds
+    _, h, w = rgb.shape
+    flat = np.ascontiguousarray(rgb, dtype=np.float32).reshape(3, h * w)
+    k = min(h * w, max(1, int(round(t.background_quantile * h * w))))
+    i0 = np.partition(flat, k - 1, axis=1)[:, k - 1]
+    i0 = np.clip(np.maximum(i0, i0.max() * np.float32(1.0 - t.background_max_cast)), t.background_min_intensity, 1.0)
+    od = np.log10(i0.astype(np.float32)).reshape(3, 1) - np.log10(np.maximum(flat, np.float32(MIN_INTENSITY)))
+    return np.maximum(od, np.float32(0.0), out=od)
+
+
+def _tile_od(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
+    """``(3, H*W)`` OD of one tile: by 256-entry tables when its values are 8-bit levels (exact)."""
+    planes = _planes_u8(rgb)
+    if rgb.dtype != np.uint8 and any(
+        cv2.norm(cv2.LUT(p, _LEVELS), np.ascontiguousarray(rgb[c]), cv2.NORM_INF) > 0 for c, p in enumerate(planes)
+    ):
+        return _optical_density_float(rgb, scorer)
+    return _optical_density(planes, scorer)
 
 
 def _coarse(img: np.ndarray, f: int) -> np.ndarray:
@@ -138,7 +166,7 @@ def _tile(rgb: np.ndarray, scorer: IhcDabScorer, plan: _Plan):
     counts, the cell-grid shape and the ``(N, n_directions)`` ray maxima.
     """
     t, f, h, w = scorer.thresholds, plan.f, plan.h, plan.w
-    od = _optical_density(_planes_u8(rgb), scorer)
+    od = _tile_od(rgb, scorer)
     hema, neutral, dab_hnd, dab_hed, od_sum = (_UNMIX @ od).reshape(5, h, w)
     np.maximum(hema, 0.0, out=hema)
     np.maximum(neutral, 0.0, out=neutral)
@@ -177,7 +205,7 @@ def _tile(rgb: np.ndarray, scorer: IhcDabScorer, plan: _Plan):
     dab_s = cv2.copyMakeBorder(_blur(dab, plan.smooth), p, p, p, p, cv2.BORDER_REFLECT_101)
     wc = seed_map.shape[1]
     base = ((idx // wc) * f + f // 2 + p) * (w + 2 * p) + (idx % wc) * f + f // 2 + p
-    ray_max = dab_s.ravel()[base[:, None, None] + plan.ray_offsets].max(axis=2)
+    ray_max = np.take(dab_s.ravel(), base.astype(np.int32)[:, None, None] + plan.ray_offsets).max(axis=2)
     return stats, idx, neighbours, seed_map.shape, ray_max
 
 
@@ -191,22 +219,46 @@ def _area_fraction(idx: np.ndarray, keep: np.ndarray, shape: tuple[int, int], pl
     return cv2.countNonZero(covered) / float(shape[0] * shape[1])
 
 
-def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor) -> CellEvidence:
-    """Steps 1-3 of ``scorer`` for a CPU batch ``(B, 3, H, W)`` float32 RGB in [0, 1]."""
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads inside the block, and put the caller's count back.
+
+    The OpenCV kernel spreads tiles over its own threads; torch's small per-seed operations
+    meanwhile run on one, as OpenMP workers spinning next to busy tile threads cost more than
+    they save on a few thousand numbers.
+    """
+    old = torch.get_num_threads()
+    if old != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
+
+
+def tile_threads(n_tiles: int) -> int:
+    """Threads the kernel spreads a batch over: the caller's torch thread count, >= 4 tiles each."""
+    return max(1, min(torch.get_num_threads(), n_tiles // _MIN_TILES_PER_THREAD))
+
+
+def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int = 1) -> CellEvidence:
+    """Steps 1-3 of ``scorer`` for a CPU batch ``(B, 3, H, W)``: float RGB in [0, 1], or uint8."""
     b, _, h, w = x.shape
     if b == 0:
         return scorer._cell_evidence_torch(x)
     plan = _plan(scorer, h, w)
     rgb = x.detach().numpy()
-    n_threads = max(1, min(torch.get_num_threads(), b // _MIN_TILES_PER_THREAD))
-    if n_threads > 1:
-        with ThreadPoolExecutor(n_threads) as pool:
+    if rgb.dtype != np.uint8:
+        rgb = rgb.astype(np.float32, copy=False)
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
             per_tile = list(pool.map(lambda i: _tile(rgb[i], scorer, plan), range(b)))
     else:
         per_tile = [_tile(rgb[i], scorer, plan) for i in range(b)]
 
     counts = [len(p[1]) for p in per_tile]
-    seed_tile = torch.repeat_interleave(torch.arange(b), torch.tensor(counts, dtype=torch.long))
+    seed_tile = torch.from_numpy(np.repeat(np.arange(b, dtype=np.int64), counts))
     neighbours = torch.from_numpy(np.concatenate([p[2] for p in per_tile]).astype(np.float32))
     weights = scorer._cohesion_weight(neighbours)
     keep = (weights > 0.5).numpy()

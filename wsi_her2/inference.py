@@ -198,9 +198,10 @@ def preprocess_tiles(
         from wsi_her2.train.stain_norm import apply_stain_norm_torch
 
         x = apply_stain_norm_torch(x, stain_norm)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    x = (x - m) / s
+    if tuple(mean) != (0.0, 0.0, 0.0) or tuple(std) != (1.0, 1.0, 1.0):  # identity: skip two passes
+        m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        x = (x - m) / s
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=fmt)
 
@@ -226,7 +227,19 @@ def _make_step(
             logits = model(x)
         return torch.softmax(logits.float(), dim=1)
 
+    # A scorer that reads 8-bit tiles itself (``measure_u8``, e.g. ihc_dab's OpenCV kernel) skips
+    # the float conversion when nothing else needs the float tiles.
+    measure_u8 = getattr(model, "measure_u8", None)
+    direct_u8 = (
+        callable(measure_u8) and views == ("identity",) and not stain_norm
+        and tuple(cfg.mean) == (0.0, 0.0, 0.0) and tuple(cfg.std) == (1.0, 1.0, 1.0)
+    )
+
     def step(tiles_u8: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if direct_u8 and tiles_u8.shape[1] == tiles_u8.shape[2] == int(cfg.input_px):
+            out = dict(measure_u8(tiles_u8))
+            probs = out.pop("probs").float()
+            return probs, {k: v.float() for k, v in out.items()}
         x = preprocess_tiles(
             tiles_u8, input_px=int(cfg.input_px), mean=cfg.mean, std=cfg.std,
             stain_norm=stain_norm, channels_last=channels_last,

@@ -19,7 +19,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import timm
 from torch import nn
 
 from wsi_her2.errors import WeightsError
@@ -88,6 +87,8 @@ def create_timm(
         Passed to timm (``num_classes``, ``img_size``, ...). Classifier weights whose shape does not
         match ``num_classes`` are dropped by timm, as in any fine-tuning.
     """
+    import timm  # here, not at module import: the default scorer (ihc_dab) needs no timm, and timm costs ~2 s
+
     if not pretrained and pretrained_file is None:
         return timm.create_model(arch, pretrained=False, **kwargs)
     _force_hub_offline()
@@ -132,6 +133,8 @@ def _first_line(exc: BaseException) -> str:
 
 def timm_input_kwargs(arch: str, input_px: int) -> dict[str, Any]:
     """``img_size`` for architectures whose input size is baked in (ViTs); nothing for CNNs."""
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is not None and getattr(cfg, "fixed_input_size", False):
         return {"img_size": int(input_px)}

@@ -1,0 +1,141 @@
+"""Scoring against tiling on the same slide and the same cores, in one run: is scoring the wait?
+
+Back to back, per core count ``N`` (default: 1 and all cores), on one synthetic IHC slide
+(``wsi_her2.synthetic.bench_spec``, 0.5 µm/px, generated once and cached like bench_tile.py's):
+
+1. ``wsi-her2 tile SLIDE -o OUT --workers N --overwrite -q --mpp 0.5 --tile-px 224`` (jpeg codec)
+   in a fresh interpreter (``benchmarks/peers/run_wsi_her2.py``);
+2. ``wsi-her2 score STORE -o OUT --force --overwrite -q`` (the default scorer ``ihc_dab`` on the
+   CPU) in a fresh interpreter with ``N`` torch threads (``OMP_NUM_THREADS=N``); ``--force``
+   because the bench slide holds an H&E region that the stain check would refuse.
+
+The ratio that matters is **score rate / tile rate over the same store's tiles**, i.e. tiling
+time / scoring time for the same slide: >= 1 means scoring a slide takes no longer than tiling
+it. It is given three ways: stage (the command's own work, after imports), command (wall time of
+the whole process, interpreter start to exit) and CPU (user + system seconds of each process
+tree, the figure a busy shared machine disturbs least). Load averages are printed with the
+numbers.
+
+    PYTHONPATH=. python benchmarks/bench_scorer_vs_tiler.py                      # 20000 x 15000, N = 1 and all cores
+    PYTHONPATH=. python benchmarks/bench_scorer_vs_tiler.py --width 8000 --height 6000 --workers 2   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_tile import DATA_DIR, _fresh_dir, ensure_slide, project_env, run_ours, run_tool  # noqa: E402
+
+
+def run_score(store: Path, out_dir: Path, *, threads: int) -> dict:
+    """``wsi-her2 score`` in a fresh interpreter with ``threads`` torch threads; the runner JSON line."""
+    _fresh_dir(out_dir)
+    env = project_env()
+    env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-score", str(store), str(out_dir)]
+    return run_tool(cmd, env=env)
+
+
+def score_runner(store: str, out_dir: str) -> int:
+    """The child: time the imports and ``wsi-her2 score`` apart, print one JSON line."""
+    t0 = time.perf_counter()
+    import torch
+
+    from wsi_her2.cli import main as cli_main
+
+    imports_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rc = cli_main(["score", store, "-o", out_dir, "--force", "--overwrite", "-q"])
+    seconds = time.perf_counter() - t1
+    if rc != 0:
+        raise SystemExit(f"wsi-her2 score exited with {rc}")
+    slide_json = next(Path(out_dir).glob("*.json"))
+    meta = json.loads(slide_json.read_text())
+    from wsi_her2.store import open_store
+
+    st = open_store(store)
+    print(json.dumps({
+        "tool": "wsi-her2 score", "tiles": int(st.n_tiles), "scored": int(st.qc_pass.sum()),
+        "seconds": round(seconds, 4), "imports_s": round(imports_s, 3), "threads": torch.get_num_threads(),
+        "inference_s": meta.get("timings_s", {}).get("inference"),
+    }), flush=True)
+    return 0
+
+
+def measure(slide: Path, *, workers: int, out_root: Path) -> dict:
+    load_before = os.getloadavg()
+    tile = run_ours(slide, workers=workers, out_dir=out_root / f"tile-{workers}", codec="jpeg")
+    if "error" in tile:
+        raise SystemExit(f"wsi-her2 tile failed: {tile['error']}")
+    score = run_score(Path(tile["store"]), out_root / f"score-{workers}", threads=workers)
+    if "error" in score:
+        raise SystemExit(f"wsi-her2 score failed: {score['error']}")
+    n = tile["tiles"]
+    row = {"cores": workers, "tiles": n, "scored": score["scored"], "load_before": [round(v, 2) for v in load_before],
+           "load_after": [round(v, 2) for v in os.getloadavg()], "tile": tile, "score": score}
+    for kind, key in (("stage", "seconds"), ("command", "wall_s"), ("cpu", "cpu_s")):
+        row[f"tile_{kind}_tiles_s"] = n / tile[key]
+        row[f"score_{kind}_tiles_s"] = n / score[key]
+        row[f"ratio_{kind}"] = tile[key] / score[key]
+    return row
+
+
+def render(rows: list[dict], *, slide: Path) -> str:
+    out = [
+        f"wsi-her2 scorer vs tiler  {platform.node()}  {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores  {time.strftime('%Y-%m-%d %H:%M')}",
+        f"slide: {slide.name}; tiles per store: {rows[0]['tiles']:,} ({rows[0]['scored']:,} pass QC and are scored)",
+        "rates are the store's tiles / seconds; ratio = score rate / tile rate (>= 1: scoring is not the wait)",
+        "",
+        "| cores | measure | tile tiles/s | score tiles/s | score/tile | load avg (1 min) before -> after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for kind, label in (("stage", "stage (after imports)"), ("command", "command, wall"), ("cpu", "per CPU-second")):
+            out.append(
+                f"| {r['cores']} | {label} | {r[f'tile_{kind}_tiles_s']:,.0f} | {r[f'score_{kind}_tiles_s']:,.0f} | "
+                f"{r[f'ratio_{kind}']:.2f} | {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f} |"
+            )
+    out.append("")
+    for r in rows:
+        out.append(f"cores {r['cores']}: imports tile {r['tile'].get('imports_s', 0):.1f} s, score {r['score']['imports_s']:.1f} s; "
+                   f"score inference {r['score']['inference_s']} s of {r['score']['seconds']:.1f} s")
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=20000)
+    p.add_argument("--height", type=int, default=15000)
+    p.add_argument("--workers", type=int, nargs="+", default=None, help="core counts (default 1 and all cores)")
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--run-score", nargs=2, metavar=("STORE", "OUT"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run_score:
+        return score_runner(*args.run_score)
+    cores = os.cpu_count() or 1
+    workers = args.workers or sorted({1, cores})
+    slide = ensure_slide(args.width, args.height, data_dir=args.data_dir)
+    rows = [measure(slide, workers=n, out_root=args.data_dir / "out" / "scorer-vs-tiler") for n in workers]
+    print(render(rows, slide=slide))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps({"slide": str(slide), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
