@@ -167,11 +167,9 @@ def _tile(rgb: np.ndarray, scorer: IhcDabScorer, plan: _Plan):
     """
     t, f, h, w = scorer.thresholds, plan.f, plan.h, plan.w
     od = _tile_od(rgb, scorer)
-    hema, neutral, dab_hnd, dab_hed, od_sum = (_UNMIX @ od).reshape(5, h, w)
-    np.maximum(hema, 0.0, out=hema)
-    np.maximum(neutral, 0.0, out=neutral)
-    np.maximum(dab_hed, 0.0, out=dab_hed)
-    np.maximum(dab_hnd, 0.0, out=dab_hnd)
+    unmixed = (_UNMIX @ od).reshape(5, h, w)
+    np.maximum(unmixed[:4], np.float32(0.0), out=unmixed[:4])  # stain ODs clamped at 0; the summed OD is not
+    hema, neutral, dab_hnd, dab_hed, od_sum = unmixed
 
     share = _blur(_coarse(dab_hnd, f), plan.chroma) / np.maximum(_blur(_coarse(dab_hed, f), plan.chroma), np.float32(t.chroma_min_od))
     brown = np.clip(share / np.float32(t.brown_full_share), 0.0, 1.0)
@@ -251,11 +249,16 @@ def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int 
     rgb = x.detach().numpy()
     if rgb.dtype != np.uint8:
         rgb = rgb.astype(np.float32, copy=False)
-    if threads > 1:
+    def run(tiles: range) -> list:
+        return [_tile(rgb[i], scorer, plan) for i in tiles]
+
+    if threads > 1:  # one contiguous share of the batch per thread
+        bounds = np.linspace(0, b, threads + 1).astype(int)
         with ThreadPoolExecutor(threads) as pool:
-            per_tile = list(pool.map(lambda i: _tile(rgb[i], scorer, plan), range(b)))
+            shares = list(pool.map(run, [range(bounds[j], bounds[j + 1]) for j in range(threads)]))
+        per_tile = [r for share in shares for r in share]
     else:
-        per_tile = [_tile(rgb[i], scorer, plan) for i in range(b)]
+        per_tile = run(range(b))
 
     counts = [len(p[1]) for p in per_tile]
     seed_tile = torch.from_numpy(np.repeat(np.arange(b, dtype=np.int64), counts))
