@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = model.wsi_her2_config
             if cfg.tile_px != store.tile_px:
                 logging.getLogger().warning("%s expects %d px tiles, the store has %d", name, cfg.tile_px, store.tile_px)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
             ceiling = time_ceiling(model, device=device, batch_size=batch, amp=amp, compile=args.compile, min_seconds=ceiling_s)
             full = time_full_path(model, store, config)
             precision = "bf16" if amp and cuda and not callable(getattr(model, "measure", None)) else "fp32"
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": name, "input_px": cfg.input_px, "batch": batch, "precision": precision,
                 "compiled": bool(args.compile and cuda), "tta_views": 8 if args.tta else 1,
                 "ceiling_img_s": ceiling, "full_path_tiles_s": full, "ratio": full / ceiling,
+                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
             })
             del model
             if cuda:
