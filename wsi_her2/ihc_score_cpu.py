@@ -159,52 +159,78 @@ def _coarse(img: np.ndarray, f: int) -> np.ndarray:
     return cv2.resize(img[: hc * f, : wc * f], (wc, hc), interpolation=cv2.INTER_AREA)
 
 
-def _tile(rgb: np.ndarray, scorer: IhcDabScorer, plan: _Plan):
-    """Steps 1-3 and the ray maxima of step 4 for one ``(3, H, W)`` tile.
+def _clamp_low(img: np.ndarray) -> np.ndarray:
+    """``max(img, 0)`` in place (OpenCV's to-zero threshold: one SIMD pass)."""
+    cv2.threshold(img, 0.0, 0.0, cv2.THRESH_TOZERO, dst=img)
+    return img
 
-    Returns the five tissue statistics, the seeds' flat cell-grid indices, their neighbour
-    counts, the cell-grid shape and the ``(N, n_directions)`` ray maxima.
-    """
-    t, f, h, w = scorer.thresholds, plan.f, plan.h, plan.w
-    od = _tile_od(rgb, scorer)
-    unmixed = (_UNMIX @ od).reshape(5, h, w)
-    np.maximum(unmixed[:4], np.float32(0.0), out=unmixed[:4])  # stain ODs clamped at 0; the summed OD is not
-    hema, neutral, dab_hnd, dab_hed, od_sum = unmixed
 
-    share = _blur(_coarse(dab_hnd, f), plan.chroma) / np.maximum(_blur(_coarse(dab_hed, f), plan.chroma), np.float32(t.chroma_min_od))
-    brown = np.clip(share / np.float32(t.brown_full_share), 0.0, 1.0)
+def _brown_dab(dab_hnd: np.ndarray, dab_hed: np.ndarray, t, plan: _Plan) -> np.ndarray:
+    """Brown DAB OD at tile resolution: Ruifrok DAB times its brown share, read on the cell grid."""
+    f, h, w = plan.f, plan.h, plan.w
+    hed_s = _blur(_coarse(dab_hed, f), plan.chroma)
+    share = _blur(_coarse(dab_hnd, f), plan.chroma) / np.maximum(hed_s, np.float32(t.chroma_min_od))
+    share *= np.float32(1.0 / t.brown_full_share)
+    brown = _clamp_low(cv2.threshold(share, 1.0, 0.0, cv2.THRESH_TRUNC)[1])  # clip to [0, 1]
     if f > 1:
         hc, wc = brown.shape
         brown = cv2.resize(brown, (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)
         if brown.shape != (h, w):
             brown = cv2.copyMakeBorder(brown, 0, h - hc * f, 0, w - wc * f, cv2.BORDER_REPLICATE)
-    dab = dab_hed * brown
+    dab = cv2.multiply(dab_hed, brown)
     if t.dab_gain != 1.0:
         dab *= np.float32(t.dab_gain)
+    return dab
 
-    tissue = (od_sum > t.tissue_od_sum).astype(np.float32).ravel()
+
+def _tissue_stats(od_sum: np.ndarray, hema: np.ndarray, neutral: np.ndarray, dab: np.ndarray, t) -> tuple[float, ...]:
+    """The five per-tile tissue statistics of :data:`STAT_NAMES`."""
+    tissue = cv2.threshold(od_sum, t.tissue_od_sum, 1.0, cv2.THRESH_BINARY)[1].ravel()
+    stained = cv2.threshold(dab, t.dab_faint_od, 1.0, cv2.THRESH_BINARY)[1].ravel()
     n_tissue = float(tissue.sum())
     denom = max(n_tissue, 1.0)
-    stats = (
-        n_tissue / float(h * w), float(hema.ravel() @ tissue) / denom, float(neutral.ravel() @ tissue) / denom,
-        float(dab.ravel() @ tissue) / denom, float(np.count_nonzero((dab.ravel() > t.dab_faint_od) & (tissue > 0))) / denom,
+    return (
+        n_tissue / float(tissue.size), float(hema.ravel() @ tissue) / denom, float(neutral.ravel() @ tissue) / denom,
+        float(dab.ravel() @ tissue) / denom, float(stained @ tissue) / denom,
     )
 
-    nuclear = _coarse(hema + neutral, f)
+
+def _seeds(nuclear: np.ndarray, t, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei on the cell grid: flat indices of DoG maxima, and each one's count of other nuclei nearby."""
     h1 = _blur(nuclear, plan.nucleus)
     dog = h1 - _blur(nuclear, plan.surround)
     local_max = cv2.dilate(dog, plan.seed_window, borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
     seed_map = (dog >= local_max) & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)
     idx = np.flatnonzero(seed_map)
     k = plan.cohesion_px
-    box = cv2.boxFilter(seed_map.astype(np.float32), cv2.CV_32F, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
-    neighbours = box.ravel()[idx] - 1.0
-    p = plan.pad
+    box = cv2.boxFilter(seed_map.view(np.uint8), cv2.CV_32F, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
+    return idx, box.ravel()[idx] - 1.0
+
+
+def _ray_maxima(dab: np.ndarray, idx: np.ndarray, grid_w: int, plan: _Plan) -> np.ndarray:
+    """``(N, n_directions)`` maxima of the smoothed DAB along each seed's rays (reflect-padded map)."""
+    f, p, w = plan.f, plan.pad, plan.w
     dab_s = cv2.copyMakeBorder(_blur(dab, plan.smooth), p, p, p, p, cv2.BORDER_REFLECT_101)
-    wc = seed_map.shape[1]
-    base = ((idx // wc) * f + f // 2 + p) * (w + 2 * p) + (idx % wc) * f + f // 2 + p
-    ray_max = np.take(dab_s.ravel(), base.astype(np.int32)[:, None, None] + plan.ray_offsets).max(axis=2)
-    return stats, idx, neighbours, seed_map.shape, ray_max
+    base = ((idx // grid_w) * f + f // 2 + p) * (w + 2 * p) + (idx % grid_w) * f + f // 2 + p
+    return np.take(dab_s.ravel(), base.astype(np.int32)[:, None, None] + plan.ray_offsets).max(axis=2)
+
+
+def _tile(rgb: np.ndarray, scorer: IhcDabScorer, plan: _Plan):
+    """Steps 1-3 and the ray maxima of step 4 for one ``(3, H, W)`` tile.
+
+    Returns the five tissue statistics, the seeds' flat cell-grid indices, their neighbour
+    counts, the cell-grid shape and the ``(N, n_directions)`` ray maxima.
+    """
+    t, h, w = scorer.thresholds, plan.h, plan.w
+    unmixed = np.matmul(_UNMIX, _tile_od(rgb, scorer)).reshape(5, h, w)
+    for row in unmixed[:4]:  # stain ODs clamped at 0; the summed OD is not
+        _clamp_low(row)
+    hema, neutral, dab_hnd, dab_hed, od_sum = unmixed
+    dab = _brown_dab(dab_hnd, dab_hed, t, plan)
+    stats = _tissue_stats(od_sum, hema, neutral, dab, t)
+    nuclear = _coarse(cv2.add(hema, neutral), plan.f)
+    idx, neighbours = _seeds(nuclear, t, plan)
+    return stats, idx, neighbours, nuclear.shape, _ray_maxima(dab, idx, nuclear.shape[1], plan)
 
 
 def _area_fraction(idx: np.ndarray, keep: np.ndarray, shape: tuple[int, int], plan: _Plan) -> float:
