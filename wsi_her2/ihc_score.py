@@ -1,7 +1,6 @@
 """Rule-based HER2 IHC tile scorer: colour deconvolution plus the ASCO/CAP 2018 membrane rules.
 
-:class:`IhcDabScorer` needs no trained weights. It is a ``torch.nn.Module`` (pure tensor ops,
-batched, CPU or CUDA) that turns ``(B, 3, H, W)`` RGB tiles into logits over
+:class:`IhcDabScorer` needs no trained weights. It is a ``torch.nn.Module`` that turns ``(B, 3, H, W)`` RGB tiles into logits over
 ``("0", "1+", "2+", "3+")`` by measuring what a pathologist looks at under ASCO/CAP 2018
 (breast): membrane staining **intensity** (faint/barely perceptible, weak-moderate, intense),
 its **completeness** (circumferential or not) and the **percentage of cells** showing each
@@ -12,12 +11,14 @@ pattern. Steps, all per tile:
    ``-log10(I / I0)`` and Ruifrok & Johnston colour deconvolution into hematoxylin and DAB OD.
 2. Tissue: pixels whose summed RGB OD exceeds a floor.
 3. Cells: nuclei as blobs of hematoxylin OD (difference of Gaussians at the nucleus scale,
-   local maxima at least a nucleus radius apart); one seed per cell.
+   local maxima at least a nucleus radius apart); one seed per cell. Cell-scale evidence
+   (nuclei, cohesion, tumour area, the DAB hue) is computed on the cell grid, ~1 µm/px
+   (:data:`CELL_GRID_UM`); the tissue statistics and membrane DAB at the tile's resolution.
 4. Membrane: from each seed, rays in ``n_directions`` directions from just outside the nucleus
    to the cell radius (micrometres converted with ``mpp_um``); each ray takes the maximum DAB
-   OD it crosses (computed densely as a running max of shifted DAB maps). Completeness is the
-   (soft) fraction of rays that hit DAB above the faint level; intensity is the mean OD over the
-   rays that hit.
+   OD it crosses (read at the seeds only, from the DAB map reflect-padded at the tile edge).
+   Completeness is the (soft) fraction of rays that hit DAB above the faint level; intensity is
+   the mean OD over the rays that hit.
 5. Per cell, soft memberships: >=1+ (any membrane DAB, partial or complete), >=2+ (complete and
    at least weak-moderate), 3+ (complete and intense). Per tile, the fractions of cells in each,
    then the ASCO/CAP decision list "3+ if >10 % of cells are 3+, elif >10 % >=2+, elif >10 %
@@ -26,6 +27,10 @@ pattern. Steps, all per tile:
    (a low-confidence 0); the QC stage is expected to drop them anyway.
 
 Every cut-point lives in :class:`IhcThresholds` with its reason.
+
+Two kernels compute steps 1-3 and the ray maxima (:class:`CellEvidence`): batched torch ops
+(any device; the GPU path) and OpenCV per tile (:mod:`wsi_her2.ihc_score_cpu`, the CPU default,
+~1 ms per 224 px tile). Steps 4-6 are one torch implementation shared by both.
 
 Limits
 ------
