@@ -163,7 +163,7 @@ def render_heatmap(
         where = labels == c
         if where.any():
             table = np.clip(np.round((1.0 - alpha) * levels + alpha * lut[c]), 0, 255).astype(np.uint8)
-            np.copyto(out, cv2.LUT(img, table.reshape(256, 1, 3)), where=where[..., None])
+            cv2.copyTo(cv2.LUT(img, table.reshape(256, 1, 3)), where.view(np.uint8), out)  # in place
     diagonal = (np.arange(h)[:, None] + np.arange(w)[None, :]) % _HATCH_PERIOD_PX == 0
     out[(labels == _REJECTED) & diagonal] = grey.astype(np.uint8)
     return out
