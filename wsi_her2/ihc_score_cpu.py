@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,6 +92,22 @@ def _plan(scorer: IhcDabScorer, h: int, w: int) -> _Plan:
     )
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 buffer kept per thread and reused tile after tile.
+
+    Fresh 0.2-1 MB temporaries per tile are mapped, zero-filled and unmapped by the allocator
+    each time, which costs as much CPU as the arithmetic and serialises threads on the kernel.
+    """
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = buffers.get(name)
+    if buf is None or buf.shape != shape:
+        buf = buffers[name] = np.empty(shape, np.float32)
+    return buf
+
+
 def _blur(img: np.ndarray, taps: np.ndarray | None) -> np.ndarray:
     if taps is None:
         return img
@@ -124,7 +141,7 @@ def _optical_density(planes: list[np.ndarray], scorer: IhcDabScorer) -> np.ndarr
     i0 = np.count_nonzero(np.cumsum(hist, axis=1) < k - 0.5, axis=1).astype(np.float32) / np.float32(255.0)
     i0 = np.clip(np.maximum(i0, i0.max() * np.float32(1.0 - t.background_max_cast)), t.background_min_intensity, 1.0)
     tables = np.maximum(np.log10(i0.astype(np.float32)).reshape(3, 1) - _LOG10_LEVELS, np.float32(0.0))
-    od = np.empty((3, h * w), np.float32)
+    od = _workspace("od", (3, h * w))
     for c in range(3):
         cv2.LUT(planes[c], tables[c], dst=od[c].reshape(h, w))
     return od
@@ -174,10 +191,12 @@ def _brown_dab(dab_hnd: np.ndarray, dab_hed: np.ndarray, t, plan: _Plan) -> np.n
     brown = _clamp_low(cv2.threshold(share, 1.0, 0.0, cv2.THRESH_TRUNC)[1])  # clip to [0, 1]
     if f > 1:
         hc, wc = brown.shape
-        brown = cv2.resize(brown, (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)
-        if brown.shape != (h, w):
+        if (hc * f, wc * f) == (h, w):
+            brown = cv2.resize(brown, (w, h), dst=_workspace("brown", (h, w)), interpolation=cv2.INTER_LINEAR)
+        else:
+            brown = cv2.resize(brown, (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)
             brown = cv2.copyMakeBorder(brown, 0, h - hc * f, 0, w - wc * f, cv2.BORDER_REPLICATE)
-    dab = cv2.multiply(dab_hed, brown)
+    dab = cv2.multiply(dab_hed, brown, dst=_workspace("dab", (h, w)))
     if t.dab_gain != 1.0:
         dab *= np.float32(t.dab_gain)
     return dab
@@ -185,8 +204,8 @@ def _brown_dab(dab_hnd: np.ndarray, dab_hed: np.ndarray, t, plan: _Plan) -> np.n
 
 def _tissue_stats(od_sum: np.ndarray, hema: np.ndarray, neutral: np.ndarray, dab: np.ndarray, t) -> tuple[float, ...]:
     """The five per-tile tissue statistics of :data:`STAT_NAMES`."""
-    tissue = cv2.threshold(od_sum, t.tissue_od_sum, 1.0, cv2.THRESH_BINARY)[1].ravel()
-    stained = cv2.threshold(dab, t.dab_faint_od, 1.0, cv2.THRESH_BINARY)[1].ravel()
+    tissue = cv2.threshold(od_sum, t.tissue_od_sum, 1.0, cv2.THRESH_BINARY, dst=_workspace("tissue", od_sum.shape))[1].ravel()
+    stained = cv2.threshold(dab, t.dab_faint_od, 1.0, cv2.THRESH_BINARY, dst=_workspace("stained", dab.shape))[1].ravel()
     n_tissue = float(tissue.sum())
     denom = max(n_tissue, 1.0)
     return (
@@ -210,7 +229,10 @@ def _seeds(nuclear: np.ndarray, t, plan: _Plan) -> tuple[np.ndarray, np.ndarray]
 def _ray_maxima(dab: np.ndarray, idx: np.ndarray, grid_w: int, plan: _Plan) -> np.ndarray:
     """``(N, n_directions)`` maxima of the smoothed DAB along each seed's rays (reflect-padded map)."""
     f, p, w = plan.f, plan.pad, plan.w
-    dab_s = cv2.copyMakeBorder(_blur(dab, plan.smooth), p, p, p, p, cv2.BORDER_REFLECT_101)
+    smooth = dab if plan.smooth is None else cv2.sepFilter2D(
+        dab, cv2.CV_32F, plan.smooth, plan.smooth, dst=_workspace("dab_smooth", dab.shape), borderType=cv2.BORDER_REFLECT_101)
+    dab_s = cv2.copyMakeBorder(smooth, p, p, p, p, cv2.BORDER_REFLECT_101,
+                               dst=_workspace("dab_padded", (dab.shape[0] + 2 * p, dab.shape[1] + 2 * p)))
     base = ((idx // grid_w) * f + f // 2 + p) * (w + 2 * p) + (idx % grid_w) * f + f // 2 + p
     return np.take(dab_s.ravel(), base.astype(np.int32)[:, None, None] + plan.ray_offsets).max(axis=2)
 
@@ -222,7 +244,7 @@ def _tile(rgb: np.ndarray, scorer: IhcDabScorer, plan: _Plan):
     counts, the cell-grid shape and the ``(N, n_directions)`` ray maxima.
     """
     t, h, w = scorer.thresholds, plan.h, plan.w
-    unmixed = np.matmul(_UNMIX, _tile_od(rgb, scorer)).reshape(5, h, w)
+    unmixed = np.matmul(_UNMIX, _tile_od(rgb, scorer), out=_workspace("unmixed", (5, h * w))).reshape(5, h, w)
     for row in unmixed[:4]:  # stain ODs clamped at 0; the summed OD is not
         _clamp_low(row)
     hema, neutral, dab_hnd, dab_hed, od_sum = unmixed
