@@ -13,7 +13,7 @@ import pytest
 
 from wsi_her2.cli import main
 from wsi_her2.errors import StoreError
-from wsi_her2.store import PatchStore, open_store
+from wsi_her2.store import QC_ARRAYS, PatchStore, open_store
 from wsi_her2.store_verify import verify_store
 from wsi_her2.tile_pipeline import TileConfig, tile_slide
 
@@ -41,7 +41,7 @@ def _one_line_error(capsys) -> str:
 # --- damaged stores -------------------------------------------------------------------------------
 def test_clean_store_verifies(clean_store, capsys):
     rep = verify_store(clean_store)
-    assert rep.n_checksummed == rep.n_chunks == 4 + 7 + 1 + 3
+    assert rep.n_checksummed == rep.n_chunks == 4 + 8 + 1 + 3  # tiles, per-tile arrays, unit_done, images
     assert main(["verify", str(clean_store)]) == 0
     assert "ok" in capsys.readouterr().out
 
@@ -117,7 +117,7 @@ def test_all_zero_arrays_still_write_their_chunks(tmp_path):
                               per_tile={"mask_fraction": np.zeros(3, np.float32)},
                               images={"tissue_mask": np.zeros((4, 4), bool)})
     store.write_qc({n: np.zeros(3, np.float32 if n != "qc_flags" else np.uint8) for n in
-                    ("tissue_fraction", "laplacian_var", "pen_fraction", "qc_flags")}, np.zeros(1, bool))
+                    QC_ARRAYS}, np.zeros(1, bool))
     for name in ("mask_fraction/c/0", "qc_flags/c/0", "unit_done/c/0", "tissue_mask/c/0/0"):
         assert (tmp_path / "z.zarr" / name).is_file(), name
 

@@ -59,6 +59,7 @@ class ScoreConfig:
     progress: bool = False
     explain: str | None = None  # "gradcam" | "gradcam++": also write <id>.saliency.png and a saliency measurement
     force: bool = False  # score even when the stain check says the slide is not DAB IHC
+    calibration: str | None = None  # --calibration: a wsi-her2 calibrate JSON (ihc_dab cut-points)
     heatmap_measures: list[str] = field(default_factory=list)  # --heatmap: continuous maps of these tile measurements
     roi: str | None = None  # --roi: QuPath GeoJSON of regions; only tiles mostly inside are scored, one call per region
     roi_class: str | None = None  # --roi-class: only regions of this QuPath class
@@ -121,6 +122,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     config = config or ScoreConfig()
     if config.agg not in AGGREGATORS:
         raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
+    calibration = _calibration_record(config)  # a bad file fails here, before any work
     t_start = time.perf_counter()
     store = open_store(store_path)
     out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
@@ -130,7 +132,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     if json_path.exists() and not config.overwrite:
         done = json.loads(json_path.read_text())
         if (done.get("model", {}).get("name") == _model_label(config) and done.get("aggregation") == config.agg
-                and done.get("parts") == _parts_key(config)):
+                and done.get("parts") == _parts_key(config) and done.get("calibration") == calibration):
             log.info("%s: already scored (use --overwrite to redo)", sid)
             ensure_slides_csv_row(out / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
             return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
@@ -140,6 +142,10 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     if model is None:
         model = load_scoring_model(config, store_mpp_um=float(tiling["effective_mpp_um"]))
     model_cfg = model.wsi_her2_config
+    if calibration is not None:
+        from wsi_her2.calibrate import Calibration
+
+        Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"]).apply_to(model)
     check_model_matches_store(model_cfg, store)
     check_stain_for_model(store, model_cfg, force=config.force)  # H&E given to the DAB scorer is refused
     inf_cfg = InferenceConfig(
@@ -156,7 +162,8 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     calls = np.full(store.n_tiles, -1, dtype=np.int64)
     if scored.any():
         calls[scored] = np.argmax(pred.probs[scored], axis=1)
-    slide_call = call_slide(pred.probs, pred.measurements, scored, agg=config.agg, min_tiles=config.min_tiles)
+    slide_call = call_slide(pred.probs, pred.measurements, scored, agg=config.agg, min_tiles=config.min_tiles,
+                            cell_fraction_cut=calibration["cell_fraction_cut"] if calibration else None)
 
     flags = store.qc_flags
     reasons = [reject_reason(int(f)) for f in flags]
@@ -215,6 +222,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         "slide_sha256": store.attrs["slide"]["sha256"],
         "call": slide_call,
         "tumour": tumour,
+        "calibration": calibration,
         "row": row,
         "aggregation": config.agg,
         "model": {"name": _model_label(config), "config": model_cfg.to_dict(), "weights": config.weights},
@@ -234,9 +242,24 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     return SlideScore(sid, slide_call, row, outputs)
 
 
-def call_slide(probs, measurements: dict, scored, *, agg: str, min_tiles: int) -> dict:
+def _calibration_record(config: ScoreConfig) -> dict | None:
+    """What ``--calibration`` sets (recorded in ``<id>.json``), or None."""
+    if config.calibration is None:
+        return None
+    from wsi_her2.calibrate import load_calibration
+
+    if config.model != "ihc_dab":
+        raise ConfigError("--calibration is for the rule-based ihc_dab scorer; a trained model is calibrated by training")
+    cal, data = load_calibration(config.calibration)
+    return {"file": str(config.calibration), "dab_gain": cal.dab_gain, "cell_fraction_cut": cal.cell_fraction_cut,
+            "n_slides": data.get("n_slides"), "leave_one_out": data.get("leave_one_out")}
+
+
+def call_slide(probs, measurements: dict, scored, *, agg: str, min_tiles: int,
+               cell_fraction_cut: float | None = None) -> dict:
     """The slide call with its HER2 category. With a cell-level scorer (``ihc_dab``) the ``asco``
-    rule runs on tumour-cell percentages pooled over tiles; otherwise on tile calls."""
+    rule runs on tumour-cell percentages pooled over tiles; otherwise on tile calls.
+    ``cell_fraction_cut`` replaces the guideline's 10 % (lab calibration)."""
     from wsi_her2.aggregate import (
         AGGREGATORS, CELL_FRACTION_KEYS, HER2_CATEGORIES, TUMOUR_CELLS_KEY, aggregate_asco_cells, her2_category,
     )
@@ -244,7 +267,8 @@ def call_slide(probs, measurements: dict, scored, *, agg: str, min_tiles: int) -
     has_cells = all(k in measurements for k in (*CELL_FRACTION_KEYS, TUMOUR_CELLS_KEY))
     if agg == "asco" and has_cells:
         fractions = np.stack([np.asarray(measurements[k])[scored] for k in CELL_FRACTION_KEYS], axis=1)
-        call = aggregate_asco_cells(fractions, np.asarray(measurements[TUMOUR_CELLS_KEY])[scored]).to_dict()
+        cut = {} if cell_fraction_cut is None else {"thresholds": dict.fromkeys(("1+", "2+", "3+"), cell_fraction_cut)}
+        call = aggregate_asco_cells(fractions, np.asarray(measurements[TUMOUR_CELLS_KEY])[scored], **cut).to_dict()
         any_staining = call["details"]["fraction_at_least"][">=1+"]
     else:
         call = AGGREGATORS[agg](probs[scored], min_tiles=min_tiles).to_dict()

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "tile",
     "score",
     "verify",
+    "calibrate",
     "models",
     "run",
     "status",
