@@ -124,13 +124,14 @@ def make_slide(image: Path, variant: str, opts: CheckOptions) -> Path:
                              mpp_um=opts.mpp_out_um)
 
 
-def _error_line(proc: subprocess.CompletedProcess, what: str) -> str:
-    """The command's own one-line error (last ``error:`` line of stderr), else its exit code."""
+def _error_line(proc: subprocess.CompletedProcess, what: str, path: Path) -> str:
+    """The command's own one-line error (last ``error:`` line of stderr), else its exit code;
+    the slide or store path it names is shortened to its file name."""
     lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error:" in ln]
     text = (errors or lines or [f"exit code {proc.returncode}"])[-1]
     text = text.split("error:", 1)[1].strip() if "error:" in text else text
-    return f"{what}: {text}"
+    return f"{what}: {text.replace(str(path), path.name)}"
 
 
 def _run(args: list[str], opts: CheckOptions) -> subprocess.CompletedProcess:
@@ -188,11 +189,12 @@ def check_image(image: Path, label: str, variant: str, opts: CheckOptions) -> di
         tile = _run(["tile", str(slide), "-o", str(run_dir), "--mpp", f"{opts.tile_mpp:g}", "-q",
                      *opts.tile_args], opts)
         if tile.returncode != 0:
-            row["error"] = _error_line(tile, "tile")
+            row["error"] = _error_line(tile, "tile", slide)
         else:
-            score = _run(["score", str(run_dir / f"{sid}.zarr"), "-q", *opts.score_args], opts)
+            store = run_dir / f"{sid}.zarr"
+            score = _run(["score", str(store), "-q", *opts.score_args], opts)
             if score.returncode != 0:
-                row["error"] = _error_line(score, "score")
+                row["error"] = _error_line(score, "score", store)
             else:
                 row.update(read_outputs(run_dir, sid))
     except subprocess.TimeoutExpired as exc:
@@ -213,12 +215,12 @@ def format_row(row: dict) -> str:
     used = f"{_fmt(row['tiles_used'])}/{_fmt(row['tiles_total'])}"
     rejected = " ".join(f"{k}:{v}" for k, v in row["rejected"].items()) or "-"
     tail = f"ERROR {row['error']}" if row["error"] else rejected
-    return (f"{row['image']:<20} {row['variant']:<5} {row['label']:>5} {_fmt(row['call']):>13} "
+    return (f"{row['image']:<20} {row['variant']:<7} {row['label']:>5} {_fmt(row['call']):>13} "
             f"{_fmt(row['category']):>14} {_fmt(row['tumour_area_mm2'], '.3f'):>8} "
             f"{_fmt(row['tumour_cells']):>6} {used:>7}  {tail}")
 
 
-HEADER = (f"{'image':<20} {'slide':<5} {'label':>5} {'call':>13} {'category':>14} {'tum_mm2':>8} "
+HEADER = (f"{'image':<20} {'variant':<7} {'label':>5} {'call':>13} {'category':>14} {'tum_mm2':>8} "
           f"{'cells':>6} {'used':>7}  rejected tiles by reason / error")
 
 
@@ -247,7 +249,7 @@ def format_summary(variant: str, s: dict) -> str:
         f"no tissue {s['no_tissue']}, other failures {s['other_failures']}, indeterminate {s['indeterminate']}"
     )]
     if n_called:
-        lines.append(format_agreement(s["agreement"]))
+        lines.append(format_agreement({**s["agreement"], "not_scored": []}))  # the table lists them
     return "\n".join(lines)
 
 

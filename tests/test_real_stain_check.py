@@ -48,7 +48,7 @@ def test_a_failing_tile_is_a_row_with_its_error(tmp_path):
     Image.fromarray(np.full((512, 512, 3), rsc.LAVENDER_GLASS_RGB, np.uint8)).save(glass, quality=95)
     row = rsc.check_image(glass, "0", "full", rsc.CheckOptions(out_dir=tmp_path / "out"))
     assert set(row) == ROW_KEYS and row["call"] is None
-    assert row["error"].startswith("tile: ") and "no tissue" in row["error"]
+    assert row["error"].startswith("tile: glass.full.1um.svs: ") and "no tissue" in row["error"]
     assert "ERROR tile:" in rsc.format_row(row)
 
 
