@@ -189,13 +189,31 @@ def bench_store_jpeg(tiles: np.ndarray, dab_ref: np.ndarray, *, repeats: int) ->
             "dab_abs_delta": float(np.abs(per_tile_mean).mean())}
 
 
+def image_call(tile_calls: np.ndarray, *, cut: float = 0.10) -> int:
+    """ASCO-style image call from per-tile argmax calls (0-3): the >10 % decision list."""
+    n = max(len(tile_calls), 1)
+    for grade in (3, 2, 1):
+        if (tile_calls >= grade).sum() / n > cut:
+            return grade
+    return 0
+
+
+def tiles_of(path: Path, tile_px: int):
+    """Non-overlapping ``tile_px`` tiles of an RGB image as ``(N, 3, tile_px, tile_px)`` in [0, 1]."""
+    import torch
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    h, w, _ = rgb.shape
+    tiles = [rgb[y: y + tile_px, x: x + tile_px]
+             for y in range(0, h - tile_px + 1, tile_px) for x in range(0, w - tile_px + 1, tile_px)]
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+
+
 def scorer_agreement(folder: Path, *, tile_px: int = 224) -> dict:
     """What the store's JPEG does to the default scorer: ``ihc_dab`` on the real BCI IHC patches,
     every 224 px tile scored as stored losslessly and after the store's JPEG round trip."""
     import torch
-
-    sys.path.insert(0, str(REPO / "qc"))
-    from ihc_dev_report import image_call, tiles_of
 
     from wsi_her2.ihc_score import IhcDabScorer
     from wsi_her2.store_codecs import decode_jpeg_chunk, encode_jpeg_chunk

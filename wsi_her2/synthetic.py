@@ -26,7 +26,6 @@ import argparse
 import functools
 import logging
 import math
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,12 @@ from numpy.typing import NDArray
 
 from wsi_her2 import synthetic_textures as tx
 from wsi_her2.errors import ConfigError
+from wsi_her2.svs_writer import (
+    APERIO_HEADER,  # noqa: F401  (re-exported: part of this module's namespace before)
+    aperio_description_text,
+    pyramid_downsamples_for,
+    write_aperio_pyramid,
+)
 from wsi_her2.synthetic_textures import GRADE_COMPLETENESS, GRADE_DAB_OD, PERIOD_PX
 
 __all__ = [
@@ -69,7 +74,6 @@ DEMO_PLANTED_SCORE = 2
 _OFFSET_QUANTUM_PX = 64
 #: Thumbnail page (required by the SVS page layout) longest side, px.
 _THUMBNAIL_MAX_PX = 1024
-APERIO_HEADER = "Aperio Image Library v12.0.0"
 
 
 @dataclass(frozen=True)
@@ -436,29 +440,16 @@ def render_region(spec: SyntheticSlideSpec, x_px: int, y_px: int, w_px: int, h_p
 def level_downsamples(spec: SyntheticSlideSpec) -> tuple[int, ...]:
     """Pyramid downsamples actually written: stop at the first level whose longer side
     would be smaller than one native tile."""
-    out = [1]
-    for d in spec.pyramid_downsamples[1:]:
-        if max(spec.width_px // d, spec.height_px // d) < spec.native_tile_px:
-            break
-        out.append(d)
-    return tuple(out)
-
-
-def _app_mag(mpp_um: float) -> int:
-    return max(1, round(10.0 / mpp_um))  # 0.5 µm/px -> 20x, 0.25 -> 40x
+    return pyramid_downsamples_for(spec.width_px, spec.height_px, spec.native_tile_px,
+                                   spec.pyramid_downsamples)
 
 
 def aperio_description(spec: SyntheticSlideSpec, level_w_px: int | None = None,
                        level_h_px: int | None = None) -> str:
     """Aperio ImageDescription for level 0 (or, with a size, for a reduced page)."""
-    w, h, t = spec.width_px, spec.height_px, spec.native_tile_px
-    head = f"{APERIO_HEADER}\r\n{w}x{h} [0,0 {w}x{h}] ({t}x{t})"
-    if level_w_px is not None:
-        return f"{head} -> {level_w_px}x{level_h_px} JPEG/RGB Q={spec.jpeg_quality}"
-    desc = f"{head} JPEG/RGB Q={spec.jpeg_quality}"
-    if spec.write_mpp:
-        desc += f"|AppMag = {_app_mag(spec.mpp_um)}|MPP = {spec.mpp_um:.4f}"
-    return desc + "|Filename = synthetic"
+    return aperio_description_text(spec.width_px, spec.height_px, spec.native_tile_px, spec.jpeg_quality,
+                                   mpp_um=spec.mpp_um if spec.write_mpp else None,
+                                   level_w_px=level_w_px, level_h_px=level_h_px)
 
 
 def _tiles(spec: SyntheticSlideSpec, d: int, w: int, h: int) -> Iterator[NDArray[np.uint8]]:
@@ -484,11 +475,9 @@ def _thumbnail(spec: SyntheticSlideSpec, d: int) -> NDArray[np.uint8]:
 def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec, *, workers: int = 1) -> Path:
     """Write ``spec`` as an Aperio-like pyramidal tiled-JPEG TIFF.
 
-    Page layout follows real SVS files: level 0 (tiled), a stripped thumbnail, then the
-    reduced levels (tiled). Every page has ``subfiletype=0`` (tifffile's SVS parser, used by
-    tiffslide, stops at "reduced" pages, and takes page 1 as the thumbnail whatever it is).
-    JPEG is stored as YCbCr with 2x2 chroma subsampling (or RGB, ``spec.jpeg_rgb``); both
-    openslide and tiffslide decode either to identical pixels.
+    The page layout, description and JPEG settings are those of
+    :func:`wsi_her2.svs_writer.write_aperio_pyramid` (level 0, a stripped thumbnail, then the
+    reduced levels; YCbCr 4:2:0 JPEG, or RGB 4:4:4 with ``spec.jpeg_rgb``).
 
     Parameters
     ----------
@@ -504,42 +493,13 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec, *, workers
     Path
         ``path``.
     """
-    import tifffile  # heavy-ish; only the writer needs it
-
-    path = Path(path)
-    t = spec.native_tile_px
     levels = level_downsamples(spec)
-    raw_bytes = sum((spec.width_px // d) * (spec.height_px // d) * 3 for d in levels)
-    started = time.perf_counter()
-    jpeg: dict = {"compressionargs": {"level": spec.jpeg_quality}, "subsampling": (2, 2)}
-    if spec.jpeg_rgb:
-        jpeg = {"compressionargs": {"level": spec.jpeg_quality, "outcolorspace": "RGB"},
-                "subsampling": (1, 1)}
-    common = dict(
-        dtype=np.uint8, photometric="rgb", compression="jpeg", metadata=None, software=False,
-        subfiletype=0, maxworkers=workers, **jpeg,
+    return write_aperio_pyramid(
+        path, width_px=spec.width_px, height_px=spec.height_px, tile_px=spec.native_tile_px,
+        downsamples=levels, level_tiles=functools.partial(_tiles, spec),
+        thumbnail=_thumbnail(spec, levels[-1]), mpp_um=spec.mpp_um if spec.write_mpp else None,
+        jpeg_quality=spec.jpeg_quality, jpeg_rgb=spec.jpeg_rgb, workers=workers,
     )
-    with tifffile.TiffWriter(path, bigtiff=raw_bytes > 2**31) as tif:
-        for index, d in enumerate(levels):
-            w, h = spec.width_px // d, spec.height_px // d
-            res = {}
-            if spec.write_mpp:
-                px_per_cm = 1e4 / (spec.mpp_um * d)
-                res = dict(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
-            tif.write(
-                data=_tiles(spec, d, w, h), shape=(h, w, 3), tile=(t, t),
-                description=aperio_description(spec) if index == 0 else aperio_description(spec, w, h),
-                **res, **common,
-            )
-            logger.info("level %d (downsample %d, %dx%d) written after %.1f s",
-                        index, d, w, h, time.perf_counter() - started)
-            if index == 0:
-                thumb = _thumbnail(spec, levels[-1])
-                tif.write(thumb, description=aperio_description(spec, thumb.shape[1], thumb.shape[0]),
-                          rowsperstrip=64, **common)
-    logger.info("wrote %s (%dx%d px, %d levels) in %.1f s", path, spec.width_px, spec.height_px,
-                len(levels), time.perf_counter() - started)
-    return path
 
 
 # --------------------------------------------------------------------------- presets
