@@ -116,8 +116,11 @@ def make_slide(image: Path, variant: str, opts: CheckOptions) -> Path:
     rgb = resample_to_mpp(rgb, SOURCE_MPP_UM, opts.mpp_out_um)
     if variant != "full":
         margin_px = round(GLASS_MARGIN_PX * SOURCE_MPP_UM / opts.mpp_out_um)
+        # Re-lit from the patch's own bright end (its glass, or its palest tissue when it has none)
+        # to the tinted glass, keeping optical density: pale tissue lands a few levels below glass.
+        src_glass = tuple(float(v) for v in np.percentile(rgb.reshape(-1, 3), 99.5, axis=0))
         rgb = composite_on_glass(rgb, glass_rgb=opts.glass_rgb, shape="core" if variant == "core" else "rect",
-                                 margin_px=margin_px, seed=0)
+                                 margin_px=margin_px, seed=0, relight_from_rgb=src_glass)
     slides = opts.out_dir / "slides"
     slides.mkdir(parents=True, exist_ok=True)
     return write_image_slide(rgb, slides / f"{slide_id(image, variant, opts.mpp_out_um)}.svs",

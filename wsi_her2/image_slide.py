@@ -112,7 +112,8 @@ def _glass(height_px: int, width_px: int, glass_rgb: tuple[int, int, int], seed:
 
 
 def composite_on_glass(rgb: NDArray[np.uint8], *, glass_rgb: tuple[int, int, int] = LAVENDER_GLASS_RGB,
-                       shape: str = "core", margin_px: int = 64, seed: int = 0) -> NDArray[np.uint8]:
+                       shape: str = "core", margin_px: int = 64, seed: int = 0,
+                       relight_from_rgb: tuple[float, float, float] | None = None) -> NDArray[np.uint8]:
     """Place ``rgb`` on tinted glass with ``margin_px`` of glass on every side.
 
     ``shape="rect"`` keeps the whole image; ``shape="core"`` keeps the disc of diameter
@@ -120,8 +121,15 @@ def composite_on_glass(rgb: NDArray[np.uint8], *, glass_rgb: tuple[int, int, int
     glass everywhere else. The glass is ``glass_rgb`` with slight per-pixel noise (standard
     deviation 0.8, clipped to +-2 grey levels), reproducible from ``seed``. The output is
     ``(height + 2 * margin_px, width + 2 * margin_px, 3)`` uint8.
+
+    ``relight_from_rgb``: the glass colour the image was scanned over. Given, the image is
+    re-lit as if scanned over ``glass_rgb`` (``I * glass / relight_from`` per channel), which
+    keeps every pixel's optical density against its glass: pale tissue stays pale.
     """
     rgb = _check_rgb(rgb)
+    if relight_from_rgb is not None:
+        gain = np.asarray(glass_rgb, np.float32) / np.maximum(np.asarray(relight_from_rgb, np.float32), 1.0)
+        rgb = np.clip(np.rint(rgb.astype(np.float32) * gain), 0, 255).astype(np.uint8)
     if shape not in ("core", "rect"):
         raise ConfigError(f"shape {shape!r} is unknown; use 'core' or 'rect'")
     if margin_px < 0:

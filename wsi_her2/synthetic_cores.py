@@ -14,7 +14,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-LAVENDER_GLASS_RGB = (234, 233, 242)
+from wsi_her2.image_slide import LAVENDER_GLASS_RGB, composite_on_glass, disc_cover
+
 
 
 def jpeg_roundtrip(rgb: NDArray[np.uint8], quality: int = 80) -> NDArray[np.uint8]:
@@ -22,12 +23,6 @@ def jpeg_roundtrip(rgb: NDArray[np.uint8], quality: int = 80) -> NDArray[np.uint
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
     return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def disc_mask(size_px: int, *, radius_px: float, center: tuple[float, float] | None = None) -> NDArray[np.bool_]:
-    cy, cx = center if center is not None else ((size_px - 1) / 2.0, (size_px - 1) / 2.0)
-    yy, xx = np.mgrid[:size_px, :size_px]
-    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius_px**2
 
 
 def pale_core(
@@ -41,7 +36,8 @@ def pale_core(
     ``stain_od`` (``0`` leaves an unstained core visible only by the edge of the section).
     """
     rng = np.random.default_rng(seed)
-    truth = disc_mask(size_px, radius_px=core_diameter_um / mpp_um / 2.0)
+    truth = disc_cover(size_px, size_px, cx_px=size_px / 2, cy_px=size_px / 2,
+                       radius_px=core_diameter_um / mpp_um / 2.0) >= 0.5
     base = cv2.GaussianBlur(rng.normal(0.0, 1.0, (size_px, size_px)).astype(np.float32), (0, 0), 20 / mpp_um)
     base = 0.006 + 0.003 * base / (base.std() + 1e-9)
     nuclei = np.zeros((size_px, size_px), np.float32)
@@ -71,32 +67,18 @@ def pale_core(
     return jpeg_roundtrip(np.clip(np.round(img), 0, 255).astype(np.uint8)), truth
 
 
-def move_to_glass(
-    rgb: NDArray[np.uint8], *, src_glass_rgb: NDArray[np.floating], dst_glass_rgb=LAVENDER_GLASS_RGB
-) -> NDArray[np.uint8]:
-    """Re-light ``rgb`` as if scanned over glass ``dst_glass_rgb``: transmission is kept
-    (``I * dst / src`` per channel), so every pixel's optical density against glass is unchanged."""
-    gain = np.asarray(dst_glass_rgb, np.float32) / np.maximum(np.asarray(src_glass_rgb, np.float32), 1.0)
-    return np.clip(np.round(rgb.astype(np.float32) * gain), 0, 255).astype(np.uint8)
-
-
 def composite_core(
     rgb: NDArray[np.uint8], *, src_glass_rgb, margin_px: int, dst_glass_rgb=LAVENDER_GLASS_RGB, seed: int = 0,
 ) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
     """A real image cut to a round core, re-lit onto tinted glass with ``margin_px`` of glass
-    around it: ``(rgb, core_truth)``. Glass gets scanner noise and the whole a JPEG round trip."""
+    around it, then a JPEG round trip: ``(rgb, core_truth)``."""
     h, w = rgb.shape[:2]
-    size = max(h, w) + 2 * margin_px
-    out = np.empty((size, size, 3), np.float32)
-    out[:] = np.asarray(dst_glass_rgb, np.float32)
-    rng = np.random.default_rng(seed)
-    out += rng.normal(0.0, 0.8, out.shape)
-    truth = disc_mask(size, radius_px=min(h, w) / 2.0)
-    y0, x0 = (size - h) // 2, (size - w) // 2
-    inner = truth[y0 : y0 + h, x0 : x0 + w]
-    moved = move_to_glass(rgb, src_glass_rgb=src_glass_rgb, dst_glass_rgb=dst_glass_rgb).astype(np.float32)
-    out[y0 : y0 + h, x0 : x0 + w][inner] = moved[inner]
-    return jpeg_roundtrip(np.clip(np.round(out), 0, 255).astype(np.uint8)), truth
+    out = composite_on_glass(rgb, glass_rgb=dst_glass_rgb, shape="core", margin_px=margin_px, seed=seed,
+                             relight_from_rgb=tuple(float(v) for v in src_glass_rgb))
+    truth = np.zeros(out.shape[:2], bool)
+    truth[margin_px : margin_px + h, margin_px : margin_px + w] = (
+        disc_cover(h, w, cx_px=w / 2, cy_px=h / 2, radius_px=min(h, w) / 2) >= 0.5)
+    return jpeg_roundtrip(out), truth
 
 
 def downsample(rgb: NDArray[np.uint8], factor: int) -> NDArray[np.uint8]:
