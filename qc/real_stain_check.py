@@ -50,10 +50,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable as `python qc/real_stain_check.py` from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
 import numpy as np
 from PIL import Image
 
@@ -65,6 +61,7 @@ from wsi_her2.image_slide import (
     write_image_slide,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "ihc_dev"
 #: Pixel size of the dev patches (``shared/fixtures/README.md``: treat them as 1.0 µm/px).
 SOURCE_MPP_UM = 1.0
