@@ -145,9 +145,9 @@ def _scores(truth: list[int], pred: list[int | None]) -> dict:
     return {"exact": exact, "n_called": len(pairs), "n": len(truth), "qwk": weighted_kappa(m)}
 
 
-def _fit(measured: list[dict], truth: list[int]) -> Calibration:
+def _fit(measured: list[dict], truth: list[int], gains: Sequence[float]) -> Calibration:
     best, best_key = Calibration(), None
-    for gain in DAB_GAINS:
+    for gain in gains:
         for cut in CELL_FRACTION_CUTS:
             pred = [call_from(m["by_gain"][gain]["at_least"], m["by_gain"][gain]["tumour_cells"], cut) for m in measured]
             s = _scores(truth, pred)
@@ -158,12 +158,18 @@ def _fit(measured: list[dict], truth: list[int]) -> Calibration:
     return best
 
 
-def calibrate(stores: Sequence[str | Path], labels_csv: str | Path, out: str | Path, *, device: str = "auto") -> dict:
-    """Fit, report leave-one-out agreement before (defaults) and after, write ``out`` (JSON)."""
+def calibrate(stores: Sequence[str | Path], labels_csv: str | Path, out: str | Path, *, device: str = "auto",
+              gains: Sequence[float] = DAB_GAINS) -> dict:
+    """Fit, report leave-one-out agreement before (defaults) and after, write ``out`` (JSON).
+
+    ``gains`` is the DAB-gain grid (must hold 1.0, the default); each costs one scoring pass."""
+    gains = tuple(sorted({float(g) for g in gains}))
+    if 1.0 not in gains or min(gains) <= 0:
+        raise ConfigError(f"--gains {gains}: give positive gains including 1.0 (the default)")
     labels = read_labels(labels_csv)
     measured, truth = [], []
     for path in stores:
-        m = measure_store(path, DAB_GAINS, device=device)
+        m = measure_store(path, gains, device=device)
         if m["slide"] not in labels:
             log.warning("%s: no label in %s; left out of the fit", m["slide"], labels_csv)
             continue
@@ -176,13 +182,13 @@ def calibrate(stores: Sequence[str | Path], labels_csv: str | Path, out: str | P
               for m in measured]
     loo = []
     for i in range(len(measured)):
-        cal = _fit(measured[:i] + measured[i + 1:], truth[:i] + truth[i + 1:])
+        cal = _fit(measured[:i] + measured[i + 1:], truth[:i] + truth[i + 1:], gains)
         g = measured[i]["by_gain"][cal.dab_gain]
         loo.append(call_from(g["at_least"], g["tumour_cells"], cal.cell_fraction_cut))
-    fitted = _fit(measured, truth)
+    fitted = _fit(measured, truth, gains)
     report = {
         "schema": CALIBRATION_SCHEMA, "package_version": __version__, **asdict(fitted),
-        "n_slides": len(measured), "grid": {"dab_gain": list(DAB_GAINS), "cell_fraction_cut": list(CELL_FRACTION_CUTS)},
+        "n_slides": len(measured), "grid": {"dab_gain": list(gains), "cell_fraction_cut": list(CELL_FRACTION_CUTS)},
         "before": _scores(truth, before), "leave_one_out": _scores(truth, loo),
         "slides": [{"slide": m["slide"], "label": HER2_LABELS[t], "default_call": _name(b), "loo_call": _name(c)}
                    for m, t, b, c in zip(measured, truth, before, loo)],

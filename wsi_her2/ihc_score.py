@@ -145,11 +145,13 @@ class IhcThresholds:
 
     Nuclei and tissue:
 
-    - ``hema_od_min = 0.08``: counterstained nuclei sit at hematoxylin OD ~0.15-0.6 (pale
-      counterstain in HER2 kits, which keep it light so membranes stay visible); 0.08 accepts
-      pale nuclei but not stroma (~0.02-0.05).
-    - ``dog_contrast_min = 0.02``: a nucleus must stand out from its ~10 µm surroundings by
-      this much hematoxylin OD (a blob, not a smear).
+    - ``hema_od_min = 0.05``: non-DAB (hematoxylin + neutral) OD of a nucleus, smoothed at the
+      nucleus scale. HER2 kits keep the counterstain light so membranes stay visible, and
+      nuclei of pale HER2 0/1+ carcinoma measure only ~0.05-0.15; 0.05 is ~25x the JPEG noise
+      left after that smoothing (< 0.002 OD).
+    - ``dog_contrast_min = 0.012``: a nucleus must stand out from its ~10 µm surroundings by
+      this much OD (a blob, not a smear): 6x the smoothed noise, so pale nuclei count while
+      smooth stroma and fat, which make no blobs, do not.
     - ``tissue_od_sum = 0.08``: summed RGB OD. After background correction glass and fat read
       <= ~0.04 in 90 % of pixels even in JPEG-compressed scans; a pale HER2-kit counterstain
       alone (cytoplasm hematoxylin OD ~0.07) sums to ~0.11. Pixels below count as glass/fat.
@@ -206,8 +208,8 @@ class IhcThresholds:
     ray_stop_um: float = 9.0
     n_directions: int = 16
     dab_smooth_sigma_um: float = 0.5
-    hema_od_min: float = 0.08
-    dog_contrast_min: float = 0.02
+    hema_od_min: float = 0.05
+    dog_contrast_min: float = 0.012
     tissue_od_sum: float = 0.08
     background_quantile: float = 0.99
     background_min_intensity: float = 0.65

@@ -120,9 +120,8 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
 
 
     config = config or ScoreConfig()
-    if config.agg not in AGGREGATORS:
-        raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
-    calibration = _calibration_record(config)  # a bad file fails here, before any work
+    validate_score_config(config)
+    calibration = _calibration_record(config)
     t_start = time.perf_counter()
     store = open_store(store_path)
     out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
@@ -240,6 +239,17 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     _atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(sid, slide_call, row, outputs)
+
+
+def validate_score_config(config: ScoreConfig) -> None:
+    """Check the options that can be checked without a store (so a bad one fails before any work)."""
+    from wsi_her2.aggregate import AGGREGATORS
+
+    if config.agg not in AGGREGATORS:
+        raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
+    if config.explain and config.model == "ihc_dab":
+        raise ConfigError("--explain needs a trained model (Grad-CAM has no gradients to follow in the rule-based ihc_dab)")
+    _calibration_record(config)
 
 
 def _calibration_record(config: ScoreConfig) -> dict | None:

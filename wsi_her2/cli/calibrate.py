@@ -13,13 +13,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", required=True, help="CSV: slide (file name or id), her2_score (0, 1+, 2+, 3+)")
     p.add_argument("-o", "--out", required=True, help="calibration file to write (JSON)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--gains", default=None, metavar="G1,G2,...",
+                   help="DAB-gain grid, must include 1 (default: 9 values from 0.5 to 2, geometric; one scoring pass each)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.calibrate import calibrate
 
-    rep = calibrate(args.stores, args.labels, args.out, device=args.device)
+    from wsi_her2.calibrate import DAB_GAINS
+    from wsi_her2.errors import ConfigError
+
+    try:
+        gains = [float(g) for g in args.gains.split(",")] if args.gains else list(DAB_GAINS)
+    except ValueError:
+        raise ConfigError(f"--gains {args.gains!r}: give numbers separated by commas, e.g. 0.7,1,1.4") from None
+    rep = calibrate(args.stores, args.labels, args.out, device=args.device, gains=gains)
     print(f"fitted on {rep['n_slides']} slides: dab_gain {rep['dab_gain']}, cell_fraction_cut {rep['cell_fraction_cut']}")
     for name in ("before", "leave_one_out"):
         s = rep[name]

@@ -63,7 +63,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import WsiHer2Error
-    from wsi_her2.score_pipeline import find_stores, score_store
+    from wsi_her2.score_pipeline import find_stores, score_store, validate_score_config
 
     targets = args.stores or ["wsi-her2-out"]
     stores: list[Path] = []
@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wsi-her2 score: error: no patch stores in {', '.join(targets)}; run `wsi-her2 tile` first", file=sys.stderr)
         return 2
     config = score_config_from_args(args, progress=not args.quiet and sys.stderr.isatty())
+    try:
+        validate_score_config(config)  # every option checked before any slide is touched
+    except WsiHer2Error as exc:
+        print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
+        return 2
     failed = 0
     for store in stores:
         try:
