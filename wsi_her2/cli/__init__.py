@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "train",
     "evaluate",
     "explain",
+    "app",
 )
 
 log = logging.getLogger("wsi_her2")
