@@ -43,23 +43,30 @@ def _cli_error(capsys, argv: list[str]) -> str:
     return lines[0].split(": error: ", 1)[1]
 
 
-def test_not_a_slide_gives_the_cli_error(settings, tmp_path, capsys):
-    bogus = tmp_path / "notes.svs"
+def test_not_a_slide_gives_the_cli_error(settings, tmp_path, capsys, monkeypatch):
+    upload_dir = tmp_path / "server-copy"
+    upload_dir.mkdir()
+    bogus = upload_dir / "notes.svs"
     bogus.write_text("not a slide\n")
     shown = _page_error(handle_run(settings, str(bogus), ""))
-    assert shown.startswith(f"{bogus}: cannot open as a slide")
+    assert shown.startswith("notes.svs: cannot open as a slide") and "server-copy" not in shown
     assert "\n" not in shown
-    assert shown == _cli_error(capsys, ["tile", str(bogus), "-o", str(tmp_path / "cli")])
+    monkeypatch.chdir(upload_dir)  # the user's `wsi-her2 tile notes.svs` in the slide's folder
+    assert shown == _cli_error(capsys, ["tile", "notes.svs", "-o", str(tmp_path / "cli")])
+    mrxs = upload_dir / "scan.mrxs"
+    mrxs.write_text("index")
+    assert "cannot be uploaded as one file" in _page_error(handle_run(settings, str(mrxs), None))
 
 
-def test_slide_without_mpp_gives_the_cli_error_and_the_field_fixes_it(settings, tmp_path, capsys):
+def test_slide_without_mpp_gives_the_cli_error_and_the_field_fixes_it(settings, tmp_path, capsys, monkeypatch):
     from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
 
     slide = write_synthetic_slide(tmp_path / "nompp.svs", graded_ihc_spec(block_px=448, grades=(2,), write_mpp=False,
                                                                           dust=False))
     shown = _page_error(handle_run(settings, str(slide), None))
-    assert "no pixel size (MPP)" in shown
-    assert shown == _cli_error(capsys, ["tile", str(slide), "-o", str(tmp_path / "cli")])
+    assert shown.startswith("nompp.svs: the slide has no pixel size (MPP)")
+    monkeypatch.chdir(tmp_path)
+    assert shown == _cli_error(capsys, ["tile", "nompp.svs", "-o", str(tmp_path / "cli")])
     out = _outputs(handle_run(settings, str(slide), "0.5"))
     assert out["error"] == "" and out["call"].startswith("## HER2 ")
 
@@ -102,3 +109,12 @@ def test_image_upload_with_mpp_is_scored(settings, tmp_path):
     assert 0 < len(table) <= 500 and {"tile", "call", "p_2+"} <= set(table.columns)
     assert [Path(p).name for p in out["downloads"]] == ["crop.geojson", "crop.tiles.parquet", "crop.json"]
     assert out["heatmap"].endswith(".heatmap.png") and out["qc"].endswith(".qc.png")
+
+
+def test_cli_defaults_bind_localhost_and_bad_port_is_one_line(capsys):
+    from wsi_her2.cli import build_parser
+
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port, args.max_upload_mb, args.no_browser, args.work_dir) == ("127.0.0.1", 7860, 2048.0, False,
+                                                                                          None)
+    assert _cli_error(capsys, ["app", "--port", "0", "--no-browser"]).startswith("--port 0: choose a port")

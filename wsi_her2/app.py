@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 #: plain raster images: tiled only with a pixel size the user types in
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-#: single-file slide formats offered in the file picker (any file may still be dropped on it)
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".vms", ".mrxs", ".svslide")
 #: per-tile table columns shown on the page (those present), in this order
 TABLE_COLUMNS = ("tile", "x_level0", "y_level0", "qc_pass", "qc_reason", "call", "p_0", "p_1+", "p_2+", "p_3+",
                  "tumour_cell_count", "dab_od_membrane", "her2_index")
@@ -107,6 +105,9 @@ def _slide_for_run(run_dir: Path, upload: Path | None, mpp_um: float | None, *, 
     if not upload.is_file():
         raise SlideOpenError(f"{upload.name}: the upload did not arrive; upload it again")
     check_upload_size(upload, max_upload_mb)
+    if upload.suffix.lower() == ".mrxs":
+        raise SlideOpenError(f"{upload.name}: an MRXS slide is a file plus its data folder and cannot be uploaded as one "
+                             "file; tile and score it with `wsi-her2 tile` and `wsi-her2 score`")
     if upload.suffix.lower() in IMAGE_SUFFIXES:
         return image_to_slide(upload, run_dir, mpp_um), None  # the TIFF carries the pixel size
     return upload, mpp_um
@@ -189,13 +190,15 @@ def handle_run(settings: AppSettings, upload: str | Path | None, mpp_um: str | f
                progress: Progress = _no_progress) -> tuple:
     """Run :func:`analyse` and turn its result, or the error, into the page's outputs (:data:`OUTPUT_NAMES`).
 
-    A :class:`WsiHer2Error` is shown as its one line, exactly as the CLI prints it; nothing is ever a traceback.
+    A :class:`WsiHer2Error` is shown as its one line, as the CLI prints it for the file in its own folder (the
+    server's copy of the upload is named by its file name); nothing is ever a traceback.
     """
     path = Path(upload) if upload else None
     try:
         res = analyse(settings, path, parse_mpp(mpp_um), demo=demo, progress=progress)
-    except WsiHer2Error as exc:
-        return "", error_html(str(exc)), None, None, None, None
+    except WsiHer2Error as exc:  # the upload's own name, not the server's copy of it, as `wsi-her2 tile NAME` prints it
+        message = str(exc).replace(str(path), path.name) if path else str(exc)
+        return "", error_html(message), None, None, None, None
     except OSError as exc:  # e.g. a full disk: one line, as the CLI prints it
         name = path.name if path else "demo slide"
         return "", error_html(f"{name}: {exc}"), None, None, None, None
