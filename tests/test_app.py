@@ -118,3 +118,14 @@ def test_cli_defaults_bind_localhost_and_bad_port_is_one_line(capsys):
     assert (args.host, args.port, args.max_upload_mb, args.no_browser, args.work_dir) == ("127.0.0.1", 7860, 2048.0, False,
                                                                                           None)
     assert _cli_error(capsys, ["app", "--port", "0", "--no-browser"]).startswith("--port 0: choose a port")
+
+
+def test_missing_gradio_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from wsi_her2.app import build_app
+    from wsi_her2.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ModuleNotFoundError
+    with pytest.raises(MissingDependencyError, match=r"wsi-her2 app needs the optional package 'gradio'.*wsi-her2\[app\]"):
+        build_app(AppSettings(work_dir=tmp_path))
