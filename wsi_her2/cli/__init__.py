@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "train",
     "evaluate",
     "explain",
+    "app",
 )
 
 log = logging.getLogger("wsi_her2")
