@@ -71,9 +71,8 @@ def check_upload_size(path: Path, max_upload_mb: float) -> None:
 
 
 def image_to_slide(image: Path, out_dir: Path, mpp_um: float | None) -> Path:
-    """Write a plain image (JPEG, PNG, ...) as a tiled TIFF carrying its pixel size, so the slide readers open it."""
+    """Write a plain image (JPEG, PNG, ...) as an Aperio-like slide carrying its pixel size."""
     import numpy as np
-    import tifffile
     from PIL import Image, UnidentifiedImageError
 
     if mpp_um is None:
@@ -86,11 +85,9 @@ def image_to_slide(image: Path, out_dir: Path, mpp_um: float | None) -> Path:
             rgb = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
         raise SlideOpenError(f"{image.name}: cannot read as an image ({exc}); upload a JPEG/PNG or a slide file") from exc
-    out = out_dir / f"{image.stem}.tif"
-    px_per_cm = 1e4 / mpp_um
-    tifffile.imwrite(out, rgb, tile=(256, 256), photometric="rgb", compression="zlib",
-                     resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
-    return out
+    from wsi_her2.image_slide import write_image_slide
+
+    return write_image_slide(rgb, out_dir / f"{image.stem}.svs", mpp_um=mpp_um)
 
 
 def _slide_for_run(run_dir: Path, upload: Path | None, mpp_um: float | None, *, demo: bool,

@@ -115,7 +115,6 @@ def check_model_matches_store(model_cfg: Any, store: PatchStore) -> None:
 
 def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, config: ScoreConfig | None = None, model=None) -> SlideScore:
     """Score one complete patch store and write every per-slide output."""
-    from wsi_her2.aggregate import AGGREGATORS
     from wsi_her2.inference import InferenceConfig, predict_store
 
 
