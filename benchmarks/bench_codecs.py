@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 
 # --------------------------------------------------------------------------- sample tiles
 def _tile_with_ours(slide: Path, out_dir: Path) -> Path:
-    from wsi_her2.tile_pipeline import TileConfig, store_path_for, tile_slide
+    from wsi_her2.tile.pipeline import TileConfig, store_path_for, tile_slide
 
     store = store_path_for(slide, out_dir)
     if not (store / "zarr.json").exists():
@@ -50,7 +50,7 @@ def _tile_with_ours(slide: Path, out_dir: Path) -> Path:
 
 def sample_tiles(store_path: Path, n: int, *, seed: int = 0) -> np.ndarray:
     """``n`` QC-passed tiles spread over the store (all passed tiles when fewer)."""
-    from wsi_her2.store import PatchStore
+    from wsi_her2.store.patch_store import PatchStore
 
     store = PatchStore.open(store_path)
     ok = np.flatnonzero(store.qc_pass)
@@ -83,7 +83,7 @@ def synthetic_store(data_dir: Path) -> Path:
     for store in found:
         if (store / "zarr.json").exists():
             try:
-                from wsi_her2.store import PatchStore
+                from wsi_her2.store.patch_store import PatchStore
 
                 if PatchStore.open(store).attrs.get("codec") in ("zstd", "lz4", "none"):  # the reference must be lossless
                     return store
@@ -169,8 +169,8 @@ def bench_lossy(tiles: np.ndarray, name: str, dab_ref: np.ndarray, *, repeats: i
 
 
 def bench_store_jpeg(tiles: np.ndarray, dab_ref: np.ndarray, *, repeats: int) -> dict:
-    """The store's own ``jpeg`` codec: one q90 4:4:4 JPEG per 64-tile chunk (wsi_her2.store_codecs)."""
-    from wsi_her2.store_codecs import decode_jpeg_chunk, encode_jpeg_chunk
+    """The store's own ``jpeg`` codec: one q90 4:4:4 JPEG per 64-tile chunk (wsi_her2.store.codecs)."""
+    from wsi_her2.store.codecs import decode_jpeg_chunk, encode_jpeg_chunk
 
     chunks = [np.ascontiguousarray(tiles[i : i + CHUNK_TILES]) for i in range(0, len(tiles), CHUNK_TILES)]
     encoded = [encode_jpeg_chunk(c) for c in chunks]
@@ -215,8 +215,8 @@ def scorer_agreement(folder: Path, *, tile_px: int = 224) -> dict:
     every 224 px tile scored as stored losslessly and after the store's JPEG round trip."""
     import torch
 
-    from wsi_her2.ihc_score import IhcDabScorer
-    from wsi_her2.store_codecs import decode_jpeg_chunk, encode_jpeg_chunk
+    from wsi_her2.models.ihc_score import IhcDabScorer
+    from wsi_her2.store.codecs import decode_jpeg_chunk, encode_jpeg_chunk
 
     scorer = IhcDabScorer(mpp_um=1.0).eval()
     tile_same, tiles_n, image_same, images_n, index_delta, index_mean = 0, 0, 0, 0, [], []

@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_her2.batch.report import agreement_report, format_agreement
-from wsi_her2.image_slide import (
+from wsi_her2.synthetic.image_slide import (
     LAVENDER_GLASS_RGB,
     composite_on_glass,
     resample_to_mpp,

@@ -59,7 +59,7 @@ def test_not_a_slide_gives_the_cli_error(settings, tmp_path, capsys, monkeypatch
 
 
 def test_slide_without_mpp_gives_the_cli_error_and_the_field_fixes_it(settings, tmp_path, capsys, monkeypatch):
-    from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
+    from wsi_her2.synthetic.slides import graded_ihc_spec, write_synthetic_slide
 
     slide = write_synthetic_slide(tmp_path / "nompp.svs", graded_ihc_spec(block_px=448, grades=(2,), write_mpp=False,
                                                                           dust=False))
@@ -96,7 +96,7 @@ def test_image_upload_with_mpp_is_scored(settings, tmp_path):
     """A JPEG cut from the demo slide's 2+ region (with some glass), with its µm/px, runs through tile and score."""
     from PIL import Image
 
-    from wsi_her2.synthetic import demo_spec, render_region
+    from wsi_her2.synthetic.slides import demo_spec, render_region
 
     spec = demo_spec()
     pixels = render_region(spec, 224, 224, 1344, 1120)

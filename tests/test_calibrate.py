@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from wsi_her2.calibrate import DAB_GAINS, calibrate, load_calibration
+from wsi_her2.score.calibrate import DAB_GAINS, calibrate, load_calibration
 from wsi_her2.cli import main
 from wsi_her2.errors import ConfigError
-from wsi_her2.synthetic import Region, SyntheticSlideSpec, write_synthetic_slide
-from wsi_her2.tile_pipeline import TileConfig, tile_slide
+from wsi_her2.synthetic.slides import Region, SyntheticSlideSpec, write_synthetic_slide
+from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
 
 @pytest.fixture(scope="module")

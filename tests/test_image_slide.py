@@ -1,11 +1,11 @@
-"""Tests of wsi_her2.image_slide: images made into slides, composited on glass, resampled."""
+"""Tests of wsi_her2.synthetic.image_slide: images made into slides, composited on glass, resampled."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from wsi_her2.errors import ConfigError
-from wsi_her2.image_slide import (
+from wsi_her2.synthetic.image_slide import (
     LAVENDER_GLASS_RGB,
     composite_on_glass,
     disc_cover,
@@ -14,7 +14,7 @@ from wsi_her2.image_slide import (
 )
 from wsi_her2.slide import open_slide
 from wsi_her2.slide.mpp import resolve_mpp
-from wsi_her2.synthetic_textures import block_mean
+from wsi_her2.synthetic.textures import block_mean
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -85,7 +85,7 @@ def image_to_slide(image: Path, out_dir: Path, mpp_um: float | None) -> Path:
             rgb = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
         raise SlideOpenError(f"{image.name}: cannot read as an image ({exc}); upload a JPEG/PNG or a slide file") from exc
-    from wsi_her2.image_slide import write_image_slide
+    from wsi_her2.synthetic.image_slide import write_image_slide
 
     return write_image_slide(rgb, out_dir / f"{image.stem}.svs", mpp_um=mpp_um)
 
@@ -94,7 +94,7 @@ def _slide_for_run(run_dir: Path, upload: Path | None, mpp_um: float | None, *, 
                    max_upload_mb: float) -> tuple[Path, float | None]:
     """The slide file to tile and the level-0 µm/px override (``None``: read it from the slide)."""
     if demo:
-        from wsi_her2.synthetic import demo_spec, write_synthetic_slide
+        from wsi_her2.synthetic.slides import demo_spec, write_synthetic_slide
 
         return write_synthetic_slide(run_dir / DEMO_SLIDE_NAME, demo_spec()), None
     if upload is None:
@@ -113,8 +113,8 @@ def _slide_for_run(run_dir: Path, upload: Path | None, mpp_um: float | None, *, 
 def analyse(settings: AppSettings, upload: Path | None, mpp_um: float | None = None, *, demo: bool = False,
             progress: Progress = _no_progress) -> RunResult:
     """Tile and score one upload (or the demo slide) into a fresh folder under the work directory."""
-    from wsi_her2.score_pipeline import ScoreConfig, score_store
-    from wsi_her2.tile_pipeline import TileConfig, default_workers, tile_slide
+    from wsi_her2.score.pipeline import ScoreConfig, score_store
+    from wsi_her2.tile.pipeline import TileConfig, default_workers, tile_slide
 
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=settings.work_dir))

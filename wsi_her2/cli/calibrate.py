@@ -19,9 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.calibrate import calibrate
+    from wsi_her2.score.calibrate import calibrate
 
-    from wsi_her2.calibrate import DAB_GAINS
+    from wsi_her2.score.calibrate import DAB_GAINS
     from wsi_her2.errors import ConfigError
 
     try:

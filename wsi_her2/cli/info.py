@@ -16,10 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def slide_info(path: str, *, backend: str = "auto", slide_mpp_um: float | None = None) -> dict:
     from wsi_her2.errors import MppMissingError, SlideOpenError, WsiHer2Error
-    from wsi_her2.pixels import read_thumbnail
+    from wsi_her2.tile.pixels import read_thumbnail
     from wsi_her2.slide import open_slide
     from wsi_her2.slide.mpp import resolve_mpp
-    from wsi_her2.tissue import detect_tissue
+    from wsi_her2.tile.tissue import detect_tissue
 
     with open_slide(path, backend=backend) as reader:
         info: dict = {

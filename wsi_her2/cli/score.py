@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.aggregate.AGGREGATORS keys (checked in tests)
+AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.score.aggregate.AGGREGATORS keys (checked in tests)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
 
 
 def score_config_from_args(args: argparse.Namespace, *, progress: bool):
-    from wsi_her2.score_pipeline import ScoreConfig
+    from wsi_her2.score.pipeline import ScoreConfig
 
     return ScoreConfig(
         model=args.model, weights=args.weights, agg=args.agg, batch_size=args.batch_size, device=args.device,
@@ -63,7 +63,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import WsiHer2Error
-    from wsi_her2.score_pipeline import find_stores, score_store, validate_score_config
+    from wsi_her2.score.pipeline import find_stores, score_store, validate_score_config
 
     targets = args.stores or ["wsi-her2-out"]
     stores: list[Path] = []
