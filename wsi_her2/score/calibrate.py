@@ -94,7 +94,9 @@ def read_labels(path: str | Path) -> dict[str, str]:
     for i, row in enumerate(rows, start=2):
         label = parse_her2_label(row[score_col], where=f"{path}:{i}: ")
         if label is not None:
-            labels[Path(row[cols[0]].strip()).stem] = label
+            name = row[cols[0]].strip()
+            labels[name] = label  # a slide id as written ...
+            labels.setdefault(Path(name).stem, label)  # ... or a slide file name
     return labels
 
 
@@ -167,12 +169,12 @@ def calibrate(stores: Sequence[str | Path], labels_csv: str | Path, out: str | P
     labels = read_labels(labels_csv)
     measured, truth = [], []
     for path in stores:
-        m = measure_store(path, gains, device=device)
-        if m["slide"] not in labels:
-            log.warning("%s: no label in %s; left out of the fit", m["slide"], labels_csv)
+        sid = Path(path).name.removesuffix(".zarr")
+        if sid not in labels:  # checked before the scoring passes, which are the cost
+            log.warning("%s: no label in %s; left out of the fit", sid, labels_csv)
             continue
-        measured.append(m)
-        truth.append(HER2_CLASSES.index(labels[m["slide"]]))
+        measured.append(measure_store(path, gains, device=device))
+        truth.append(HER2_CLASSES.index(labels[sid]))
     if len(measured) < 4:
         raise ConfigError(f"only {len(measured)} labelled store(s); calibration needs at least 4 (a lab should use 12-20)")
     default = Calibration()
