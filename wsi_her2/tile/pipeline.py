@@ -25,7 +25,7 @@ import numpy as np
 from wsi_her2 import __version__
 from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError
 from wsi_her2.files import check_store_slot, prepare_output_dir, remove_tmp_files, store_lock
-from wsi_her2.tile.pixels import read_thumbnail, read_tiles
+from wsi_her2.tile.pixels import read_thumbnail_or_fail, read_tiles
 from wsi_her2.tile.qc import QC_FLAGS, QcParams, TileQc, slide_qc_summary, tile_qc
 from wsi_her2.tile.qc_picture import render_qc_picture, save_qc_picture
 from wsi_her2.slide import open_slide
@@ -320,15 +320,8 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
         # while this one reads the thumbnail (hashlib releases the GIL), else before it.
         hashing = _Hashing(slide, background=config.workers > 1)
         t0 = time.perf_counter()
-        try:
-            thumb, thumb_scale = read_thumbnail(reader, slide_mpp_um=mpp.mpp_um, thumb_mpp_um=config.thumb_mpp_um)
-        except SlideOpenError:
-            raise  # already one clear line (e.g. the memory budget)
-        except Exception as exc:  # decoder errors from a damaged file: one clear line, not a traceback
-            raise SlideOpenError(
-                f"{slide}: cannot read the slide's pixels ({type(exc).__name__}: {exc}); "
-                "the file may be truncated or corrupt: re-copy it"
-            ) from exc
+        thumb, thumb_scale = read_thumbnail_or_fail(reader, slide, slide_mpp_um=mpp.mpp_um,
+                                                    thumb_mpp_um=config.thumb_mpp_um)
         thumb_mpp = mpp.mpp_um / thumb_scale
         tissue = detect_tissue(thumb, thumb_mpp_um=thumb_mpp, params=config.tissue)
         coverage = mask_coverage(tissue.mask, geometry=geometry, thumb_px_per_level0_px=thumb_scale)

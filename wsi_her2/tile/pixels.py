@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from wsi_her2.errors import SlideOpenError
+from wsi_her2.errors import SlideOpenError, WsiHer2Error
 from wsi_her2.slide.base import SlideReader
 from wsi_her2.tile.geometry import TileGeometry
 from wsi_her2.tile.tissue import THUMB_MPP_UM
@@ -120,3 +120,16 @@ def read_tiles(
         yy, xx = int(r * s - y0), int(c * s - x0)
         out[i] = region[yy : yy + t, xx : xx + t]
     return out
+
+
+def read_thumbnail_or_fail(reader: SlideReader, path, *, slide_mpp_um: float, thumb_mpp_um: float = THUMB_MPP_UM):
+    """:func:`read_thumbnail`, with a damaged file's decoder error turned into one clear line."""
+    try:
+        return read_thumbnail(reader, slide_mpp_um=slide_mpp_um, thumb_mpp_um=thumb_mpp_um)
+    except WsiHer2Error:
+        raise  # already one clear line (e.g. the memory budget)
+    except Exception as exc:  # decoder errors from a damaged file: one clear line, not a traceback
+        raise SlideOpenError(
+            f"{path}: cannot read the slide's pixels ({type(exc).__name__}: {exc}); "
+            "the file may be truncated or corrupt: re-copy it"
+        ) from exc
