@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from wsi_her2 import synthetic_textures as tx
+from wsi_her2.synthetic import textures as tx
 from wsi_her2.errors import ConfigError
 from wsi_her2.synthetic.slides import (
     DEMO_PLANTED_SCORE,

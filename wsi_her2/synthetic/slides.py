@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_her2 import synthetic_textures as tx
+from wsi_her2.synthetic import textures as tx
 from wsi_her2.errors import ConfigError
 from wsi_her2.synthetic.svs_writer import (
     APERIO_HEADER,  # noqa: F401  (re-exported: part of this module's namespace before)
