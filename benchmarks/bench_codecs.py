@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 
 # --------------------------------------------------------------------------- sample tiles
 def _tile_with_ours(slide: Path, out_dir: Path) -> Path:
-    from wsi_her2.tile_pipeline import TileConfig, store_path_for, tile_slide
+    from wsi_her2.tile.pipeline import TileConfig, store_path_for, tile_slide
 
     store = store_path_for(slide, out_dir)
     if not (store / "zarr.json").exists():
@@ -50,7 +50,7 @@ def _tile_with_ours(slide: Path, out_dir: Path) -> Path:
 
 def sample_tiles(store_path: Path, n: int, *, seed: int = 0) -> np.ndarray:
     """``n`` QC-passed tiles spread over the store (all passed tiles when fewer)."""
-    from wsi_her2.store import PatchStore
+    from wsi_her2.store.patch_store import PatchStore
 
     store = PatchStore.open(store_path)
     ok = np.flatnonzero(store.qc_pass)
@@ -83,7 +83,7 @@ def synthetic_store(data_dir: Path) -> Path:
     for store in found:
         if (store / "zarr.json").exists():
             try:
-                from wsi_her2.store import PatchStore
+                from wsi_her2.store.patch_store import PatchStore
 
                 if PatchStore.open(store).attrs.get("codec") in ("zstd", "lz4", "none"):  # the reference must be lossless
                     return store
@@ -169,8 +169,8 @@ def bench_lossy(tiles: np.ndarray, name: str, dab_ref: np.ndarray, *, repeats: i
 
 
 def bench_store_jpeg(tiles: np.ndarray, dab_ref: np.ndarray, *, repeats: int) -> dict:
-    """The store's own ``jpeg`` codec: one q90 4:4:4 JPEG per 64-tile chunk (wsi_her2.store_codecs)."""
-    from wsi_her2.store_codecs import decode_jpeg_chunk, encode_jpeg_chunk
+    """The store's own ``jpeg`` codec: one q90 4:4:4 JPEG per 64-tile chunk (wsi_her2.store.codecs)."""
+    from wsi_her2.store.codecs import decode_jpeg_chunk, encode_jpeg_chunk
 
     chunks = [np.ascontiguousarray(tiles[i : i + CHUNK_TILES]) for i in range(0, len(tiles), CHUNK_TILES)]
     encoded = [encode_jpeg_chunk(c) for c in chunks]
@@ -189,16 +189,34 @@ def bench_store_jpeg(tiles: np.ndarray, dab_ref: np.ndarray, *, repeats: int) ->
             "dab_abs_delta": float(np.abs(per_tile_mean).mean())}
 
 
+def image_call(tile_calls: np.ndarray, *, cut: float = 0.10) -> int:
+    """ASCO-style image call from per-tile argmax calls (0-3): the >10 % decision list."""
+    n = max(len(tile_calls), 1)
+    for grade in (3, 2, 1):
+        if (tile_calls >= grade).sum() / n > cut:
+            return grade
+    return 0
+
+
+def tiles_of(path: Path, tile_px: int):
+    """Non-overlapping ``tile_px`` tiles of an RGB image as ``(N, 3, tile_px, tile_px)`` in [0, 1]."""
+    import torch
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    h, w, _ = rgb.shape
+    tiles = [rgb[y: y + tile_px, x: x + tile_px]
+             for y in range(0, h - tile_px + 1, tile_px) for x in range(0, w - tile_px + 1, tile_px)]
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+
+
 def scorer_agreement(folder: Path, *, tile_px: int = 224) -> dict:
     """What the store's JPEG does to the default scorer: ``ihc_dab`` on the real BCI IHC patches,
     every 224 px tile scored as stored losslessly and after the store's JPEG round trip."""
     import torch
 
-    sys.path.insert(0, str(REPO / "qc"))
-    from ihc_dev_report import image_call, tiles_of
-
-    from wsi_her2.ihc_score import IhcDabScorer
-    from wsi_her2.store_codecs import decode_jpeg_chunk, encode_jpeg_chunk
+    from wsi_her2.models.ihc_score import IhcDabScorer
+    from wsi_her2.store.codecs import decode_jpeg_chunk, encode_jpeg_chunk
 
     scorer = IhcDabScorer(mpp_um=1.0).eval()
     tile_same, tiles_n, image_same, images_n, index_delta, index_mean = 0, 0, 0, 0, [], []

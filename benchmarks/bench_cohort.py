@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 
 def make_cohort(folder: Path, *, n_slides: int, block_px: int) -> list[Path]:
-    from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
+    from wsi_her2.synthetic.slides import graded_ihc_spec, write_synthetic_slide
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from wsi_her2.score_pipeline import ScoreConfig
+    from wsi_her2.score.pipeline import ScoreConfig
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="wsi-her2-bench-"))
     t0 = time.perf_counter()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_her2.aggregate import SlideCall
-from wsi_her2.ihc_score import MEASUREMENT_NAMES
-from wsi_her2.qc import QC_FLAGS, reject_reason
-from wsi_her2.score_pipeline import _write_geojson, _write_heatmap, _write_tiles_parquet
+from wsi_her2.score.aggregate import SlideCall
+from wsi_her2.models.ihc_score import MEASUREMENT_NAMES
+from wsi_her2.tile.qc import QC_FLAGS, reject_reason
+from wsi_her2.score.pipeline import _write_geojson, _write_heatmap, _write_tiles_parquet
 
 CLASSES = ("0", "1+", "2+", "3+")
 TILE_LEVEL0_PX = 224  # 224 px tiles at 0.5 µm/px on a 0.5 µm/px slide

@@ -5,7 +5,7 @@ For each model, two rates are measured in the same run on the same machine:
 * **ceiling**: the model alone on random tensors already on the device, with the batch size,
   precision (bf16 autocast on CUDA), memory layout and compilation that scoring uses; for a
   rule-based scorer with ``measure()`` the ceiling times ``measure()``, which is what scoring calls;
-* **full path**: :func:`wsi_her2.inference.predict_store` over a patch store: zarr chunks
+* **full path**: :func:`wsi_her2.score.inference.predict_store` over a patch store: zarr chunks
   decompressed in background threads, pinned uint8 batches copied to the device, normalised
   there, the model, softmax, results copied back;
 
@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from wsi_her2.errors import WsiHer2Error
-from wsi_her2.inference import InferenceConfig, predict_store, resolve_device
-from wsi_her2.loader import TileLoader
-from wsi_her2.store import PatchStore, open_store
+from wsi_her2.score.inference import InferenceConfig, predict_store, resolve_device
+from wsi_her2.score.loader import TileLoader
+from wsi_her2.store.patch_store import PatchStore, open_store
 
 log = logging.getLogger("bench_score")
 
@@ -57,10 +57,10 @@ DEFAULTS = {"cpu": (32, 16, 2.0), "cuda": (16384, 256, 2.0)}
 # --------------------------------------------------------------------------------------------
 def source_tiles(slide: Path, work: Path, *, tile_px: int) -> np.ndarray:
     """QC-passed tiles of ``slide`` (tiled at 0.5 µm/px); a synthetic IHC slide if it is missing."""
-    from wsi_her2.tile_pipeline import TileConfig, tile_slide
+    from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
     if not slide.is_file():
-        from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
+        from wsi_her2.synthetic.slides import graded_ihc_spec, write_synthetic_slide
 
         log.warning("%s not found; tiling a synthetic IHC slide instead", slide)
         slide = write_synthetic_slide(work / "synthetic.tiff", graded_ihc_spec())

@@ -60,7 +60,7 @@ def score_runner(store: str, out_dir: str) -> int:
         raise SystemExit(f"wsi-her2 score exited with {rc}")
     slide_json = next(Path(out_dir).glob("*.json"))
     meta = json.loads(slide_json.read_text())
-    from wsi_her2.store import open_store
+    from wsi_her2.store.patch_store import open_store
 
     st = open_store(store)
     print(json.dumps({

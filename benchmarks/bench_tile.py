@@ -66,13 +66,13 @@ def ensure_slide(width_px: int, height_px: int, *, data_dir: Path, seed: int = 0
     deadline = time.monotonic() + wait_s
     while True:  # the generator module may still be landing in the checkout
         try:
-            from wsi_her2.synthetic import bench_spec, write_synthetic_slide
+            from wsi_her2.synthetic.slides import bench_spec, write_synthetic_slide
 
             break
         except ImportError:
             if time.monotonic() > deadline:
                 raise
-            print("waiting for wsi_her2.synthetic ...", file=sys.stderr)
+            print("waiting for wsi_her2.synthetic.slides ...", file=sys.stderr)
             time.sleep(10)
     tmp = data_dir / f".tmp_{os.getpid()}_{path.name}"
     t0 = time.perf_counter()
@@ -325,13 +325,13 @@ def profile_stages(slide: Path, store_path: Path, *, max_units: int = 48, codec:
     kernel's share of writing the chunk files counts), which a busy shared machine disturbs far
     less than wall time.
     """
-    from wsi_her2.pixels import read_tiles
-    from wsi_her2.qc import QcParams, tile_qc
+    from wsi_her2.tile.pixels import read_tiles
+    from wsi_her2.tile.qc import QcParams, tile_qc
     from wsi_her2.slide import open_slide
-    from wsi_her2.store import PatchStore
-    from wsi_her2.store_codecs import chunk_encoder
-    from wsi_her2.tiling import TileGeometry
-    from wsi_her2.tissue import TissueParams
+    from wsi_her2.store.patch_store import PatchStore
+    from wsi_her2.store.codecs import chunk_encoder
+    from wsi_her2.tile.geometry import TileGeometry
+    from wsi_her2.tile.tissue import TissueParams
 
     store = PatchStore.open(store_path)
     attrs = store.attrs
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             report["runs"].extend(runs_w)
             continue
         ours = ok[0]
-        from wsi_her2.store import PatchStore
+        from wsi_her2.store.patch_store import PatchStore
 
         store = PatchStore.open(ours["store"])
         indices = native_tiles_covering(store.coords_level0, store.tile_size_level0, grid=grid)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-PIECE_BYTES = 1 << 20  # wsi_her2.store.WRITE_PIECE_BYTES
+PIECE_BYTES = 1 << 20  # wsi_her2.store.patch_store.WRITE_PIECE_BYTES
 
 
 def write_pass(folder: Path, chunks: int, *, piece: int | None) -> float:

@@ -60,7 +60,7 @@ def end_to_end(*, device: str, width: int, height: int, out: Path, data_dir: Pat
     from bench_tile import ensure_slide
 
     from wsi_her2.cli import main as cli_main
-    from wsi_her2.store import open_store
+    from wsi_her2.store.patch_store import open_store
 
     slide = ensure_slide(width, height, data_dir=data_dir)
     cores = os.cpu_count() or 1

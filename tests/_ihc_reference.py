@@ -8,7 +8,7 @@ its **completeness** (circumferential or not) and the **percentage of cells** sh
 pattern. Steps, all per tile:
 
 1. Glass intensity ``I0`` per channel from the tile's brightest pixels
-   (:func:`wsi_her2.stain_od.estimate_background`), then decimal optical density
+   (:func:`wsi_her2.stain.od.estimate_background`), then decimal optical density
    ``-log10(I / I0)`` and Ruifrok & Johnston colour deconvolution into hematoxylin and DAB OD.
 2. Tissue: pixels whose summed RGB OD exceeds a floor.
 3. Cells: nuclei as blobs of hematoxylin OD (difference of Gaussians at the nucleus scale,
@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from wsi_her2.errors import ConfigError
-from wsi_her2.stain_od import estimate_background, od_to_hed, od_to_hnd, rgb_to_od
+from wsi_her2.vocab import HER2_CLASSES
+from wsi_her2.stain.od import estimate_background, od_to_hed, od_to_hnd, rgb_to_od
 
 __all__ = [
     "CLASS_NAMES",
@@ -66,7 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Output classes, in logit order.
-CLASS_NAMES: tuple[str, ...] = ("0", "1+", "2+", "3+")
+CLASS_NAMES: tuple[str, ...] = HER2_CLASSES
 
 #: Keys of :meth:`IhcDabScorer.measure`, each a ``(B,)`` float tensor.
 MEASUREMENT_NAMES: tuple[str, ...] = (
@@ -145,16 +146,18 @@ class IhcThresholds:
 
     Nuclei and tissue:
 
-    - ``hema_od_min = 0.08``: counterstained nuclei sit at hematoxylin OD ~0.15-0.6 (pale
-      counterstain in HER2 kits, which keep it light so membranes stay visible); 0.08 accepts
-      pale nuclei but not stroma (~0.02-0.05).
-    - ``dog_contrast_min = 0.02``: a nucleus must stand out from its ~10 µm surroundings by
-      this much hematoxylin OD (a blob, not a smear).
+    - ``hema_od_min = 0.05``: non-DAB (hematoxylin + neutral) OD of a nucleus, smoothed at the
+      nucleus scale. HER2 kits keep the counterstain light so membranes stay visible, and
+      nuclei of pale HER2 0/1+ carcinoma measure only ~0.05-0.15; 0.05 is ~25x the JPEG noise
+      left after that smoothing (< 0.002 OD).
+    - ``dog_contrast_min = 0.012``: a nucleus must stand out from its ~10 µm surroundings by
+      this much OD (a blob, not a smear): 6x the smoothed noise, so pale nuclei count while
+      smooth stroma and fat, which make no blobs, do not.
     - ``tissue_od_sum = 0.08``: summed RGB OD. After background correction glass and fat read
       <= ~0.04 in 90 % of pixels even in JPEG-compressed scans; a pale HER2-kit counterstain
       alone (cytoplasm hematoxylin OD ~0.07) sums to ~0.11. Pixels below count as glass/fat.
 
-    Background (glass) estimate (see :func:`wsi_her2.stain_od.estimate_background`):
+    Background (glass) estimate (see :func:`wsi_her2.stain.od.estimate_background`):
     ``background_quantile = 0.99``, ``background_min_intensity = 0.65`` (real scanners render
     glass as dark as ~0.68; below 0.65 the "background" must be tissue), ``background_max_cast
     = 0.06`` (glass tints seen in practice are <3 %).
@@ -206,8 +209,8 @@ class IhcThresholds:
     ray_stop_um: float = 9.0
     n_directions: int = 16
     dab_smooth_sigma_um: float = 0.5
-    hema_od_min: float = 0.08
-    dog_contrast_min: float = 0.02
+    hema_od_min: float = 0.05
+    dog_contrast_min: float = 0.012
     tissue_od_sum: float = 0.08
     background_quantile: float = 0.99
     background_min_intensity: float = 0.65
@@ -335,7 +338,7 @@ class IhcDabScorer(torch.nn.Module):
         Intensity comes from the Ruifrok-Johnston DAB channel at full resolution (the scale the
         cut-points are set on); its **hue** is checked on OD smoothed over ``chroma_sigma_um``:
         the share of that DAB which survives when a neutral (grey) vector joins the basis
-        (:data:`wsi_her2.stain_od.RGB_FROM_HND`). Grey tissue keeps ~0 of it, DAB keeps all.
+        (:data:`wsi_her2.stain.od.RGB_FROM_HND`). Grey tissue keeps ~0 of it, DAB keeps all.
         Smoothing first because scanners store chroma at half resolution (JPEG 4:2:0): a 1 µm
         membrane's brown hue is spread over its neighbourhood while its darkness is not.
         """

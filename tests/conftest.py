@@ -27,13 +27,13 @@ def synthetic_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def graded_slide(synthetic_dir) -> Path:
     """Four 1792 px IHC blocks (grades 0..3) on glass; tiles of 224 px align with them."""
-    from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
+    from wsi_her2.synthetic.slides import graded_ihc_spec, write_synthetic_slide
 
     return write_synthetic_slide(synthetic_dir / "graded.svs", graded_ihc_spec(dust=True))
 
 
 @pytest.fixture(scope="session")
 def demo_slide(synthetic_dir) -> Path:
-    from wsi_her2.synthetic import demo_spec, write_synthetic_slide
+    from wsi_her2.synthetic.slides import demo_spec, write_synthetic_slide
 
     return write_synthetic_slide(synthetic_dir / "demo.svs", demo_spec())

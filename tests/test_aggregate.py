@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from wsi_her2.aggregate import (
+from wsi_her2.score.aggregate import (
     AGGREGATORS,
     ASCO_THRESHOLDS,
     HER2_CLASSES,

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_her2.batch.manifest import HER2_LABELS, load_jobs
+from wsi_her2.batch.manifest import load_jobs
+from wsi_her2.vocab import HER2_CLASSES as HER2_LABELS
 from wsi_her2.batch.runner import PER_SLIDE_DIRNAME, RunConfig, run_cohort
 from wsi_her2.batch.state import StateStore
 
@@ -37,7 +38,7 @@ def _marker(out_dir: Path, sid: str, stage: str) -> None:
 
 def _counting_tile(slide, out_dir, *, config):
     """The real tile_slide, plus a marker per call, and two test behaviours chosen by file name."""
-    from wsi_her2.tile_pipeline import slide_id_for, tile_slide
+    from wsi_her2.tile.pipeline import slide_id_for, tile_slide
 
     sid = slide_id_for(Path(slide))
     _marker(out_dir, sid, "tile")
@@ -50,7 +51,7 @@ def _counting_tile(slide, out_dir, *, config):
 
 def _fake_score(store_path: Path, out_dir: Path, score_config) -> dict:
     """Deterministic stand-in for score_store: a row computed from the stored tiles."""
-    from wsi_her2.store import open_store
+    from wsi_her2.store.patch_store import open_store
 
     store = open_store(store_path)
     _marker(out_dir, store.slide_id, "score")
@@ -77,7 +78,7 @@ def _calls(out: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> Path:
     """g1/g2/g3 (IHC 1+/2+/3+, 2016 px, 9 tiles each), nompp (no pixel size), corrupt (truncated)."""
-    from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
+    from wsi_her2.synthetic.slides import graded_ihc_spec, write_synthetic_slide
 
     d = tmp_path_factory.mktemp("slides")
     for g in (1, 2, 3):
@@ -284,7 +285,7 @@ def test_stop_hook_then_resume(slides, tmp_path, thread_client):
 
 def test_cli_run_with_manifest_and_real_scorer(slides, tmp_path):
     """`wsi-her2 run manifest.csv` end to end with the real scorer (threads): MPP from the manifest, labels, report."""
-    pytest.importorskip("wsi_her2.score_pipeline")
+    pytest.importorskip("wsi_her2.score.pipeline")
     import torch
 
     torch.set_num_threads(1)

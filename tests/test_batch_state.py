@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from wsi_her2.batch.manifest import SlideJob, load_jobs, normalise_label, read_manifest
+from wsi_her2.batch.manifest import SlideJob, load_jobs, read_manifest
+from wsi_her2.vocab import parse_her2_label as normalise_label
 from wsi_her2.batch.state import (
     LockKeeper, LockOwner, SlideState, StateStore, acquire_lock, input_key, lock_staleness, read_lock,
 )
@@ -144,7 +145,7 @@ def test_concurrent_acquire_has_one_winner(tmp_path):
 
 def test_takeover_does_not_steal_a_lock_refreshed_meanwhile(tmp_path):
     """A runner that judged a lock stale must not remove it if it was replaced before the removal."""
-    from wsi_her2.batch.state import _remove_stale
+    from wsi_her2.locks import _remove_stale
 
     path = tmp_path / "s.lock"
     judged = _write_lock(path, heartbeat=time.time() - 1000)

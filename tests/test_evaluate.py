@@ -17,18 +17,18 @@ from wsi_her2.train.evaluate import (
     roc_curve,
     write_report,
 )
-from wsi_her2.train.tta import TTA_SETS, VIEWS, tta_predict
+from wsi_her2.stain.tta import TTA_SETS, VIEWS, tta_predict
 
 
 def test_qwk_hand_computed():
-    assert quadratic_weighted_kappa([0, 1, 2, 3], [0, 1, 2, 3], 4) == pytest.approx(1.0)
+    assert quadratic_weighted_kappa([0, 1, 2, 3], [0, 1, 2, 3], n_classes=4) == pytest.approx(1.0)
     # 2 classes: O=[[1,1],[0,2]], E=[[.5,1.5],[.5,1.5]] -> 1 - 1/2
-    assert quadratic_weighted_kappa([0, 0, 1, 1], [0, 1, 1, 1], 2) == pytest.approx(0.5)
+    assert quadratic_weighted_kappa([0, 0, 1, 1], [0, 1, 1, 1], n_classes=2) == pytest.approx(0.5)
     # full reversal over 3 classes: observed disagreement 2, expected 1 -> -1
-    assert quadratic_weighted_kappa([0, 1, 2], [2, 1, 0], 3) == pytest.approx(-1.0)
+    assert quadratic_weighted_kappa([0, 1, 2], [2, 1, 0], n_classes=3) == pytest.approx(-1.0)
     # quadratic weights: an off-by-two error costs 4x an off-by-one error
-    near = quadratic_weighted_kappa([0, 1, 2, 3, 3], [0, 1, 2, 3, 2], 4)
-    far = quadratic_weighted_kappa([0, 1, 2, 3, 3], [0, 1, 2, 3, 1], 4)
+    near = quadratic_weighted_kappa([0, 1, 2, 3, 3], [0, 1, 2, 3, 2], n_classes=4)
+    far = quadratic_weighted_kappa([0, 1, 2, 3, 3], [0, 1, 2, 3, 1], n_classes=4)
     assert far < near < 1
 
 
@@ -45,7 +45,7 @@ def test_auc_hand_computed_with_ties():
 def test_report_per_class_values():
     y = np.array([0, 0, 1, 1, 2, 2])
     probs = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.1, .6, .3], [.1, .2, .7], [.5, .1, .4]])
-    cm = confusion_matrix(y, probs.argmax(1), 3)
+    cm = confusion_matrix(y, probs.argmax(1), n_classes=3)
     np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 2, 0], [1, 0, 1]])
     rep = classification_report(y, probs, ["0", "1+", "2+"])
     assert rep["accuracy"] == pytest.approx(4 / 6)

@@ -13,9 +13,9 @@ import pytest
 import shapely
 from shapely.geometry import shape
 
-from wsi_her2.aggregate import HER2_CLASSES, aggregate_asco
+from wsi_her2.score.aggregate import HER2_CLASSES, aggregate_asco
 from wsi_her2.errors import ConfigError
-from wsi_her2.geojson import (
+from wsi_her2.outputs.geojson import (
     CLASS_COLORS,
     QC_REJECTED,
     _tile_ids,

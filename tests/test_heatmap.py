@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_her2.aggregate import HER2_CLASSES
+from wsi_her2.score.aggregate import HER2_CLASSES
 from wsi_her2.errors import ConfigError
-from wsi_her2.geojson import CLASS_COLORS, QC_REJECTED
-from wsi_her2.heatmap import default_legend, render_heatmap, save_heatmap_png
+from wsi_her2.outputs.geojson import CLASS_COLORS, QC_REJECTED
+from wsi_her2.outputs.heatmap import default_legend, render_heatmap, save_heatmap_png
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 CLASSES = list(HER2_CLASSES)
@@ -164,7 +164,7 @@ def _text_rows(png: np.ndarray) -> np.ndarray:
 
 def test_tiny_core_heatmap_is_readable_and_its_long_title_is_never_cut(tmp_path):
     """Regression: a 1.4 mm core came out 240 px wide with its title cut off."""
-    from wsi_her2.heatmap import write_call_heatmap
+    from wsi_her2.outputs.heatmap import write_call_heatmap
 
     thumb = np.full((60, 40, 3), 230, np.uint8)  # a core at 8 µm/px, portrait
     coords = np.array([[x, y] for y in range(0, 900, 224) for x in range(0, 600, 224)])
@@ -187,17 +187,20 @@ def test_tiny_core_heatmap_is_readable_and_its_long_title_is_never_cut(tmp_path)
 
 
 def test_call_legend_holds_the_class_fractions():
-    from wsi_her2.heatmap import call_legend
+    from wsi_her2.outputs.heatmap import call_legend
 
     legend = call_legend(CLASSES, slide_call={"class_fractions": {"0": 0.5, "1+": 0.25, "2+": 0.25, "3+": 0.0}},
                          n_rejected=7)
     assert list(legend) == ["HER2 0: 50 % of tiles", "HER2 1+: 25 % of tiles", "HER2 2+: 25 % of tiles",
                             "HER2 3+: 0 % of tiles", "QC rejected: 7 tiles"]
+    cells = call_legend(CLASSES, slide_call={"class_fractions": {"0": 0.5, "1+": 0.5, "2+": 0.0, "3+": 0.0},
+                                             "details": {"unit": "tumour cells"}})
+    assert next(iter(cells)) == "HER2 0: 50 % of tumour cells"  # a cell-level call says so
 
 
 def test_measure_map_colours_follow_the_values_and_gets_a_colour_bar(tmp_path):
-    from wsi_her2.heatmap import render_measure_map, write_measure_heatmap
-    from wsi_her2.picture_layout import viridis_lut
+    from wsi_her2.outputs.heatmap import render_measure_map, write_measure_heatmap
+    from wsi_her2.outputs.picture_layout import viridis_lut
 
     coords = [[0, 0], [256, 0], [512, 0], [768, 0]]
     values = np.array([0.0, 0.5, 1.0, np.nan])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from wsi_her2.errors import ConfigError
-from wsi_her2.ihc_score import MEASUREMENT_NAMES, IhcDabScorer, IhcThresholds
-from wsi_her2.stain_od import RGB_FROM_HED, estimate_background, rgb_to_hed_od
+from wsi_her2.models.ihc_score import MEASUREMENT_NAMES, IhcDabScorer, IhcThresholds
+from wsi_her2.stain.od import RGB_FROM_HED, estimate_background, rgb_to_hed_od
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 IHC_DEV = FIXTURES / "ihc_dev"
@@ -185,9 +185,9 @@ def test_bf16_autocast_keeps_float32_results(graded_tiles):
 # --------------------------------------------------------------------------- project generator
 @pytest.mark.parametrize("downsample", [1, 2])  # 0.5 and 1.0 µm/px
 def test_project_synthetic_graded_slide_gets_planted_calls(downsample):
-    synthetic = pytest.importorskip("wsi_her2.synthetic")
+    synthetic = pytest.importorskip("wsi_her2.synthetic.slides")
     if not hasattr(synthetic, "graded_ihc_spec"):
-        pytest.skip("wsi_her2.synthetic has no graded_ihc_spec")
+        pytest.skip("wsi_her2.synthetic.slides has no graded_ihc_spec")
     spec = synthetic.graded_ihc_spec(grades=(0, 1, 2, 3), columns=2, mpp_um=0.5, seed=0)
     tiles = []
     for region in spec.regions:  # one tile well inside each grade's block

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_her2.errors import ConfigError
-from wsi_her2.inference import InferenceConfig, predict_store, preprocess_tiles, resolve_device
-from wsi_her2.loader import TileLoader, chunk_groups
+from wsi_her2.score.inference import InferenceConfig, predict_store, preprocess_tiles, resolve_device
+from wsi_her2.score.loader import TileLoader, chunk_groups
 from wsi_her2.models.config import ModelConfig
-from wsi_her2.store import PatchStore, open_store
+from wsi_her2.store.patch_store import PatchStore, open_store
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 CMU = FIXTURES / "slides" / "CMU-1-Small-Region.svs"
@@ -355,7 +355,7 @@ def test_cuda_matches_cpu(qc_store):
 # Real data
 # --------------------------------------------------------------------------------------------
 def test_ihc_dab_scorer_through_the_full_path(tmp_path):
-    pytest.importorskip("wsi_her2.ihc_score")
+    pytest.importorskip("wsi_her2.models.ihc_score")
     from wsi_her2.models import create_model
 
     tiles = _tiles(5, 64, seed=5)
@@ -373,7 +373,7 @@ def test_ihc_dab_scorer_through_the_full_path(tmp_path):
 
 @pytest.mark.skipif(not CMU.is_file(), reason="shared fixtures absent")
 def test_real_slide_store_scores_its_qc_passed_tiles(tmp_path):
-    from wsi_her2.tile_pipeline import TileConfig, tile_slide
+    from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
     tiled = tile_slide(CMU, tmp_path, config=TileConfig(tile_px=224, target_mpp_um=0.5, qc_png=False))
     store = open_store(tiled.store)

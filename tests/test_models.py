@@ -27,7 +27,7 @@ from wsi_her2.models import (  # noqa: E402
     save_model,
 )
 
-HAVE_IHC_SCORER = importlib.util.find_spec("wsi_her2.ihc_score") is not None
+HAVE_IHC_SCORER = importlib.util.find_spec("wsi_her2.models.ihc_score") is not None
 # Architectures the brief requires; the registry may hold more, and every entry is round-tripped.
 REQUIRED = {
     "convnext_tiny", "resnet50", "resnet18", "efficientnet_b0", "mobilenetv2_100", "inception_v3",
@@ -80,7 +80,7 @@ def test_get_config_returns_a_copy():
 @pytest.mark.parametrize("name", sorted(set(list_models()) | REQUIRED))
 def test_round_trip_every_architecture(name, tmp_path):
     if name == "ihc_dab" and not HAVE_IHC_SCORER:
-        pytest.skip("wsi_her2.ihc_score is not written yet")
+        pytest.skip("wsi_her2.models.ihc_score is not written yet")
     px = _tiny_px(name)
     torch.manual_seed(0)
     model = create_model(name, input_px=px).eval()
@@ -308,7 +308,7 @@ def test_pretrained_file_initialises_the_backbone(tmp_path):
     torch.testing.assert_close(mlp.features.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
 
 
-@pytest.mark.skipif(not HAVE_IHC_SCORER, reason="wsi_her2.ihc_score is not written yet")
+@pytest.mark.skipif(not HAVE_IHC_SCORER, reason="wsi_her2.models.ihc_score is not written yet")
 def test_ihc_dab_loads_without_weights():
     model = load_model("ihc_dab")
     assert not model.training

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from wsi_her2.store import PatchStore
+from wsi_her2.store.patch_store import PatchStore
 
 # Run in a fresh interpreter: the test process has wsi_her2 imported (codec registered by hand).
 READER = """
@@ -55,4 +55,4 @@ def test_codec_is_declared_as_a_zarr_entry_point():
     from importlib.metadata import entry_points
 
     found = {e.name: e.value for e in entry_points(group="zarr.codecs")}
-    assert found.get("wsi_her2.jpeg") == "wsi_her2.store_codecs:JpegTileCodec"
+    assert found.get("wsi_her2.jpeg") == "wsi_her2.store.codecs:JpegTileCodec"

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from wsi_her2.pixels import read_thumbnail
+from wsi_her2.tile.pixels import read_thumbnail
 from wsi_her2.slide import open_slide
 
 MEMORY_LIMIT_MB = 1500

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from wsi_her2.qc import QcParams, focus_sharpness
-from wsi_her2.synthetic_cores import composite_core, downsample, jpeg_roundtrip, pale_core
-from wsi_her2.tissue import THUMB_MPP_UM, detect_tissue
+from wsi_her2.tile.qc import QcParams, focus_sharpness
+from wsi_her2.synthetic.cores import composite_core, downsample, jpeg_roundtrip, pale_core
+from wsi_her2.tile.tissue import THUMB_MPP_UM, detect_tissue
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ihc_dev"
 needs_dev = pytest.mark.skipif(not DEV.is_dir(), reason="../shared/fixtures/ihc_dev not present")

@@ -10,7 +10,7 @@ import pytest
 
 from wsi_her2.cli import main
 from wsi_her2.errors import ConfigError
-from wsi_her2.roi import assign_tiles, load_regions
+from wsi_her2.score.roi import assign_tiles, load_regions
 
 BLOCK = 448  # 2 x 2 tiles of 224 px per graded block: a tiny slide, fast to score
 
@@ -35,8 +35,8 @@ def feature(geometry, cls=None, name=None):
 
 @pytest.fixture(scope="module")
 def tiny_graded_store(tmp_path_factory):
-    from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
-    from wsi_her2.tile_pipeline import TileConfig, tile_slide
+    from wsi_her2.synthetic.slides import graded_ihc_spec, write_synthetic_slide
+    from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
     d = tmp_path_factory.mktemp("roi")
     spec = graded_ihc_spec(block_px=BLOCK, dust=False)  # grades 0 1 / 2 3 at blocks (1,1) (3,1) / (1,3) (3,3)

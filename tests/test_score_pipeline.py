@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsi_her2.score_pipeline import ScoreConfig, score_store
-from wsi_her2.store import open_store
-from wsi_her2.tile_pipeline import TileConfig, tile_slide
+from wsi_her2.score.pipeline import ScoreConfig, score_store
+from wsi_her2.store.patch_store import open_store
+from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def graded_scored(graded_slide, tmp_path_factory):
 
 
 def test_tile_calls_recover_planted_grades(graded_scored):
-    from wsi_her2.synthetic import graded_ihc_spec
+    from wsi_her2.synthetic.slides import graded_ihc_spec
 
     store_path, res = graded_scored
     table = pd.read_parquet(store_path.parent / "graded.tiles.parquet")
@@ -61,8 +61,8 @@ def test_outputs_written_and_consistent(graded_scored):
 
 
 def test_demo_slide_gets_planted_call_with_every_aggregator(demo_slide, tmp_path):
-    from wsi_her2.aggregate import AGGREGATORS
-    from wsi_her2.synthetic import DEMO_PLANTED_SCORE
+    from wsi_her2.score.aggregate import AGGREGATORS
+    from wsi_her2.synthetic.slides import DEMO_PLANTED_SCORE
 
     planted = ("0", "1+", "2+", "3+")[DEMO_PLANTED_SCORE]
     out = tmp_path / "demo-score"
@@ -99,7 +99,7 @@ def test_cli_score_reports_missing_store(tmp_path, capsys):
 
 
 def test_agg_choices_match_aggregators():
-    from wsi_her2.aggregate import AGGREGATORS
+    from wsi_her2.score.aggregate import AGGREGATORS
     from wsi_her2.cli.score import AGG_CHOICES
 
     assert set(AGG_CHOICES) == set(AGGREGATORS)

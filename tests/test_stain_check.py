@@ -6,9 +6,9 @@ import pytest
 from conftest import FIXTURES, fixture_slide
 
 from wsi_her2.errors import StainError
-from wsi_her2.stain_check import MAX_EOSIN_SHARE, stain_shares
-from wsi_her2.store import open_store
-from wsi_her2.tile_pipeline import TileConfig, tile_slide
+from wsi_her2.stain.check import MAX_EOSIN_SHARE, stain_shares
+from wsi_her2.store.patch_store import open_store
+from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
 
 def test_real_ihc_patches_pass_the_stain_check():
@@ -25,7 +25,7 @@ def test_real_ihc_patches_pass_the_stain_check():
 
 def test_he_slide_is_refused_by_the_dab_scorer_unless_forced(tmp_path):
     from wsi_her2.cli import main
-    from wsi_her2.score_pipeline import ScoreConfig, score_store
+    from wsi_her2.score.pipeline import ScoreConfig, score_store
 
     slide = fixture_slide("CMU-1-Small-Region.svs")
     store = tile_slide(slide, tmp_path, config=TileConfig(workers=1)).store
@@ -40,7 +40,7 @@ def test_he_slide_is_refused_by_the_dab_scorer_unless_forced(tmp_path):
 def test_synthetic_ihc_store_passes_and_other_models_are_not_checked(graded_slide, tmp_path):
     from types import SimpleNamespace
 
-    from wsi_her2.stain_check import check_stain_for_model
+    from wsi_her2.stain.check import check_stain_for_model
 
     store = open_store(tile_slide(graded_slide, tmp_path, config=TileConfig(workers=1)).store)
     report = check_stain_for_model(store, SimpleNamespace(name="ihc_dab"))

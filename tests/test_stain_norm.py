@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from wsi_her2.errors import ConfigError
-from wsi_her2.train.stain_norm import (
+from wsi_her2.stain.normalize import (
     PAPER_BREAKHIS_LAB8,
     MacenkoNormalizer,
     ReinhardNormalizer,
@@ -63,7 +63,7 @@ def test_paper_fixed_targets_convert_from_opencv_lab():
 
 def test_reinhard_torch_matches_numpy():
     torch = pytest.importorskip("torch")
-    from wsi_her2.train.stain_norm import reinhard_torch
+    from wsi_her2.stain.normalize import reinhard_torch
 
     imgs = [_smooth_image(s, (160, 120, 150), 30) for s in (3, 4)]
     norm = ReinhardNormalizer.paper_breakhis()

@@ -13,9 +13,9 @@ import pytest
 
 from wsi_her2.cli import main
 from wsi_her2.errors import StoreError
-from wsi_her2.store import PatchStore, open_store
-from wsi_her2.store_verify import verify_store
-from wsi_her2.tile_pipeline import TileConfig, tile_slide
+from wsi_her2.store.patch_store import QC_ARRAYS, PatchStore, open_store
+from wsi_her2.store.verify import verify_store
+from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
 CONFIG = TileConfig(workers=1, codec="zstd")
 
@@ -41,7 +41,7 @@ def _one_line_error(capsys) -> str:
 # --- damaged stores -------------------------------------------------------------------------------
 def test_clean_store_verifies(clean_store, capsys):
     rep = verify_store(clean_store)
-    assert rep.n_checksummed == rep.n_chunks == 4 + 7 + 1 + 3
+    assert rep.n_checksummed == rep.n_chunks == 4 + 8 + 1 + 3  # tiles, per-tile arrays, unit_done, images
     assert main(["verify", str(clean_store)]) == 0
     assert "ok" in capsys.readouterr().out
 
@@ -49,7 +49,7 @@ def test_clean_store_verifies(clean_store, capsys):
 @pytest.mark.parametrize("damage", ["delete_tile_chunk", "truncate_tile_chunk", "random_bytes", "delete_qc_flags",
                                     "delete_coords_chunk", "flip_one_bit"])
 def test_damaged_store_is_refused_with_one_line(store_copy, damage, capsys):
-    from wsi_her2.score_pipeline import score_store
+    from wsi_her2.score.pipeline import score_store
 
     chunk = store_copy / "tiles" / "c" / "1" / "0" / "0" / "0"
     if damage == "delete_tile_chunk":
@@ -117,7 +117,7 @@ def test_all_zero_arrays_still_write_their_chunks(tmp_path):
                               per_tile={"mask_fraction": np.zeros(3, np.float32)},
                               images={"tissue_mask": np.zeros((4, 4), bool)})
     store.write_qc({n: np.zeros(3, np.float32 if n != "qc_flags" else np.uint8) for n in
-                    ("tissue_fraction", "laplacian_var", "pen_fraction", "qc_flags")}, np.zeros(1, bool))
+                    QC_ARRAYS}, np.zeros(1, bool))
     for name in ("mask_fraction/c/0", "qc_flags/c/0", "unit_done/c/0", "tissue_mask/c/0/0"):
         assert (tmp_path / "z.zarr" / name).is_file(), name
 
@@ -165,7 +165,7 @@ def test_unwritable_output_is_one_line(graded_slide, tmp_path, capsys):
 
 # --- a killed run is repaired by the next one --------------------------------------------------------
 def test_slides_csv_row_is_restored_from_the_result_json(store_copy):
-    from wsi_her2.score_pipeline import ScoreConfig, score_store
+    from wsi_her2.score.pipeline import ScoreConfig, score_store
 
     out = store_copy.parent
     row = {"slide": "graded", "her2_score": "2+", "confidence": 0.9, "frac_0": 0.1, "frac_1+": 0.2, "frac_2+": 0.6,
@@ -182,7 +182,7 @@ def test_slides_csv_row_is_restored_from_the_result_json(store_copy):
 
 
 def test_left_over_temporary_files_are_cleaned(graded_slide, clean_store):
-    from wsi_her2.score_pipeline import ScoreConfig, score_store
+    from wsi_her2.score.pipeline import ScoreConfig, score_store
 
     out = clean_store.parent
     chunk_tmp = clean_store / "tiles" / "c" / "1" / "0" / "0" / ".0.4194301.140000.tmp"
@@ -200,8 +200,8 @@ def test_left_over_temporary_files_are_cleaned(graded_slide, clean_store):
 
 
 def test_result_files_follow_the_umask(tmp_path):
-    from wsi_her2.outputs import atomic_write_text
-    from wsi_her2.score_pipeline import upsert_slides_csv
+    from wsi_her2.files import atomic_write_text
+    from wsi_her2.score.pipeline import upsert_slides_csv
 
     old = os.umask(0o022)
     try:
@@ -240,7 +240,7 @@ def test_two_inputs_with_one_name_are_one_error(graded_slide, tmp_path, capsys):
 
 # --- one run per store ------------------------------------------------------------------------------
 def test_second_run_on_a_locked_store_exits_with_a_clear_line(graded_slide, store_copy, capsys):
-    from wsi_her2.outputs import store_lock
+    from wsi_her2.files import store_lock
 
     with store_lock(store_copy):  # another run (here: this process) is writing the store
         with pytest.raises(StoreError, match="another wsi-her2 run.*is writing this store"):

@@ -1,4 +1,4 @@
-"""Tests of the synthetic Aperio-like slide generator (wsi_her2.synthetic)."""
+"""Tests of the synthetic Aperio-like slide generator (wsi_her2.synthetic.slides)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from wsi_her2 import synthetic_textures as tx
+from wsi_her2.synthetic import textures as tx
 from wsi_her2.errors import ConfigError
-from wsi_her2.synthetic import (
+from wsi_her2.synthetic.slides import (
     DEMO_PLANTED_SCORE,
     GRADE_COMPLETENESS,
     GRADE_DAB_OD,

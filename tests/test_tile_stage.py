@@ -6,11 +6,11 @@ import pytest
 
 from conftest import fixture_slide
 from wsi_her2.errors import ConfigError, NoTissueError
-from wsi_her2.qc import QC_FLAGS, laplacian_variance
-from wsi_her2.store import PatchStore, open_store
-from wsi_her2.synthetic import Region, SyntheticSlideSpec, write_synthetic_slide
-from wsi_her2.tile_pipeline import TileConfig, tile_slide
-from wsi_her2.tiling import choose_geometry
+from wsi_her2.tile.qc import QC_FLAGS, laplacian_variance
+from wsi_her2.store.patch_store import PatchStore, open_store
+from wsi_her2.synthetic.slides import Region, SyntheticSlideSpec, write_synthetic_slide
+from wsi_her2.tile.pipeline import TileConfig, tile_slide
+from wsi_her2.tile.geometry import choose_geometry
 
 TILE = 224
 
@@ -42,7 +42,7 @@ def graded_store(graded_slide, tmp_path_factory):
 
 
 def test_tile_count_matches_planted_geometry(graded_store):
-    from wsi_her2.synthetic import graded_ihc_spec
+    from wsi_her2.synthetic.slides import graded_ihc_spec
 
     res, store = graded_store
     spec = graded_ihc_spec()
@@ -58,7 +58,7 @@ def test_tile_count_matches_planted_geometry(graded_store):
 
 
 def test_pale_hematoxylin_and_strong_dab_are_both_tissue(graded_store):
-    from wsi_her2.synthetic import graded_ihc_spec
+    from wsi_her2.synthetic.slides import graded_ihc_spec
 
     _, store = graded_store
     mask = store.array("tissue_mask")
@@ -102,7 +102,7 @@ def test_stored_tiles_equal_slide_pixels(graded_store, graded_slide):
 
 
 def test_qc_finds_planted_blur_and_pen(demo_slide, tmp_path):
-    from wsi_her2.synthetic import demo_spec
+    from wsi_her2.synthetic.slides import demo_spec
 
     res = tile_slide(demo_slide, tmp_path, config=TileConfig(workers=1))
     store = open_store(res.store)
@@ -124,7 +124,7 @@ def test_qc_finds_planted_blur_and_pen(demo_slide, tmp_path):
 
 
 def test_interrupted_run_resumes_to_identical_store(graded_slide, tmp_path, monkeypatch):
-    import wsi_her2.tile_pipeline as tp
+    import wsi_her2.tile.pipeline as tp
 
     clean = open_store(tile_slide(graded_slide, tmp_path / "clean", config=TileConfig(workers=1, chunk_tiles=32)).store)
     real = tp._process_unit
@@ -285,7 +285,7 @@ def test_chunks_written_directly_read_back_through_zarr(codec, tmp_path):
 def test_sampled_qc_fractions_match_full_resolution(tmp_path):
     """Pen fractions on every 4th pixel agree with every pixel on real H&E tiles; the stored
     tissue fraction is the tile's coverage by the slide's tissue mask (they cannot disagree)."""
-    from wsi_her2.qc import QcParams, tile_qc
+    from wsi_her2.tile.qc import QcParams, tile_qc
 
     path = fixture_slide("CMU-1-Small-Region.svs")
     store = open_store(tile_slide(path, tmp_path, config=TileConfig(workers=1, codec="zstd")).store)
@@ -361,7 +361,7 @@ def test_interrupted_threaded_run_resumes_to_identical_store(graded_slide, tmp_p
     import threading
     import time
 
-    import wsi_her2.tile_pipeline as tp
+    import wsi_her2.tile.pipeline as tp
 
     config = TileConfig(workers=2, chunk_tiles=16, codec="jpeg")
     clean = open_store(tile_slide(graded_slide, tmp_path / "clean", config=config).store)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from wsi_her2.cli import main
-from wsi_her2.tma import _cluster_1d, row_name
+from wsi_her2.score.tma import _cluster_1d, row_name
 
 GRADES = ((0, 1, 2), (3, None, 2))  # B2 is missing
 PLANTED = {"A1": "0", "A2": "1+", "A3": "2+", "B1": "3+", "B3": "2+"}
@@ -17,9 +17,9 @@ PLANTED = {"A1": "0", "A2": "1+", "A3": "2+", "B1": "3+", "B3": "2+"}
 
 @pytest.fixture(scope="module")
 def tma_scored(tmp_path_factory):
-    from wsi_her2.synthetic import write_synthetic_slide
-    from wsi_her2.synthetic_tma import tma_spec
-    from wsi_her2.tile_pipeline import TileConfig, tile_slide
+    from wsi_her2.synthetic.slides import write_synthetic_slide
+    from wsi_her2.synthetic.tma import tma_spec
+    from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
     d = tmp_path_factory.mktemp("tma")
     slide = write_synthetic_slide(d / "tma.svs", tma_spec(GRADES))
@@ -61,8 +61,8 @@ def test_grid_naming_helpers():
 
 
 def test_a_slide_that_is_not_a_tma_is_one_line(tmp_path, capsys):
-    from wsi_her2.synthetic import graded_ihc_spec, write_synthetic_slide
-    from wsi_her2.tile_pipeline import TileConfig, tile_slide
+    from wsi_her2.synthetic.slides import graded_ihc_spec, write_synthetic_slide
+    from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
     slide = write_synthetic_slide(tmp_path / "one.svs", graded_ihc_spec(block_px=448, grades=(2,), dust=False))
     store = tile_slide(slide, tmp_path, config=TileConfig(workers=1)).store

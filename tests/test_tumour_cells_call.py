@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_her2.aggregate import aggregate_asco_cells, her2_category
-from wsi_her2.ihc_score import IhcDabScorer
-from wsi_her2.synthetic import graded_ihc_spec, render_region
-from wsi_her2.synthetic_cores import jpeg_roundtrip
+from wsi_her2.score.aggregate import aggregate_asco_cells, her2_category
+from wsi_her2.models.ihc_score import IhcDabScorer
+from wsi_her2.synthetic.slides import graded_ihc_spec, render_region
+from wsi_her2.synthetic.cores import jpeg_roundtrip
 
 
 def _tiles(grade: int, n: int = 4):

@@ -24,8 +24,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from wsi_her2 import __version__
-    from wsi_her2.store import PatchStore
-    from wsi_her2.tile_pipeline import TileConfig, store_path_for, tile_slide
+    from wsi_her2.store.patch_store import PatchStore
+    from wsi_her2.tile.pipeline import TileConfig, store_path_for, tile_slide
 
     imports_s = time.perf_counter() - t_import
     try:

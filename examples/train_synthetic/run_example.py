@@ -66,7 +66,7 @@ def main() -> int:
         return 0
     # 5. Score a synthetic slide (the bundled demo slide, planted call 2+) with the trained model.
     slide = out / "demo.svs"
-    subprocess.run([sys.executable, "-m", "wsi_her2.synthetic", str(slide), "--preset", "demo"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "wsi_her2.synthetic.slides", str(slide), "--preset", "demo"], check=True, cwd=ROOT)
     sh("tile", str(slide), "--mpp", "0.5", "--tile-px", "224", "-o", str(out / "stores"))
     sh("score", str(out / "stores"), "--model", str(run / "model.safetensors"), "--agg", "vote",
        "-o", str(out / "scored"))

@@ -23,8 +23,9 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from wsi_her2.vocab import parse_her2_label
 from wsi_her2.errors import ConfigError, SlideNotFoundError
-from wsi_her2.tile_pipeline import slide_id_for
+from wsi_her2.tile.pipeline import slide_id_for
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".qptiff",
 )
-#: The four HER2 IHC scores, in order.
-HER2_LABELS = ("0", "1+", "2+", "3+")
 
 _COLUMNS = {
     "slide": ("slide", "path", "file", "filename"),
@@ -64,22 +63,6 @@ class SlideJob:
             slide_id=data["slide_id"], path=Path(data["path"]), mpp_um=data.get("mpp_um"),
             label=data.get("label"), patient_id=data.get("patient_id"),
         )
-
-
-def normalise_label(value: str | int | None, *, where: str = "") -> str | None:
-    """Map ``"3"``, ``"3+"``, ``3``, ``"0+"``, ``" 2+ "`` to one of :data:`HER2_LABELS`; empty -> None."""
-    if value is None:
-        return None
-    text = str(value).strip().upper().replace(" ", "")
-    if text in ("", "NA", "N/A", "NAN", "NONE"):
-        return None
-    text = text.removeprefix("HER2").removeprefix(":")
-    if text.endswith(".0"):
-        text = text[:-2]
-    digits = text.rstrip("+")
-    if digits in ("0", "1", "2", "3") and len(text) - len(digits) <= 1:
-        return HER2_LABELS[int(digits)]
-    raise ConfigError(f"{where}label {value!r} is not a HER2 score; use 0, 1+, 2+ or 3+ (or leave it empty)")
 
 
 def is_slide_file(path: Path) -> bool:
@@ -124,7 +107,7 @@ def read_manifest(path: str | Path) -> list[SlideJob]:
             if not slide.is_absolute():
                 slide = path.parent / slide
             mpp = _float_or_none(row.get(cols["mpp"]) if cols["mpp"] else None, where=where)
-            label = normalise_label(row.get(cols["label"]) if cols["label"] else None, where=where)
+            label = parse_her2_label(row.get(cols["label"]) if cols["label"] else None, where=where)
             patient = (row.get(cols["patient"]) or "").strip() or None if cols["patient"] else None
             slide_id = slide_id_for(slide)
             jobs.append(SlideJob(slide_id, slide, mpp_um=mpp, label=label, patient_id=patient))

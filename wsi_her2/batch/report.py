@@ -19,15 +19,15 @@ import csv
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from numpy.typing import NDArray
 
-from wsi_her2.batch.manifest import HER2_LABELS, SlideJob, normalise_label
+from wsi_her2.batch.manifest import SlideJob
+from wsi_her2.files import atomic_write_text
+from wsi_her2.metrics import confusion_matrix, quadratic_weighted_kappa, weighted_kappa  # noqa: F401 (re-exported)
+from wsi_her2.vocab import HER2_CLASSES, parse_her2_label
 from wsi_her2.errors import ConfigError
 
 #: The columns of ``slides.csv``, in order; extra keys a scorer adds follow, sorted by name.
@@ -89,69 +89,20 @@ def slides_csv_text(rows: Iterable[Mapping]) -> str:
 
 def write_slides_csv(rows: Iterable[Mapping], path: str | Path) -> Path:
     """Write ``slides.csv`` atomically (two runners finishing together never leave a torn file)."""
-    return _atomic_write(Path(path), slides_csv_text(rows))
-
-
-def _atomic_write(path: Path, text: str) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, slides_csv_text(rows))
+
+
 
 
 # --- metrics ---------------------------------------------------------------------------------------
-def confusion_matrix(truth: Sequence[int], pred: Sequence[int], *, n_classes: int) -> NDArray[np.int64]:
-    """``m[i, j]`` = number of items with true class ``i`` predicted as ``j``."""
-    t = np.asarray(truth, dtype=np.int64)
-    p = np.asarray(pred, dtype=np.int64)
-    if t.shape != p.shape:
-        raise ConfigError(f"truth ({t.size}) and predictions ({p.size}) differ in length")
-    if t.size and (t.min() < 0 or p.min() < 0 or t.max() >= n_classes or p.max() >= n_classes):
-        raise ConfigError(f"class indices must lie in 0..{n_classes - 1}")
-    m = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(m, (t, p), 1)
-    return m
-
-
-def weighted_kappa(confusion: NDArray, *, weights: str = "quadratic") -> float:
-    """Cohen's kappa from a confusion matrix; ``weights`` "quadratic", "linear" or "none".
-
-    Returns NaN when chance disagreement is zero (every item in one class on both sides), where
-    kappa is undefined.
-    """
-    o = np.asarray(confusion, dtype=np.float64)
-    k = o.shape[0]
-    n = o.sum()
-    if n == 0:
-        return float("nan")
-    i, j = np.indices((k, k))
-    if weights == "quadratic":
-        w = (i - j) ** 2 / max(k - 1, 1) ** 2
-    elif weights == "linear":
-        w = np.abs(i - j) / max(k - 1, 1)
-    elif weights == "none":
-        w = (i != j).astype(np.float64)
-    else:
-        raise ConfigError(f"weights {weights!r}: choose quadratic, linear or none")
-    e = np.outer(o.sum(axis=1), o.sum(axis=0)) / n
-    denom = float((w * e).sum())
-    if denom == 0:
-        return float("nan")
-    return float(1.0 - (w * o).sum() / denom)
-
-
-def quadratic_weighted_kappa(truth: Sequence[int], pred: Sequence[int], *, n_classes: int = 4) -> float:
-    """Quadratic-weighted kappa of two ordinal ratings in ``0..n_classes-1``."""
-    return weighted_kappa(confusion_matrix(truth, pred, n_classes=n_classes), weights="quadratic")
-
-
 def _score_index(value: object) -> int | None:
     try:
-        label = normalise_label(value)  # "2+", 2, "2" all map to "2+"
+        label = parse_her2_label(value)  # "2+", 2, "2" all map to "2+"
     except ConfigError:
         return None  # "indeterminate" and other non-calls
-    return None if label is None else HER2_LABELS.index(label)
+    return None if label is None else HER2_CLASSES.index(label)
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -184,7 +135,7 @@ def agreement_report(rows: Iterable[Mapping]) -> dict | None:
         "n_labelled": len(labelled),
         "n_compared": n,
         "not_scored": sorted(missing),
-        "classes": list(HER2_LABELS),
+        "classes": list(HER2_CLASSES),
         "confusion_matrix": cm.tolist(),
         "accuracy": round(float(np.trace(cm)) / n, 6) if n else None,
         "quadratic_weighted_kappa": _nan_to_none(weighted_kappa(cm)) if n else None,
@@ -225,4 +176,4 @@ def format_agreement(report: Mapping) -> str:
 
 
 def write_agreement(report: Mapping, path: str | Path) -> Path:
-    return _atomic_write(Path(path), json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return atomic_write_text(Path(path), json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -44,7 +44,8 @@ from wsi_her2.batch.cluster import SCORE_RESOURCE, TILE_RESOURCE
 from wsi_her2.batch.manifest import SlideJob
 from wsi_her2.batch.state import DEFAULT_LOCK_TIMEOUT_S, LockKeeper, LockOwner, SlideState, StateStore, input_key
 from wsi_her2.errors import WsiHer2Error
-from wsi_her2.tile_pipeline import TileConfig, tile_slide
+from wsi_her2.files import atomic_write_text
+from wsi_her2.tile.pipeline import TileConfig, tile_slide
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ ScoreFn = Callable[[Path, Path, Any], dict]  # (store_path, out_dir, score_confi
 
 # --- what runs on the workers ----------------------------------------------------------------------
 def _score(store_path: Path, out_dir: Path, score_config: Any) -> dict:
-    """Score one store with :func:`wsi_her2.score_pipeline.score_store`; the slides.csv row."""
-    from wsi_her2.score_pipeline import ScoreConfig, score_store
+    """Score one store with :func:`wsi_her2.score.pipeline.score_store`; the slides.csv row."""
+    from wsi_her2.score.pipeline import ScoreConfig, score_store
 
     result = score_store(store_path, out_dir=out_dir, config=score_config or ScoreConfig())
     return dict(result.row)
@@ -102,7 +103,7 @@ class RunConfig:
     """Settings of a cohort run (the per-slide stages keep their own configs)."""
 
     tile: TileConfig = field(default_factory=TileConfig)
-    score: Any = None  # a wsi_her2.score_pipeline.ScoreConfig; None: its defaults
+    score: Any = None  # a wsi_her2.score.pipeline.ScoreConfig; None: its defaults
     retries: int = 2
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
     retry_failed: bool = False
@@ -480,7 +481,7 @@ def _default_window(client: Any) -> int:
 def _write_cohort_file(out_dir: Path, jobs: Sequence[SlideJob], config: RunConfig) -> None:
     """The job list, so `wsi-her2 status` knows the slides not yet started."""
     data = {"jobs": [j.to_dict() for j in jobs], "per_slide_dir": PER_SLIDE_DIRNAME}
-    report._atomic_write(out_dir / COHORT_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / COHORT_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _config_dict(config: RunConfig) -> dict:
@@ -508,4 +509,4 @@ def _write_run_json(out_dir: Path, result: CohortResult, config: RunConfig, *, i
         "tiles_per_s": round(result.tiles_here / result.seconds, 2) if result.seconds > 0 else None,
         "config": _config_dict(config),
     }
-    report._atomic_write(out_dir / "run.json", json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    atomic_write_text(out_dir / "run.json", json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")

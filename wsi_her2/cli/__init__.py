@@ -22,12 +22,14 @@ COMMAND_MODULES = (
     "tile",
     "score",
     "verify",
+    "calibrate",
     "models",
     "run",
     "status",
     "train",
     "evaluate",
     "explain",
+    "app",
 )
 
 log = logging.getLogger("wsi_her2")

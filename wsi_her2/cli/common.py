@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 
 from wsi_her2.errors import ConfigError
-from wsi_her2.qc import BLUR_METRICS, QcParams
-from wsi_her2.tissue import THUMB_MPP_UM, TissueParams
-from wsi_her2.store_codecs import DEFAULT_TILE_CODEC, TILE_CODECS
+from wsi_her2.tile.qc import BLUR_METRICS, QcParams
+from wsi_her2.tile.tissue import THUMB_MPP_UM, TissueParams
+from wsi_her2.store.codecs import DEFAULT_TILE_CODEC, TILE_CODECS
 
 
 def add_tile_options(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
 
 
 def tile_config_from_args(args: argparse.Namespace, *, workers: int, progress: bool):
-    from wsi_her2.tile_pipeline import TileConfig
+    from wsi_her2.tile.pipeline import TileConfig
 
     stride = args.stride_px
     if args.overlap_px is not None:
@@ -70,3 +70,12 @@ def tile_config_from_args(args: argparse.Namespace, *, workers: int, progress: b
         overwrite=getattr(args, "overwrite", False),
         progress=progress,
     )
+
+
+def use_worker_threads_for_opencv() -> None:
+    """Set this process's OpenCV pool to one thread: the tile stage's worker threads are the
+    parallelism, and OpenCV's own pool inside each of them would only spin. A process-wide
+    setting, so the command line (which owns the process) makes it, never the library."""
+    import cv2
+
+    cv2.setNumThreads(1)

@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.score_pipeline import ScoreConfig, score_store
-    from wsi_her2.synthetic import demo_spec, write_synthetic_slide
-    from wsi_her2.tile_pipeline import TileConfig, default_workers, tile_slide
+    from wsi_her2.score.pipeline import ScoreConfig, score_store
+    from wsi_her2.synthetic.slides import demo_spec, write_synthetic_slide
+    from wsi_her2.tile.pipeline import TileConfig, default_workers, tile_slide
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     slide = out / "demo-her2-ihc.svs"
     if not slide.exists():
         write_synthetic_slide(slide, demo_spec())
+    from wsi_her2.cli.common import use_worker_threads_for_opencv
+
+    use_worker_threads_for_opencv()
     tiled = tile_slide(slide, out, config=TileConfig(workers=args.workers or default_workers()))
     res = score_store(tiled.store, config=ScoreConfig(agg=args.agg, overwrite=True))
     c = res.call

@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from wsi_her2.models import load_model
     from wsi_her2.train.data import TileDataset, discover_dataset
     from wsi_her2.train.evaluate import classification_report, format_table, predict_dataset, write_report
-    from wsi_her2.train.stain_norm import normalizer_from_config
-    from wsi_her2.train.trainer import resolve_device
+    from wsi_her2.stain.normalize import normalizer_from_config
+    from wsi_her2.devices import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

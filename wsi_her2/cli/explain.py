@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from wsi_her2.models import load_model
     from wsi_her2.train.data import IMAGE_SUFFIXES, load_tile, to_tensor
     from wsi_her2.train.explain import cams_for_layers, resolve_layer, save_overlay_png, save_stage_row_png, stage_layers
-    from wsi_her2.train.stain_norm import normalizer_from_config
-    from wsi_her2.train.trainer import resolve_device
+    from wsi_her2.stain.normalize import normalizer_from_config
+    from wsi_her2.devices import resolve_device
 
     device = resolve_device(args.device)
     model = load_model(args.model, weights=args.weights, map_location=device)

@@ -15,11 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def slide_info(path: str, *, backend: str = "auto", slide_mpp_um: float | None = None) -> dict:
-    from wsi_her2.errors import MppMissingError, SlideOpenError, WsiHer2Error
-    from wsi_her2.pixels import read_thumbnail
+    from wsi_her2.errors import MppMissingError
+    from wsi_her2.tile.pixels import read_thumbnail_or_fail
     from wsi_her2.slide import open_slide
     from wsi_her2.slide.mpp import resolve_mpp
-    from wsi_her2.tissue import detect_tissue
+    from wsi_her2.tile.tissue import detect_tissue
 
     with open_slide(path, backend=backend) as reader:
         info: dict = {
@@ -37,16 +37,8 @@ def slide_info(path: str, *, backend: str = "auto", slide_mpp_um: float | None =
             info.update(mpp_um=None, mpp_source=None, mpp_problem=str(exc))
             return info
         info.update(mpp_um=mpp.mpp_um, mpp_source=mpp.source)
-        try:
-            thumb, scale = read_thumbnail(reader, slide_mpp_um=mpp.mpp_um)
-            tissue = detect_tissue(thumb, thumb_mpp_um=mpp.mpp_um / scale)
-        except WsiHer2Error:
-            raise  # already one clear line (e.g. the memory budget)
-        except Exception as exc:  # decoder errors from a damaged file: one clear line, not a traceback
-            raise SlideOpenError(
-                f"{path}: cannot read the slide's pixels ({type(exc).__name__}: {exc}); "
-                "the file may be truncated or corrupt: re-copy it"
-            ) from exc
+        thumb, scale = read_thumbnail_or_fail(reader, path, slide_mpp_um=mpp.mpp_um)
+        tissue = detect_tissue(thumb, thumb_mpp_um=mpp.mpp_um / scale)
         info.update(
             tissue_area_mm2=round(tissue.tissue_area_mm2, 3),
             tissue_fraction=round(tissue.tissue_fraction, 4),

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.aggregate.AGGREGATORS keys (checked in tests)
+AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.score.aggregate.AGGREGATORS keys (checked in tests)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,12 +42,14 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
                         "dab_od_membrane (repeatable): <id>.heatmap.MEASURE.png")
     g.add_argument("--explain", nargs="?", const="gradcam++", choices=("gradcam", "gradcam++"), default=None,
                    help="also write a Grad-CAM(++) saliency overlay and a per-tile saliency measurement (trained models)")
+    g.add_argument("--calibration", default=None, metavar="CAL.json",
+                   help="lab calibration of the ihc_dab cut-points from `wsi-her2 calibrate` (recorded in every output)")
     g.add_argument("--force", action="store_true",
                    help="score with ihc_dab even when the stain check says the slide is not DAB IHC (e.g. H&E)")
 
 
 def score_config_from_args(args: argparse.Namespace, *, progress: bool):
-    from wsi_her2.score_pipeline import ScoreConfig
+    from wsi_her2.score.pipeline import ScoreConfig
 
     return ScoreConfig(
         model=args.model, weights=args.weights, agg=args.agg, batch_size=args.batch_size, device=args.device,
@@ -55,12 +57,13 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
         heatmap_measures=list(getattr(args, "heatmap", None) or []),
         roi=getattr(args, "roi", None), roi_class=getattr(args, "roi_class", None), tma=getattr(args, "tma", False),
         overwrite=getattr(args, "overwrite", False), progress=progress, force=getattr(args, "force", False),
+        calibration=getattr(args, "calibration", None),
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import WsiHer2Error
-    from wsi_her2.score_pipeline import find_stores, score_store
+    from wsi_her2.score.pipeline import find_stores, score_store, validate_score_config
 
     targets = args.stores or ["wsi-her2-out"]
     stores: list[Path] = []
@@ -71,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wsi-her2 score: error: no patch stores in {', '.join(targets)}; run `wsi-her2 tile` first", file=sys.stderr)
         return 2
     config = score_config_from_args(args, progress=not args.quiet and sys.stderr.isatty())
+    try:
+        validate_score_config(config)  # every option checked before any slide is touched
+    except WsiHer2Error as exc:
+        print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
+        return 2
     failed = 0
     for store in stores:
         try:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsi_her2.cli.common import add_tile_options, tile_config_from_args
+from wsi_her2.cli.common import add_tile_options, tile_config_from_args, use_worker_threads_for_opencv
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,10 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import ConfigError, WsiHer2Error
-    from wsi_her2.outputs import check_unique_slide_ids
-    from wsi_her2.tile_pipeline import default_workers, slide_id_for, tile_slide
+    from wsi_her2.files import check_unique_slide_ids
+    from wsi_her2.tile.pipeline import default_workers, slide_id_for, tile_slide
 
     workers = args.workers or default_workers()
+    use_worker_threads_for_opencv()
     try:  # a bad option is one error, not one per slide
         config = tile_config_from_args(args, workers=workers, progress=not args.quiet and sys.stderr.isatty())
         config.validate()

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import WsiHer2Error
-    from wsi_her2.store_verify import verify_store
+    from wsi_her2.store.verify import verify_store
 
     failed = 0
     for store in args.stores:

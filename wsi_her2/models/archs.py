@@ -14,7 +14,6 @@ internet.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -31,19 +30,27 @@ log = logging.getLogger(__name__)
 PRETRAINED_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-def _force_hub_offline() -> None:
-    """Make huggingface_hub fail fast instead of retrying a network it cannot reach.
+def _cached_hub_weights(arch: str) -> Path | None:
+    """timm's ImageNet weights for ``arch`` if they already sit in the local Hugging Face cache.
 
-    An explicit ``HF_HUB_OFFLINE=0`` set by the user is respected (they have a network).
+    Looked up with ``try_to_load_from_cache``, which never touches the network: the library never
+    downloads weights (and changes no process-wide setting such as ``HF_HUB_OFFLINE`` to avoid it).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if os.environ["HF_HUB_OFFLINE"].strip().lower() not in ("1", "true", "yes", "on"):
-        return
-    try:  # huggingface_hub reads the variable once, at import, so patch the live constant too
-        from huggingface_hub import constants
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if not hub_id:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - timm can run without the hub
-        return
-    constants.HF_HUB_OFFLINE = True
+        return None
+    for filename in (getattr(cfg, "hf_hub_filename", None) or "model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
 
 
 def resolve_pretrained_file(pretrained_file: str | Path, arch: str) -> Path:
@@ -91,38 +98,35 @@ def create_timm(
 
     if not pretrained and pretrained_file is None:
         return timm.create_model(arch, pretrained=False, **kwargs)
-    _force_hub_offline()
-    if pretrained_file is not None:
-        path = resolve_pretrained_file(pretrained_file, arch)
-        log.info("loading ImageNet weights for %s from %s", arch, path)
-        # Read it with our own safe reader first: it refuses code-running pickles with the same
-        # message as trained weights, whatever error timm's loader would raise for them.
-        from wsi_her2.models.weights import read_checkpoint
+    if pretrained_file is None:
+        pretrained_file = _cached_hub_weights(arch)
+        if pretrained_file is None:
+            raise WeightsError(
+                f"ImageNet weights for {arch} are not available offline: pass --pretrained-file PATH "
+                "(a timm .safetensors/.pth) or train --from-scratch"
+            )
+    path = resolve_pretrained_file(pretrained_file, arch)
+    log.info("loading ImageNet weights for %s from %s", arch, path)
+    # Read it with our own safe reader first: it refuses code-running pickles with the same
+    # message as trained weights, whatever error timm's loader would raise for them.
+    from wsi_her2.models.weights import read_checkpoint
 
-        read_checkpoint(path)
-        try:
-            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        except pickle.UnpicklingError as exc:
-            raise WeightsError(
-                f"{path} is not a plain tensor checkpoint; refusing to unpickle it; convert it to safetensors "
-                "where it was made (safetensors.torch.save_file(state_dict, ...)) or get the timm .safetensors"
-            ) from exc
-        except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
-            if "weights_only" in str(exc):
-                raise WeightsError(
-                    f"{path} is not a plain tensor checkpoint; refusing to unpickle it; convert it to safetensors"
-                ) from exc
-            raise WeightsError(
-                f"{path} does not hold usable ImageNet weights for {arch} ({_first_line(exc)}); pass the timm "
-                f"checkpoint of {arch} or train --from-scratch"
-            ) from exc
+    read_checkpoint(path)
     try:
-        return timm.create_model(arch, pretrained=True, **kwargs)
-    except OSError as exc:  # LocalEntryNotFoundError, URLError, ... are all OSErrors
-        log.debug("timm could not find %s weights offline: %s", arch, exc)
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except pickle.UnpicklingError as exc:
         raise WeightsError(
-            f"ImageNet weights for {arch} are not available offline: pass --pretrained-file PATH "
-            "(a timm .safetensors/.pth) or train --from-scratch"
+            f"{path} is not a plain tensor checkpoint; refusing to unpickle it; convert it to safetensors "
+            "where it was made (safetensors.torch.save_file(state_dict, ...)) or get the timm .safetensors"
+        ) from exc
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
+        if "weights_only" in str(exc):
+            raise WeightsError(
+                f"{path} is not a plain tensor checkpoint; refusing to unpickle it; convert it to safetensors"
+            ) from exc
+        raise WeightsError(
+            f"{path} does not hold usable ImageNet weights for {arch} ({_first_line(exc)}); pass the timm "
+            f"checkpoint of {arch} or train --from-scratch"
         ) from exc
 
 

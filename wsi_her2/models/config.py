@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from wsi_her2.errors import ConfigError
+from wsi_her2.vocab import HER2_CLASSES
 
 log = logging.getLogger(__name__)
 
-HER2_CLASSES: tuple[str, ...] = ("0", "1+", "2+", "3+")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

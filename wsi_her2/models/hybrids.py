@@ -221,18 +221,18 @@ def resnet50_se_dsc(
     description="rule-based DAB membrane-stain scorer for IHC tiles; needs no weights",
 ))
 def ihc_dab(config: ModelConfig, pretrained_file: str | Path | None = None, *, pretrained: bool = False) -> nn.Module:
-    """Default rule-based IHC scorer (:class:`wsi_her2.ihc_score.IhcDabScorer`); input is RGB in [0, 1]."""
+    """Default rule-based IHC scorer (:class:`wsi_her2.models.ihc_score.IhcDabScorer`); input is RGB in [0, 1]."""
     if config.classes != HER2_CLASSES:
         raise ConfigError(f"ihc_dab scores the four HER2 classes {HER2_CLASSES}; it cannot output {config.classes}")
     if pretrained or pretrained_file is not None:
         raise ConfigError("ihc_dab is rule-based: it has no ImageNet weights; drop --pretrained/--pretrained-file")
     try:  # imported here so the registry works even where the scorer module is absent
-        from wsi_her2.ihc_score import IhcDabScorer
+        from wsi_her2.models.ihc_score import IhcDabScorer
     except ModuleNotFoundError as exc:
-        if exc.name != "wsi_her2.ihc_score":
+        if exc.name != "wsi_her2.models.ihc_score":
             raise
         raise WsiHer2Error(
-            "the rule-based scorer wsi_her2.ihc_score is missing from this installation; reinstall wsi-her2 "
+            "the rule-based scorer wsi_her2.models.ihc_score is missing from this installation; reinstall wsi-her2 "
             "or pick a trained model with --model NAME --weights FILE"
         ) from exc
     return IhcDabScorer(mpp_um=config.mpp_um)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from wsi_her2 import __version__
+from wsi_her2.files import atomic_target, atomic_write_text
 from wsi_her2.errors import ConfigError, WeightsError
 from wsi_her2.models.config import ModelConfig
 from wsi_her2.models.registry import _REGISTRY, build_model, get_config
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 
 CONFIG_METADATA_KEY = "wsi_her2_config"
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def is_weights_path(name: str) -> bool:
+    """Whether ``--model`` names a weights file (by suffix or a path separator) rather than a
+    registered model name."""
+    return str(name).lower().endswith(WEIGHTS_SUFFIXES) or os.sep in str(name)
 # Keys under which training scripts commonly nest the state_dict of a checkpoint dict.
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
@@ -77,14 +84,9 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
         "wsi_her2_version": __version__,
         "format": "pt",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-    sidecar = config_sidecar(path)
-    tmp_json = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_json.write_text(config.to_json(indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_json, sidecar)
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    atomic_write_text(config_sidecar(path), config.to_json(indent=2) + "\n")
     log.info("saved %s (%d tensors) to %s", config.name, len(tensors), path)
     return path
 
@@ -241,9 +243,7 @@ def _looks_like_path(name_or_path: str | Path) -> bool:
     text = str(name_or_path)
     if text in _REGISTRY:
         return False
-    return (
-        "/" in text or os.sep in text or text.lower().endswith(WEIGHTS_SUFFIXES) or Path(text).expanduser().exists()
-    )
+    return is_weights_path(text) or "/" in text or Path(text).expanduser().exists()
 
 
 def load_model(

@@ -24,15 +24,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_her2.errors import DatasetError
+from wsi_her2.errors import ConfigError, DatasetError
+from wsi_her2.vocab import HER2_CLASSES, parse_her2_label
 
 log = logging.getLogger(__name__)
 
-try:  # the registry's class order is the contract with scoring
-    from wsi_her2.models import HER2_CLASSES as _HER2
-except Exception:  # pragma: no cover - only while the models package is absent
-    _HER2 = ("0", "1+", "2+", "3+")
-HER2_CLASSES: tuple[str, ...] = tuple(_HER2)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 BCI_NAME = re.compile(r"^(?P<id>[^_]+)_(?P<split>train|test|val)_(?P<label>[0-3]\+?)$", re.IGNORECASE)
@@ -67,18 +63,15 @@ class LabelledTiles:
 
 
 def normalise_label(raw: str, classes: Sequence[str] | None = None) -> str:
-    """Map spellings such as ``3``, ``3plus``, ``HER2_3+``, ``score 2+`` onto ``3+``/``2+``/...
-
-    Non-HER2 labels (e.g. ``benign``) are returned stripped, for non-HER2 tasks.
-    """
+    """A HER2 label in any spelling (:func:`wsi_her2.vocab.parse_her2_label`) as ``0``..``3+``;
+    labels of other tasks (e.g. ``benign``) are returned stripped."""
     s = str(raw).strip()
     if classes is not None and s in classes:
         return s
-    t = re.sub(r"^(her2|score)[\s_\-:]*", "", s.lower()).replace("plus", "+").replace(" ", "")
-    m = re.fullmatch(r"([0-3])\+?", t)
-    if m:
-        return "0" if m.group(1) == "0" else f"{m.group(1)}+"
-    return s
+    try:
+        return parse_her2_label(s) or s
+    except ConfigError:
+        return s
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -325,7 +318,7 @@ class TileDataset:
     labels
         Integer class indices, one per item.
     stain_norm
-        A callable uint8 RGB -> uint8 RGB (see :mod:`wsi_her2.train.stain_norm`) or None.
+        A callable uint8 RGB -> uint8 RGB (see :mod:`wsi_her2.stain.normalize`) or None.
     augment
         An :class:`Augment` for training, None for evaluation.
     cache
@@ -438,7 +431,7 @@ def synthetic_ihc_tiles(
     -------
     images (N, tile_px, tile_px, 3) uint8, labels (N,) grade index into ``grades``, groups (N,).
     """
-    from wsi_her2.synthetic import graded_ihc_spec, render_region
+    from wsi_her2.synthetic.slides import graded_ihc_spec, render_region
 
     block_px = max(1792, 4 * tile_px)
     spec = graded_ihc_spec(block_px=block_px, grades=tuple(grades), dust=False, seed=0)

@@ -14,19 +14,14 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_her2.metrics import confusion_matrix, quadratic_weighted_kappa
+
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
-def confusion_matrix(y_true: NDArray, y_pred: NDArray, n_classes: int) -> NDArray[np.int64]:
-    """Counts ``cm[true, pred]`` (n_classes, n_classes)."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)), 1)
-    return cm
-
-
 def precision_recall_f1(cm: NDArray) -> dict[str, NDArray[np.float64]]:
     """Per-class precision, recall, F1 and support from a confusion matrix (0 where undefined)."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -79,21 +74,6 @@ def roc_auc_ovr(y_true: NDArray, probs: NDArray) -> NDArray[np.float64]:
     return np.array([roc_auc_binary(y == k, p[:, k]) for k in range(p.shape[1])])
 
 
-def quadratic_weighted_kappa(y_true: NDArray, y_pred: NDArray, n_classes: int) -> float:
-    """Cohen's kappa with quadratic weights ``(i - j)^2 / (K - 1)^2`` for ordered classes."""
-    observed = confusion_matrix(y_true, y_pred, n_classes).astype(np.float64)
-    n = observed.sum()
-    if n == 0:
-        return float("nan")
-    idx = np.arange(n_classes)
-    weights = (idx[:, None] - idx[None, :]) ** 2 / max(n_classes - 1, 1) ** 2
-    expected = np.outer(observed.sum(1), observed.sum(0)) / n
-    denom = (weights * expected).sum()
-    if denom == 0:
-        return 1.0 if (weights * observed).sum() == 0 else 0.0
-    return float(1.0 - (weights * observed).sum() / denom)
-
-
 def _nanmean(values: NDArray) -> float:
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
@@ -106,7 +86,7 @@ def classification_report(y_true: NDArray, probs: NDArray, classes: Sequence[str
     p = np.asarray(probs, dtype=np.float64)
     k = len(classes)
     pred = p.argmax(1) if p.size else np.zeros(0, dtype=int)
-    cm = confusion_matrix(y, pred, k)
+    cm = confusion_matrix(y, pred, n_classes=k)
     prf = precision_recall_f1(cm)
     auc = roc_auc_ovr(y, p) if p.size else np.full(k, np.nan)
     per_class = {
@@ -130,7 +110,7 @@ def classification_report(y_true: NDArray, probs: NDArray, classes: Sequence[str
         "macro_recall": float(prf["recall"][present].mean()) if present.any() else float("nan"),
         "macro_f1": float(prf["f1"][present].mean()) if present.any() else float("nan"),
         "macro_roc_auc": None if np.isnan(macro_auc) else macro_auc,
-        "quadratic_weighted_kappa": quadratic_weighted_kappa(y, pred, k),
+        "quadratic_weighted_kappa": quadratic_weighted_kappa(y, pred, n_classes=k),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
@@ -160,7 +140,7 @@ def predict_dataset(
     """Labels and class probabilities for every item of a ``(image_tensor, label)`` dataset."""
     import torch
 
-    from wsi_her2.train.tta import predict_proba
+    from wsi_her2.stain.tta import predict_proba
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model.eval()

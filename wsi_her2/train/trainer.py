@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from wsi_her2.devices import resolve_device
 from torch import nn
 
 from wsi_her2.errors import ConfigError, DatasetError, WeightsError
@@ -236,12 +238,6 @@ class FitResult:
     images_per_s: float
     train_seconds: float
     steps: int
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _evaluate_loss(model, loader, device, n_classes: int) -> dict[str, float | None]:
@@ -504,7 +500,7 @@ def train_model(
     ``run.json`` (versions, recipe, timings) and, when the test side is non-empty,
     ``test_report.json`` with confusion-matrix and ROC PNGs.
     """
-    from wsi_her2.train.stain_norm import fit_stain_normalizer
+    from wsi_her2.stain.normalize import fit_stain_normalizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

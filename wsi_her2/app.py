@@ -1,0 +1,257 @@
+"""``wsi-her2 app``: a local web page that tiles and scores one slide and shows the results.
+
+The page (Gradio, imported only here and only when the app starts) takes an uploaded slide, a
+plain image with its pixel size, or the bundled demo slide, and runs the same library calls as
+``wsi-her2 tile`` and ``wsi-her2 score``. Each run writes into its own folder under the work
+directory. Errors a user can cause are shown as the same one line the command line prints.
+
+:func:`analyse` and :func:`handle_run` hold the logic and need no Gradio, so they are testable
+without a browser; :func:`build_app` wires them to the page and :func:`serve` starts it.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from wsi_her2.errors import ConfigError, MppMissingError, SlideOpenError, WsiHer2Error
+
+log = logging.getLogger(__name__)
+
+#: plain raster images: tiled only with a pixel size the user types in
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+#: per-tile table columns shown on the page (those present), in this order
+TABLE_COLUMNS = ("tile", "x_level0", "y_level0", "qc_pass", "qc_reason", "call", "p_0", "p_1+", "p_2+", "p_3+",
+                 "tumour_cell_count", "dab_od_membrane", "her2_index")
+TABLE_ROWS = 500
+DEMO_SLIDE_NAME = "demo-her2-ihc.svs"  # the name `wsi-her2 demo` gives it
+
+Progress = Callable[..., Any]  # gr.Progress or anything called as progress(fraction, desc=...)
+
+
+@dataclass
+class AppSettings:
+    work_dir: Path
+    max_upload_mb: float = 2048.0
+    workers: int | None = None
+
+
+@dataclass
+class RunResult:
+    """What one run produced: the call and the paths of every picture, table and download."""
+
+    run_dir: Path
+    slide_id: str
+    call: dict
+    row: dict
+    tumour: dict
+    outputs: dict[str, str]
+    qc_png: Path
+    n_tiles: int
+    n_passed: int
+    json_path: Path
+    downloads: list[str] = field(default_factory=list)
+
+
+def _no_progress(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def check_upload_size(path: Path, max_upload_mb: float) -> None:
+    size_mb = path.stat().st_size / 2**20
+    if size_mb > max_upload_mb:
+        raise ConfigError(
+            f"{path.name}: {size_mb:.0f} MB is over this app's upload limit of {max_upload_mb:.0f} MB; tile and score it "
+            "with `wsi-her2 tile` and `wsi-her2 score`, or restart the app with a larger --max-upload-mb"
+        )
+
+
+def image_to_slide(image: Path, out_dir: Path, mpp_um: float | None) -> Path:
+    """Write a plain image (JPEG, PNG, ...) as an Aperio-like slide carrying its pixel size."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if mpp_um is None:
+        raise MppMissingError(
+            f"{image.name}: a plain image has no pixel size (MPP); enter its µm per pixel at full resolution "
+            "(e.g. 0.25 for a 40x scan, 0.5 for 20x) in the µm/px field"
+        )
+    try:
+        with Image.open(image) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
+        raise SlideOpenError(f"{image.name}: cannot read as an image ({exc}); upload a JPEG/PNG or a slide file") from exc
+    from wsi_her2.synthetic.image_slide import write_image_slide
+
+    return write_image_slide(rgb, out_dir / f"{image.stem}.svs", mpp_um=mpp_um)
+
+
+def _slide_for_run(run_dir: Path, upload: Path | None, mpp_um: float | None, *, demo: bool,
+                   max_upload_mb: float) -> tuple[Path, float | None]:
+    """The slide file to tile and the level-0 µm/px override (``None``: read it from the slide)."""
+    if demo:
+        from wsi_her2.synthetic.slides import demo_spec, write_synthetic_slide
+
+        return write_synthetic_slide(run_dir / DEMO_SLIDE_NAME, demo_spec()), None
+    if upload is None:
+        raise ConfigError("no file uploaded; choose a slide or an image, or run the demo slide")
+    if not upload.is_file():
+        raise SlideOpenError(f"{upload.name}: the upload did not arrive; upload it again")
+    check_upload_size(upload, max_upload_mb)
+    if upload.suffix.lower() == ".mrxs":
+        raise SlideOpenError(f"{upload.name}: an MRXS slide is a file plus its data folder and cannot be uploaded as one "
+                             "file; tile and score it with `wsi-her2 tile` and `wsi-her2 score`")
+    if upload.suffix.lower() in IMAGE_SUFFIXES:
+        return image_to_slide(upload, run_dir, mpp_um), None  # the TIFF carries the pixel size
+    return upload, mpp_um
+
+
+def analyse(settings: AppSettings, upload: Path | None, mpp_um: float | None = None, *, demo: bool = False,
+            progress: Progress = _no_progress) -> RunResult:
+    """Tile and score one upload (or the demo slide) into a fresh folder under the work directory."""
+    from wsi_her2.score.pipeline import ScoreConfig, score_store
+    from wsi_her2.tile.pipeline import TileConfig, default_workers, tile_slide
+
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=settings.work_dir))
+    progress(0.0, desc="Preparing the slide")
+    slide, slide_mpp_um = _slide_for_run(run_dir, upload, mpp_um, demo=demo, max_upload_mb=settings.max_upload_mb)
+    progress(0.05, desc="Tiling")
+    tile_cfg = TileConfig(workers=settings.workers or default_workers(), slide_mpp_um=slide_mpp_um, progress=True)
+    tiled = tile_slide(slide, run_dir, config=tile_cfg)
+    progress(0.3, desc="Scoring")
+    scored = score_store(tiled.store, config=ScoreConfig(progress=True))
+    progress(1.0, desc="Done")
+    json_path = run_dir / f"{scored.slide_id}.json"
+    result = json.loads(json_path.read_text())
+    outputs = dict(scored.outputs)
+    downloads = [outputs[k] for k in ("geojson", "tiles_parquet") if k in outputs] + [str(json_path)]
+    return RunResult(run_dir, scored.slide_id, scored.call, scored.row, result.get("tumour", {}), outputs,
+                     run_dir / f"{scored.slide_id}.qc.png", tiled.n_tiles, tiled.n_passed, json_path, downloads)
+
+
+def call_markdown(res: RunResult) -> str:
+    """The call as the page shows it: score, category, confidence, tumour cells and area, tiles."""
+    c = res.call
+    lines = [f"## HER2 {c['her2_score']}", f"**{c.get('her2_category_text', c.get('her2_category', ''))}**", ""]
+    facts = [f"confidence {float(c['confidence']):.2f}"]
+    if res.tumour.get("cells") not in (None, ""):
+        facts.append(f"{int(res.tumour['cells']):,} tumour cells over {float(res.tumour['area_mm2']):.2f} mm²")
+    facts.append(f"{res.row['tiles_used']} of {res.n_tiles} tiles scored ({res.n_passed} passed QC)")
+    lines.append(" · ".join(facts))
+    fractions = c.get("class_fractions", {})
+    if fractions:
+        lines += ["", "Class fractions: " + ", ".join(f"{k}: {float(v):.2f}" for k, v in fractions.items())]
+    lines += ["", f"Slide `{res.slide_id}`; outputs in `{res.run_dir}`"]
+    return "\n".join(lines)
+
+
+def tile_table(parquet: str | Path, *, max_rows: int = TABLE_ROWS):
+    """The first ``max_rows`` tiles with the key columns, floats rounded for reading."""
+    import pandas as pd
+
+    df = pd.read_parquet(parquet)
+    cols = [c for c in TABLE_COLUMNS if c in df.columns]
+    head = df[cols].head(max_rows)
+    floats = head.select_dtypes("floating").columns
+    return head.astype({c: "float64" for c in floats}).round(3)  # float32 would show 0.9769999980926514
+
+
+def parse_mpp(text: str | float | None) -> float | None:
+    """The µm/px field: empty means "read it from the slide"; anything else must be a positive number."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    try:
+        value = float(str(text).strip().replace(",", "."))
+    except ValueError:
+        raise ConfigError(f"µm/px {text!r} is not a number; enter e.g. 0.25 or leave it empty") from None
+    if not value > 0:
+        raise ConfigError(f"µm/px must be positive, got {text!r}")
+    return value
+
+
+def error_html(message: str) -> str:
+    return (f'<div class="wsi-her2-error" role="alert" style="border:1px solid #b00020;background:#fdecea;'
+            f'color:#7a0014;padding:10px 14px;border-radius:6px">Error: {html.escape(message)}</div>')
+
+
+#: the page's outputs, in the order :func:`handle_run` returns them
+OUTPUT_NAMES = ("call", "error", "heatmap", "qc", "table", "downloads")
+
+
+def handle_run(settings: AppSettings, upload: str | Path | None, mpp_um: str | float | None, *, demo: bool = False,
+               progress: Progress = _no_progress) -> tuple:
+    """Run :func:`analyse` and turn its result, or the error, into the page's outputs (:data:`OUTPUT_NAMES`).
+
+    A :class:`WsiHer2Error` is shown as its one line, as the CLI prints it for the file in its own folder (the
+    server's copy of the upload is named by its file name); nothing is ever a traceback.
+    """
+    path = Path(upload) if upload else None
+    try:
+        res = analyse(settings, path, parse_mpp(mpp_um), demo=demo, progress=progress)
+    except WsiHer2Error as exc:  # the upload's own name, not the server's copy of it, as `wsi-her2 tile NAME` prints it
+        message = str(exc).replace(str(path), path.name) if path else str(exc)
+        return "", error_html(message), None, None, None, None
+    except OSError as exc:  # e.g. a full disk: one line, as the CLI prints it
+        name = path.name if path else "demo slide"
+        return "", error_html(f"{name}: {exc}"), None, None, None, None
+    except Exception as exc:  # a bug: the traceback goes to the server log, not the page
+        log.exception("wsi-her2 app: run failed")
+        return "", error_html(f"internal error ({type(exc).__name__}: {exc}); see the server log"), None, None, None, None
+    return (call_markdown(res), "", res.outputs.get("heatmap_png"), str(res.qc_png) if res.qc_png.is_file() else None,
+            tile_table(res.outputs["tiles_parquet"]), res.downloads)
+
+
+INTRO = """# wsi-her2: HER2 IHC scoring of one slide
+Upload a whole-slide image (SVS, TIFF, NDPI, ...) or a plain image (JPEG/PNG, with its µm per pixel),
+or run the bundled synthetic demo slide (planted call HER2 2+). Everything runs on this computer."""
+
+
+def build_app(settings: AppSettings):
+    """The Gradio page (a ``gr.Blocks``); nothing is started."""
+    from wsi_her2.optional import require
+
+    gr = require("gradio", purpose="wsi-her2 app")
+    with gr.Blocks(title="wsi-her2", analytics_enabled=False) as page:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=2):
+                upload = gr.File(label="Slide or image", type="filepath", elem_id="upload")
+                mpp = gr.Textbox(label="µm/px at full resolution: needed for JPEG/PNG; for a slide, overrides its own",
+                                 placeholder="e.g. 0.25 (40x) or 0.5 (20x); empty: read it from the slide", elem_id="mpp")
+            with gr.Column(scale=1):
+                run_btn = gr.Button("Tile and score the upload", variant="primary", elem_id="run-upload")
+                demo_btn = gr.Button("Run the demo slide", elem_id="run-demo")
+        error = gr.HTML(elem_id="error")
+        call = gr.Markdown(elem_id="call")
+        with gr.Row():  # no label badge: it would cover the pictures' own titles
+            heatmap = gr.Image(show_label=False, type="filepath", interactive=False, elem_id="heatmap")
+            qc = gr.Image(show_label=False, type="filepath", interactive=False, elem_id="qc")
+        table = gr.Dataframe(label=f"Tiles (first {TABLE_ROWS})", interactive=False, elem_id="tiles")
+        downloads = gr.File(label="Downloads: QuPath GeoJSON, per-tile parquet, result JSON", file_count="multiple",
+                            interactive=False, elem_id="downloads")
+        outputs = [call, error, heatmap, qc, table, downloads]
+
+        def run_upload(file, mpp_um, progress=gr.Progress(track_tqdm=True)):
+            return handle_run(settings, file, mpp_um, progress=progress)
+
+        def run_demo(progress=gr.Progress(track_tqdm=True)):
+            return handle_run(settings, None, None, demo=True, progress=progress)
+
+        run_btn.click(run_upload, inputs=[upload, mpp], outputs=outputs)
+        demo_btn.click(run_demo, inputs=None, outputs=outputs)
+    return page
+
+
+def serve(settings: AppSettings, *, host: str = "127.0.0.1", port: int = 7860, open_browser: bool = True,
+          block: bool = True):
+    """Start the page on ``host:port``; with ``block`` return only when the server stops."""
+    page = build_app(settings)
+    page.queue(default_concurrency_limit=1)  # one slide at a time: tiling and scoring use every core
+    page.launch(server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=not block,
+                max_file_size=f"{settings.max_upload_mb:.0f}mb", allowed_paths=[str(settings.work_dir)], quiet=True)
+    return page

@@ -1,0 +1,444 @@
+"""Score one patch store: model -> tile probabilities -> slide call -> QuPath / tables / heatmap.
+
+Reads only the store (never the slide), so scoring runs wherever the stores are. Outputs, next
+to the store unless ``out_dir`` is given::
+
+    <slide-id>.geojson       QuPath tiles (classified, measurable) + a slide annotation with the call
+    <slide-id>.tiles.parquet one row per tile: coordinates, QC, class probabilities, call, measurements
+    <slide-id>.json          the slide call, how it was reached, model config, versions, timings
+    <slide-id>.heatmap.png   tile calls over the thumbnail
+    slides.csv               one row per slide (upserted, sorted by slide id)
+
+``<slide-id>.json`` is written last, so its presence means the slide is scored.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_her2 import __version__
+from wsi_her2.vocab import HER2_CLASSES
+from wsi_her2.errors import ConfigError, StoreError
+from wsi_her2.files import atomic_target, atomic_write_text, clean_stale_tmp, prepare_output_dir
+from wsi_her2.tile.qc import reject_reason
+from wsi_her2.stain.check import check_stain_for_model
+from wsi_her2.store.patch_store import PatchStore, open_store
+from wsi_her2.store.verify import verify_store
+
+log = logging.getLogger(__name__)
+
+SLIDES_CSV_COLUMNS = [
+    "slide", "her2_score", "confidence", "frac_0", "frac_1+", "frac_2+", "frac_3+",
+    "tiles_used", "tiles_rejected", "model", "aggregation", "her2_category", "tumour_cells", "tumour_area_mm2",
+]
+# Physical field of view must match what the model was trained on (tile px x µm/px).
+MPP_MATCH_TOLERANCE = 0.10
+
+
+@dataclass
+class ScoreConfig:
+    model: str = "ihc_dab"  # registry name or a path to a trained .safetensors
+    weights: str | None = None
+    agg: str = "asco"
+    batch_size: int = 64
+    device: str = "auto"
+    tta: bool = False
+    compile: bool = False
+    loader_workers: int = 2
+    min_tiles: int = 10
+    geojson_gz: bool = False
+    overwrite: bool = False
+    progress: bool = False
+    explain: str | None = None  # "gradcam" | "gradcam++": also write <id>.saliency.png and a saliency measurement
+    force: bool = False  # score even when the stain check says the slide is not DAB IHC
+    calibration: str | None = None  # --calibration: a wsi-her2 calibrate JSON (ihc_dab cut-points)
+    heatmap_measures: list[str] = field(default_factory=list)  # --heatmap: continuous maps of these tile measurements
+    roi: str | None = None  # --roi: QuPath GeoJSON of regions; only tiles mostly inside are scored, one call per region
+    roi_class: str | None = None  # --roi-class: only regions of this QuPath class
+    tma: bool = False  # --tma: find the cores of a tissue microarray, one call per core
+
+
+@dataclass
+class SlideScore:
+    slide_id: str
+    call: dict
+    row: dict
+    outputs: dict[str, str] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def result_json_path(store_path: Path, out_dir: Path | None = None) -> Path:
+    store_path = Path(store_path)
+    return Path(out_dir or store_path.parent) / f"{store_path.name.removesuffix('.zarr')}.json"
+
+
+def load_scoring_model(config: ScoreConfig, *, store_mpp_um: float | None = None):
+    """Load the classifier named (or pointed to) by ``config``; the default scorer adapts to the store's MPP."""
+    from wsi_her2.models import create_model, get_config, load_model
+    from wsi_her2.models.weights import is_weights_path
+
+    name = config.model
+    if is_weights_path(name):
+        return load_model(name)
+    cfg = get_config(name)
+    if not cfg.needs_weights and config.weights is None:
+        overrides = {"mpp_um": store_mpp_um} if store_mpp_um else {}
+        return create_model(name, **overrides)
+    return load_model(name, weights=config.weights)
+
+
+def check_model_matches_store(model_cfg: Any, store: PatchStore) -> None:
+    """Refuse to score tiles whose physical size differs from the model's training tiles."""
+    if not getattr(model_cfg, "needs_weights", True):
+        return  # rule-based scorer measures in µm and adapts to the store's MPP
+    tiling = store.attrs["tiling"]
+    mpp = float(tiling["effective_mpp_um"])
+    if abs(mpp - model_cfg.mpp_um) / model_cfg.mpp_um > MPP_MATCH_TOLERANCE:
+        raise ConfigError(
+            f"{store.path.name}: tiles are {mpp:.3f} µm/px but model {model_cfg.name} was trained at {model_cfg.mpp_um} µm/px; "
+            f"re-tile with --mpp {model_cfg.mpp_um} --tile-px {model_cfg.tile_px}"
+        )
+    if store.tile_px != model_cfg.tile_px:
+        raise ConfigError(
+            f"{store.path.name}: tiles are {store.tile_px} px but model {model_cfg.name} expects {model_cfg.tile_px} px tiles; "
+            f"re-tile with --tile-px {model_cfg.tile_px} --mpp {model_cfg.mpp_um}"
+        )
+
+
+def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, config: ScoreConfig | None = None, model=None) -> SlideScore:
+    """Score one complete patch store and write every per-slide output."""
+    from wsi_her2.score.inference import InferenceConfig, predict_store
+
+
+    config = config or ScoreConfig()
+    validate_score_config(config)
+    calibration = _calibration_record(config)
+    t_start = time.perf_counter()
+    store = open_store(store_path)
+    out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
+    clean_stale_tmp(out)  # temporary files of a killed run
+    sid = store.slide_id
+    json_path = out / f"{sid}.json"
+    if json_path.exists() and not config.overwrite:
+        done = json.loads(json_path.read_text())
+        if (done.get("model", {}).get("name") == _model_label(config) and done.get("aggregation") == config.agg
+                and done.get("parts") == _parts_key(config) and done.get("calibration") == calibration):
+            log.info("%s: already scored (use --overwrite to redo)", sid)
+            ensure_slides_csv_row(out / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
+            return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
+    verify_store(store.path)  # a missing or damaged chunk is refused, never scored as black tiles
+
+    tiling = store.attrs["tiling"]
+    if model is None:
+        model = load_scoring_model(config, store_mpp_um=float(tiling["effective_mpp_um"]))
+    model_cfg = model.wsi_her2_config
+    if calibration is not None:
+        from wsi_her2.score.calibrate import Calibration
+
+        Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"]).apply_to(model)
+    check_model_matches_store(model_cfg, store)
+    check_stain_for_model(store, model_cfg, force=config.force)  # H&E given to the DAB scorer is refused
+    inf_cfg = InferenceConfig(
+        batch_size=config.batch_size, device=config.device, tta=config.tta, compile=config.compile,
+        loader_workers=config.loader_workers,
+    )
+    t0 = time.perf_counter()
+    groups = _tile_groups(store, config)  # regions (--roi) or TMA cores (--tma); None: the whole slide
+    pred = predict_store(store, model, config=inf_cfg, progress=config.progress,
+                         indices=None if groups is None else store.qc_pass & groups.inside)
+    t_infer = time.perf_counter() - t0
+    classes = list(model_cfg.classes)
+    scored = pred.scored
+    calls = np.full(store.n_tiles, -1, dtype=np.int64)
+    if scored.any():
+        calls[scored] = np.argmax(pred.probs[scored], axis=1)
+    slide_call = call_slide(pred.probs, pred.measurements, scored, agg=config.agg, min_tiles=config.min_tiles,
+                            cell_fraction_cut=calibration["cell_fraction_cut"] if calibration else None)
+
+    flags = store.qc_flags
+    reasons = [reject_reason(int(f)) for f in flags]
+    group_part: dict[str, Any] = {"rows": [], "features": [], "outputs": {}, "slide_name": ""}
+    if groups is not None:
+        from wsi_her2.score.tile_groups import score_groups
+
+        reasons = [r if inside or r else f"outside {groups.kind}s" for r, inside in zip(reasons, groups.inside)]
+        group_part = score_groups(out, store, groups, pred=pred, calls=calls, classes=classes, config=config,
+                                  slide_call=slide_call)
+    per_tile = {
+        "tissue_fraction": store.array("tissue_fraction"),
+        "laplacian_var": store.array("laplacian_var"),
+        "pen_fraction": store.array("pen_fraction"),
+    }
+    probs_named = {f"p_{c}": pred.probs[:, i] for i, c in enumerate(classes)}
+    measurements = {**probs_named, **per_tile, **pred.measurements}
+    extra_outputs = {}
+    if config.explain:
+        from wsi_her2.outputs.saliency import slide_saliency_png, tile_saliency
+
+        idx = np.nonzero(scored)[0]
+        maps = tile_saliency(store, model, indices=idx, method=config.explain, device=config.device)
+        saliency = np.full(store.n_tiles, np.nan, np.float32)
+        saliency[idx] = maps.reshape(len(idx), -1).mean(axis=1)
+        measurements["saliency_mean"] = saliency
+        slide_saliency_png(store, maps, idx, out / f"{sid}.saliency.png")
+        extra_outputs["saliency_png"] = str(out / f"{sid}.saliency.png")
+    outputs = {
+        "tiles_parquet": str(_write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
+        "geojson": str(_write_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz,
+                                      extra_features=group_part["features"], slide_name_suffix=group_part["slide_name"])),
+        "heatmap_png": str(_write_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
+        **_write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
+        **group_part["outputs"],
+        **extra_outputs,
+    }
+    fractions = slide_call.get("class_fractions", {})
+    tumour = tumour_summary(pred.measurements, scored)
+    row = {
+        "slide": sid,
+        "her2_score": slide_call["her2_score"],
+        "confidence": round(float(slide_call["confidence"]), 4),
+        **{f"frac_{c}": round(float(fractions.get(c, 0.0)), 4) for c in HER2_CLASSES},
+        "tiles_used": int(scored.sum()),
+        "tiles_rejected": int(store.n_tiles - scored.sum()),
+        "model": _model_label(config),
+        "aggregation": config.agg,
+        "her2_category": slide_call["her2_category"],
+        "tumour_cells": tumour.get("cells", ""),
+        "tumour_area_mm2": tumour.get("area_mm2", ""),
+    }
+    result = {
+        "slide": sid,
+        "store": str(store.path),
+        "slide_sha256": store.attrs["slide"]["sha256"],
+        "call": slide_call,
+        "tumour": tumour,
+        "calibration": calibration,
+        "row": row,
+        "aggregation": config.agg,
+        "model": {"name": _model_label(config), "config": model_cfg.to_dict(), "weights": config.weights},
+        "inference": {**asdict(inf_cfg), "device_used": pred.device, "tiles_per_s": round(pred.tiles_per_s, 1)},
+        "qc_summary": store.attrs.get("qc", {}).get("summary", {}),
+        "tile_mpp_um": tiling["effective_mpp_um"],
+        "tile_px": store.tile_px,
+        "package_version": __version__,
+        "timings_s": {"inference": round(t_infer, 3), "total": round(time.perf_counter() - t_start, 3)},
+        "outputs": outputs,
+    }
+    result["parts"] = _parts_key(config)
+    if groups is not None:
+        result[f"{groups.kind}s"] = group_part["rows"]
+    atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
+    upsert_slides_csv(out / "slides.csv", [row])
+    return SlideScore(sid, slide_call, row, outputs)
+
+
+def validate_score_config(config: ScoreConfig) -> None:
+    """Check the options that can be checked without a store (so a bad one fails before any work)."""
+    from wsi_her2.score.aggregate import AGGREGATORS
+
+    if config.agg not in AGGREGATORS:
+        raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
+    if config.explain and config.model == "ihc_dab":
+        raise ConfigError("--explain needs a trained model (Grad-CAM has no gradients to follow in the rule-based ihc_dab)")
+    _calibration_record(config)
+
+
+def _calibration_record(config: ScoreConfig) -> dict | None:
+    """What ``--calibration`` sets (recorded in ``<id>.json``), or None."""
+    if config.calibration is None:
+        return None
+    from wsi_her2.score.calibrate import load_calibration
+
+    if config.model != "ihc_dab":
+        raise ConfigError("--calibration is for the rule-based ihc_dab scorer; a trained model is calibrated by training")
+    cal, data = load_calibration(config.calibration)
+    return {"file": str(config.calibration), "dab_gain": cal.dab_gain, "cell_fraction_cut": cal.cell_fraction_cut,
+            "n_slides": data.get("n_slides"), "leave_one_out": data.get("leave_one_out")}
+
+
+def call_slide(probs, measurements: dict, scored, *, agg: str, min_tiles: int,
+               cell_fraction_cut: float | None = None) -> dict:
+    """The slide call with its HER2 category. With a cell-level scorer (``ihc_dab``) the ``asco``
+    rule runs on tumour-cell percentages pooled over tiles; otherwise on tile calls.
+    ``cell_fraction_cut`` replaces the guideline's 10 % (lab calibration)."""
+    from wsi_her2.score.aggregate import (
+        AGGREGATORS, CELL_FRACTION_KEYS, HER2_CATEGORIES, TUMOUR_CELLS_KEY, aggregate_asco_cells, her2_category,
+    )
+
+    has_cells = all(k in measurements for k in (*CELL_FRACTION_KEYS, TUMOUR_CELLS_KEY))
+    if agg == "asco" and has_cells:
+        fractions = np.stack([np.asarray(measurements[k])[scored] for k in CELL_FRACTION_KEYS], axis=1)
+        cut = {} if cell_fraction_cut is None else {"thresholds": dict.fromkeys(("1+", "2+", "3+"), cell_fraction_cut)}
+        call = aggregate_asco_cells(fractions, np.asarray(measurements[TUMOUR_CELLS_KEY])[scored], **cut).to_dict()
+        any_staining = call["details"]["fraction_at_least"][">=1+"]
+    else:
+        call = AGGREGATORS[agg](probs[scored], min_tiles=min_tiles).to_dict()
+        any_staining = None
+    key = her2_category(call["her2_score"], any_staining)
+    call["her2_category"] = key
+    call["her2_category_text"] = HER2_CATEGORIES[key]
+    return call
+
+
+def tumour_summary(measurements: dict, scored) -> dict:
+    """Scored tumour (cells, mm²) over the QC-passed tiles, when the scorer measures it."""
+    if "tumour_cell_count" not in measurements:
+        return {}
+    cells = np.nan_to_num(np.asarray(measurements["tumour_cell_count"], np.float64)[scored])
+    area = np.nan_to_num(np.asarray(measurements.get("tumour_area_mm2", np.zeros_like(cells)), np.float64)[scored])
+    return {"cells": int(round(cells.sum())), "area_mm2": round(float(area.sum()), 4),
+            "rule": "nuclei weighted by epithelial cohesion (wsi_her2.models.ihc_score.IhcThresholds)"}
+
+def _parts_key(config: ScoreConfig) -> dict | None:
+    """What was scored (regions file and class, TMA cores, or None: the whole slide): a change re-scores."""
+    if config.roi or config.tma:
+        return {"roi": str(config.roi) if config.roi else None, "roi_class": config.roi_class, "tma": bool(config.tma)}
+    return None
+
+
+def _tile_groups(store: PatchStore, config: ScoreConfig):
+    if config.roi and config.tma:
+        raise ConfigError("give --roi or --tma, not both")
+    if config.roi:
+        from wsi_her2.score.roi import region_groups
+
+        return region_groups(store, config.roi, roi_class=config.roi_class)
+    if config.tma:
+        from wsi_her2.score.tma import core_groups
+
+        return core_groups(store)
+    return None
+
+
+def _model_label(config: ScoreConfig) -> str:
+    from wsi_her2.models.weights import is_weights_path
+
+    return Path(config.model).name if is_weights_path(config.model) else config.model
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def _write_tiles_parquet(path: Path, store: PatchStore, calls, classes, reasons, measurements) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    coords = store.coords_level0
+    grid = store.grid_rc
+    cols: dict[str, Any] = {
+        "tile": np.arange(store.n_tiles, dtype=np.int64),
+        "x_level0": coords[:, 0],
+        "y_level0": coords[:, 1],
+        "row": grid[:, 0],
+        "col": grid[:, 1],
+        "qc_pass": store.qc_pass,
+        "qc_reason": pa.array(reasons, type=pa.string()),
+        "call": pa.array([classes[c] if c >= 0 else None for c in calls], type=pa.string()),
+    }
+    for name, values in measurements.items():
+        cols[name] = np.asarray(values, dtype=np.float32)
+    table = pa.table(cols)
+    table = table.replace_schema_metadata({"tile_size_level0": str(store.tile_size_level0), "slide": store.slide_id})
+    with atomic_target(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def _write_geojson(out: Path, sid: str, store: PatchStore, calls, classes, reasons, measurements, slide_call, *, gz: bool,
+                   extra_features: list[dict] = (), slide_name_suffix: str = "") -> Path:
+    from wsi_her2.outputs.geojson import build_feature_collection, slide_feature, tile_features, write_geojson
+
+    bounds = tuple(store.attrs["slide"].get("bounds_offset_px", (0, 0)))
+    namespace = store.attrs["slide"]["sha256"]
+    tiles = tile_features(
+        coords_level0=store.coords_level0, tile_size_level0=store.tile_size_level0, class_names=classes, calls=calls,
+        measurements=measurements, reject_reasons=reasons, bounds_offset_px=bounds, id_namespace=namespace,
+    )
+    coords = store.coords_level0
+    size = store.tile_size_level0
+    bbox = (float(coords[:, 0].min()), float(coords[:, 1].min()), float(coords[:, 0].max() + size), float(coords[:, 1].max() + size))
+    slide = slide_feature(slide_call=slide_call, bbox=bbox, bounds_offset_px=bounds, id_namespace=namespace)
+    slide["properties"]["name"] += slide_name_suffix
+    fc = build_feature_collection(list(extra_features) + tiles, slide)
+    name = f"{sid}.geojson.gz" if gz else f"{sid}.geojson"
+    return write_geojson(fc, out / name, gzip=gz)
+
+
+def _write_heatmap(path: Path, store: PatchStore, calls, classes, slide_call) -> Path:
+    from wsi_her2.outputs.heatmap import write_call_heatmap
+
+    return write_call_heatmap(
+        path, thumbnail=store.array("thumbnail"), thumb_px_per_level0_px=float(store.attrs["thumbnail"]["px_per_level0_px"]),
+        coords_level0=store.coords_level0, tile_size_level0=store.tile_size_level0, calls=calls, class_names=classes,
+        slide_call=slide_call, slide_id=store.slide_id,
+    )
+
+
+def _write_measure_heatmaps(out: Path, store: PatchStore, measures: list[str], measurements: dict, slide_call) -> dict[str, str]:
+    """``--heatmap MEASURE``: one continuous map per named tile measurement, ``<id>.heatmap.<measure>.png``."""
+    from wsi_her2.outputs.heatmap import write_measure_heatmap
+
+    unknown = [m for m in measures if m not in measurements]
+    if unknown:
+        raise ConfigError(f"--heatmap {', '.join(unknown)}: no such tile measurement; choose from {', '.join(sorted(measurements))}")
+    written = {}
+    for m in measures:
+        path = write_measure_heatmap(
+            out / f"{store.slide_id}.heatmap.{m}.png", thumbnail=store.array("thumbnail"),
+            thumb_px_per_level0_px=float(store.attrs["thumbnail"]["px_per_level0_px"]), coords_level0=store.coords_level0,
+            tile_size_level0=store.tile_size_level0, values=np.where(store.qc_pass, measurements[m], np.nan),
+            measure=m, slide_call=slide_call, slide_id=store.slide_id,
+        )
+        written[f"heatmap_{m}_png"] = str(path)
+    return written
+
+
+def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
+    """Insert or replace rows (keyed by slide) in ``slides.csv``, sorted by slide id, atomically."""
+    existing: dict[str, dict] = {}
+    if path.exists():
+        with path.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                existing[r["slide"]] = r
+    for r in rows:
+        existing[str(r["slide"])] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=SLIDES_CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for key in sorted(existing):
+        writer.writerow(existing[key])
+    atomic_write_text(path, text.getvalue())
+    return path
+
+
+def ensure_slides_csv_row(path: Path, row: dict) -> None:
+    """Put ``row`` back into ``slides.csv`` if it is missing (a run killed after ``<id>.json``)."""
+    if path.exists():
+        with path.open(newline="") as fh:
+            if any(r.get("slide") == str(row["slide"]) for r in csv.DictReader(fh)):
+                return
+    log.info("%s: row of %s missing; restored from its result JSON", path, row["slide"])
+    upsert_slides_csv(path, [row])
+
+
+def find_stores(root: str | Path) -> list[Path]:
+    """Every ``*.zarr`` patch store directly under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"{root}: no such directory; run `wsi-her2 tile` first or name the stores")
+    return sorted(p for p in root.glob("*.zarr") if (p / "zarr.json").is_file())

@@ -1,0 +1,121 @@
+"""Tissue microarrays: ``wsi-her2 score --tma`` finds the round cores and calls each one.
+
+Cores are the connected components of the store's tissue mask (thumbnail, ~8 µm/px) large
+enough to be a core. Their centres are clustered into rows and columns (a gap wider than half
+a core diameter starts a new row / column), and each core is named like QuPath's TMA
+dearrayer: row letter, column number (``A1`` top left, ``B3`` second row, third column). A grid
+position with no tissue is reported as ``missing`` (core lost, or blank glass); a core with
+fewer usable tiles than ``--min-tiles`` as ``blank``; neither is called. A tile belongs to the
+core whose circle holds its centre.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_her2.errors import ConfigError
+from wsi_her2.score.tile_groups import TileGroups
+
+MIN_CORE_DIAMETER_UM = 200.0  # smaller tissue pieces are debris, not cores (cores are 0.6-2 mm)
+
+
+def row_name(row: int) -> str:
+    """0 -> A, 25 -> Z, 26 -> AA (as spreadsheets and QuPath label rows)."""
+    letters = string.ascii_uppercase
+    return letters[row] if row < 26 else row_name(row // 26 - 1) + letters[row % 26]
+
+
+def _cluster_1d(values: NDArray[np.float64], gap: float) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Index of the cluster of each value (sorted clusters split at gaps > ``gap``) and cluster means."""
+    order = np.argsort(values)
+    breaks = np.diff(values[order]) > gap
+    labels_sorted = np.concatenate([[0], np.cumsum(breaks)])
+    labels = np.empty(len(values), np.int64)
+    labels[order] = labels_sorted
+    centres = np.array([values[labels == k].mean() for k in range(labels_sorted[-1] + 1)])
+    return labels, centres
+
+
+def find_cores(mask: NDArray[np.bool_], *, px_um: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(K, 2)`` core centres (x, y) and ``(K,)`` diameters, in mask pixels."""
+    _, _, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    area = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    diameter = np.sqrt(4 * area / np.pi)
+    keep = diameter * px_um >= MIN_CORE_DIAMETER_UM
+    if keep.any():  # fragments far smaller than the typical core are debris
+        keep &= diameter >= 0.4 * np.median(diameter[keep])
+    return centroids[1:][keep], diameter[keep]
+
+
+def core_groups(store: Any) -> TileGroups:
+    """The cores of a TMA store, named by grid position, with missing positions reported."""
+    from shapely.geometry import Point
+
+    mask = np.asarray(store.array("tissue_mask"), dtype=bool)
+    scale = float(store.attrs["thumbnail"]["px_per_level0_px"])  # mask px per level-0 px
+    px_um = float(store.attrs["slide"]["mpp_um"]) / scale
+    centres, diameters = find_cores(mask, px_um=px_um)
+    if len(centres) < 2:
+        raise ConfigError(f"--tma: found {len(centres)} core(s) of at least {MIN_CORE_DIAMETER_UM:.0f} µm in "
+                          f"{store.slide_id}; this does not look like a tissue microarray (score it without --tma)")
+    gap = 0.5 * float(np.median(diameters))
+    rows, row_y = _cluster_1d(centres[:, 1], gap)
+    cols, col_x = _cluster_1d(centres[:, 0], gap)
+    order = np.lexsort((cols, rows))
+    centres_l0 = centres / scale
+    radius_l0 = diameters / 2 / scale
+    names = [f"{row_name(int(rows[k]))}{int(cols[k]) + 1}" for k in order]
+    geoms = [Point(*centres_l0[k]).buffer(float(radius_l0[k]), quad_segs=16) for k in order]
+    grid = [(int(rows[k]) + 1, int(cols[k]) + 1) for k in order]
+    taken = set(grid)
+    unscored = [
+        {"name": f"{row_name(r)}{c + 1}", "status": "missing", "row": r + 1, "col": c + 1,
+         "x_level0": round(float(col_x[c] / scale), 1), "y_level0": round(float(row_y[r] / scale), 1),
+         "note": "no tissue at this grid position (lost core or blank glass)"}
+        for r in range(len(row_y)) for c in range(len(col_x)) if (r + 1, c + 1) not in taken
+    ]
+    half = store.tile_size_level0 / 2
+    tile_centres = store.coords_level0.astype(np.float64) + half
+    d = np.linalg.norm(tile_centres[:, None, :] - centres_l0[order][None, :, :], axis=2)  # (tiles, cores)
+    nearest = np.argmin(d, axis=1)
+    inside = d[np.arange(len(d)), nearest] <= radius_l0[order][nearest]
+    group = np.where(inside, nearest, -1).astype(np.int64)
+    return TileGroups(kind="core", names=names, geometries=geoms, tile_group=group, grid=grid, unscored=unscored)
+
+
+def write_tma_picture(path: Path, store: Any, groups: TileGroups, rows: list[dict], *, calls: NDArray,
+                      classes: list[str]) -> Path:
+    """Tile calls over the thumbnail, each core circled and labelled with its grid name and call."""
+    from PIL import Image, ImageDraw
+
+    from wsi_her2.outputs.geojson import class_color, qupath_class_name
+    from wsi_her2.outputs.heatmap import display_thumbnail, render_heatmap, save_heatmap_png
+    from wsi_her2.outputs.picture_layout import font, font_px_for
+
+    thumb, s = display_thumbnail(store.array("thumbnail"), float(store.attrs["thumbnail"]["px_per_level0_px"]))
+    image = render_heatmap(thumb, thumb_px_per_level0_px=s, coords_level0=store.coords_level0,
+                           tile_size_level0=store.tile_size_level0, calls=calls, class_names=classes)
+    pic = Image.fromarray(image)
+    draw = ImageDraw.Draw(pic)
+    fnt = font(font_px_for(pic.width))
+    by_name = {r["name"]: r for r in rows}
+    for name, geom in zip(groups.names, groups.geometries):
+        r = by_name[name]
+        x0, y0, x1, y1 = (v * s for v in geom.bounds)
+        called = r["status"] == "scored"
+        colour = class_color(qupath_class_name(str(r["her2_score"]))) if called else (90, 90, 90)
+        draw.ellipse([x0, y0, x1, y1], outline=colour, width=3)
+        label = f"{name}: {r['her2_score']}" if called else f"{name}: {r['status']}"
+        draw.text(((x0 + x1) / 2, y1 + 2), label, fill=(0, 0, 0), font=fnt, anchor="mt")
+    for u in groups.unscored:
+        draw.text((u["x_level0"] * s, u["y_level0"] * s), f"{u['name']}: missing", fill=(120, 0, 0), font=fnt, anchor="mm")
+    counts = {c: sum(r.get("her2_score") == c for r in rows if r["status"] == "scored") for c in classes}
+    legend = {f"{qupath_class_name(c)}: {n} cores": class_color(qupath_class_name(c)) for c, n in counts.items()}
+    legend[f"not called: {sum(r['status'] != 'scored' for r in rows)} cores"] = (90, 90, 90)
+    title = f"{store.slide_id}: TMA, {len(rows)} grid positions, {sum(counts.values())} cores called"
+    return save_heatmap_png(np.asarray(pic), path, title=title, legend=legend)

@@ -1,0 +1,49 @@
+"""The HER2 vocabulary, defined once and importable without torch: scores, label spellings, colours.
+
+Every stage (models, scoring, outputs, cohorts, training, calibration) reads these names; a
+model's class order is ``HER2_CLASSES`` (column ``k`` of a probability array is score ``k``).
+"""
+from __future__ import annotations
+
+import re
+
+from wsi_her2.errors import ConfigError
+
+#: HER2 IHC scores, in increasing order.
+HER2_CLASSES: tuple[str, ...] = ("0", "1+", "2+", "3+")
+#: Score given when a slide (or region, or core) cannot be called.
+INDETERMINATE = "indeterminate"
+
+#: QuPath class names and colours (Okabe-Ito, distinguishable with the common colour-vision
+#: deficiencies; blue -> green -> orange -> vermillion follows the score upwards).
+QC_REJECTED = "QC rejected"
+HER2_INDETERMINATE = f"HER2 {INDETERMINATE}"
+CLASS_COLORS: dict[str, tuple[int, int, int]] = {
+    "HER2 0": (0, 114, 178),
+    "HER2 1+": (0, 158, 115),
+    "HER2 2+": (230, 159, 0),
+    "HER2 3+": (213, 94, 0),
+    QC_REJECTED: (128, 128, 128),
+    HER2_INDETERMINATE: (204, 121, 167),
+}
+
+_EMPTY = {"", "NA", "N/A", "NAN", "NONE"}
+
+
+def parse_her2_label(value: object, *, where: str = "") -> str | None:
+    """One of :data:`HER2_CLASSES` from any common spelling, ``None`` for an empty cell.
+
+    Accepted: ``3``, ``"3"``, ``"3+"``, ``"3.0"``, ``"3plus"``, ``"HER2_3+"``, ``"HER2: 2+"``,
+    ``"score 2+"``, ``" 2+ "``, ``"0+"``. Anything else is a :class:`ConfigError` naming ``where``.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.upper() in _EMPTY:
+        return None
+    t = re.sub(r"^(her2|score)[\s_\-:]*", "", text.lower()).replace("plus", "+").replace(" ", "")
+    t = t[:-2] if t.endswith(".0") else t
+    m = re.fullmatch(r"([0-3])\+?", t)
+    if m is None:
+        raise ConfigError(f"{where}label {value!r} is not a HER2 score; use 0, 1+, 2+ or 3+ (or leave it empty)")
+    return HER2_CLASSES[int(m.group(1))]
