@@ -170,10 +170,10 @@ def test_non_8bit_input_and_odd_tile_sizes_stay_within_kernel_tolerance(graded):
     _assert_close(fast, slow, KERNEL_TOL, min_same_calls=1.0, what="float 225 px")
 
 
-def test_opencv_kernel_leaves_torch_threads_as_it_found_them(graded):
-    torch.set_num_threads(2)
-    IhcDabScorer(mpp_um=0.5).measure_u8(torch.from_numpy(graded[:8]))
-    assert torch.get_num_threads() == 2
+def test_opencv_kernel_changes_no_process_wide_thread_setting(graded):
+    before = torch.get_num_threads()
+    IhcDabScorer(mpp_um=0.5, threads=2).measure_u8(torch.from_numpy(graded[:8]))
+    assert torch.get_num_threads() == before
 
 
 def test_kernel_choice_and_inputs_are_checked():

@@ -79,3 +79,15 @@ def use_worker_threads_for_opencv() -> None:
     import cv2
 
     cv2.setNumThreads(1)
+
+
+def use_one_torch_thread_on_cpu(model: str, device: str) -> None:
+    """For the rule-based ``ihc_dab`` on CPU: torch on one thread for this process. The scorer's
+    OpenCV kernel runs its own tile threads, and torch's OpenMP workers would only spin beside
+    them (15-25 % of the rate). Process-wide, so the command line decides it, not the library."""
+    if model != "ihc_dab" or device == "cuda" or device.startswith("cuda:"):
+        return
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        torch.set_num_threads(1)

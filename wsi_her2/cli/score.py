@@ -62,6 +62,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    from wsi_her2.cli.common import use_one_torch_thread_on_cpu
     from wsi_her2.errors import WsiHer2Error
     from wsi_her2.score.pipeline import find_stores, score_store, validate_score_config
 
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     except WsiHer2Error as exc:
         print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
         return 2
+    use_one_torch_thread_on_cpu(config.model, config.device)
     failed = 0
     for store in stores:
         try:

@@ -355,16 +355,20 @@ class IhcDabScorer(torch.nn.Module):
         ``"auto"`` (OpenCV on CPU tensors without gradient, torch otherwise), ``"torch"`` or
         ``"opencv"`` (CPU only; tensors elsewhere still go through torch). Both compute the same
         definitions; ``tests/test_ihc_kernels.py`` holds them to the same calls and measurements.
+    threads
+        Threads the OpenCV kernel spreads a batch's tiles over (None: the CPU count, at most 8).
     """
 
     class_names: tuple[str, ...] = CLASS_NAMES
     _ray_table: torch.Tensor
 
-    def __init__(self, *, mpp_um: float = 0.5, thresholds: IhcThresholds | None = None, kernel: str = "auto") -> None:
+    def __init__(self, *, mpp_um: float = 0.5, thresholds: IhcThresholds | None = None, kernel: str = "auto",
+                 threads: int | None = None) -> None:
         super().__init__()
         if kernel not in KERNELS:
             raise ConfigError(f"IhcDabScorer kernel must be one of {KERNELS}, got {kernel!r}.")
         self.kernel = kernel
+        self.threads = threads  # tile threads of the OpenCV kernel (None: the CPU count, at most 8)
         if not (0.05 <= mpp_um <= 4.0):
             raise ConfigError(
                 f"IhcDabScorer got mpp_um={mpp_um}, outside 0.05-4 µm/px; pass the tile pixel "
@@ -452,20 +456,22 @@ class IhcDabScorer(torch.nn.Module):
             return self._calls(self._cell_evidence_torch(x), x.shape)
 
     def _evidence_opencv(self, x: torch.Tensor, *, with_probs: bool = False) -> dict[str, torch.Tensor]:
-        """Steps 1-3 by the OpenCV kernel on its tile threads; torch itself on one thread meanwhile.
+        """Steps 1-3 by the OpenCV kernel on its own tile threads (``threads``).
 
+        The per-seed steps that follow are small torch ops; on CPU they are fastest with torch on
+        one thread (its OpenMP workers would spin beside the busy tile threads: ~15-25 % of the
+        rate here). That is a process-wide setting, so the command line sets it, not this class.
         With ``with_probs``, :meth:`measure`'s dict (measurements and ``probs``) instead of the evidence.
         """
-        from wsi_her2.models.ihc_score_cpu import cell_evidence_opencv, tile_threads, torch_threads
+        from wsi_her2.models.ihc_score_cpu import cell_evidence_opencv, tile_threads
 
-        threads = tile_threads(x.shape[0])
-        with torch_threads(1):
-            ev = self._calls(cell_evidence_opencv(self, x, threads=threads), x.shape)
-            if not with_probs:
-                return ev
-            out = {name: ev[name] for name in MEASUREMENT_NAMES}
-            out["probs"] = ev["logits"].exp()
-            return out
+        threads = tile_threads(x.shape[0], self.threads)
+        ev = self._calls(cell_evidence_opencv(self, x, threads=threads), x.shape)
+        if not with_probs:
+            return ev
+        out = {name: ev[name] for name in MEASUREMENT_NAMES}
+        out["probs"] = ev["logits"].exp()
+        return out
 
     def _cell_evidence_torch(self, x: torch.Tensor) -> CellEvidence:
         """Steps 1-3 and the smoothed DAB map of step 4, batched in torch (any device)."""

@@ -20,10 +20,9 @@ the torch one to the same calls and measurements on real and synthetic tiles.
 """
 from __future__ import annotations
 
-import contextlib
+import os
 import math
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -265,27 +264,11 @@ def _area_fraction(idx: np.ndarray, keep: np.ndarray, shape: tuple[int, int], pl
     return cv2.countNonZero(covered) / float(shape[0] * shape[1])
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads inside the block, and put the caller's count back.
-
-    The OpenCV kernel spreads tiles over its own threads; torch's small per-seed operations
-    meanwhile run on one, as OpenMP workers spinning next to busy tile threads cost more than
-    they save on a few thousand numbers.
-    """
-    old = torch.get_num_threads()
-    if old != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != old:
-            torch.set_num_threads(old)
-
-
-def tile_threads(n_tiles: int) -> int:
-    """Threads the kernel spreads a batch over: the caller's torch thread count, >= 4 tiles each."""
-    return max(1, min(torch.get_num_threads(), n_tiles // _MIN_TILES_PER_THREAD))
+def tile_threads(n_tiles: int, threads: int | None) -> int:
+    """Threads the kernel spreads a batch over: ``threads`` (default: the CPU count, at most 8),
+    with at least 4 tiles each."""
+    want = threads if threads is not None else min(os.cpu_count() or 1, 8)
+    return max(1, min(int(want), n_tiles // _MIN_TILES_PER_THREAD))
 
 
 def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int = 1) -> CellEvidence:
