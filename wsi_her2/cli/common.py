@@ -5,7 +5,7 @@ import argparse
 
 from wsi_her2.errors import ConfigError
 from wsi_her2.tile.qc import BLUR_METRICS, QcParams
-from wsi_her2.tile.tissue import THUMB_MPP_UM, TissueParams
+from wsi_her2.tile.tissue import THUMB_MAX_MPP_UM, THUMB_MPP_UM, TissueParams
 from wsi_her2.store.codecs import DEFAULT_TILE_CODEC, TILE_CODECS
 
 
@@ -24,8 +24,9 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
                         "(README, Tile codecs)")
     g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the jpeg codec, 50-100 (default 90)")
     g.add_argument("--chunk-tiles", type=int, default=64, help="tiles per zarr chunk and per work unit")
-    g.add_argument("--thumb-mpp", dest="thumb_mpp_um", type=float, default=THUMB_MPP_UM,
-                   help=f"thumbnail resolution for tissue detection, µm/px (default {THUMB_MPP_UM}: nuclei still make texture)")
+    g.add_argument("--thumb-mpp", dest="thumb_mpp_um", type=float, default=None,
+                   help=f"thumbnail resolution for tissue detection, µm/px (default: a pyramid level of "
+                        f"{THUMB_MPP_UM:g}-{THUMB_MAX_MPP_UM:g} µm/px, else {THUMB_MPP_UM:g}: nuclei and fibres still make texture)")
     q = parser.add_argument_group("quality control (defaults from the source papers)")
     q.add_argument("--min-tissue", type=float, default=0.40, help="minimum tissue fraction of a usable tile (0.40)")
     q.add_argument("--blur-metric", choices=BLUR_METRICS, default=QcParams.blur_metric,

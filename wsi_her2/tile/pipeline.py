@@ -33,7 +33,7 @@ from wsi_her2.slide.mpp import read_mpp_csv, resolve_mpp
 from wsi_her2.store.patch_store import QC_ARRAYS, STORE_ENTRIES, PatchStore, TileChunkWriter
 from wsi_her2.store.codecs import DEFAULT_TILE_CODEC, JPEG_MAX_SIDE_PX, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
 from wsi_her2.tile.geometry import TileGeometry, choose_geometry, mask_coverage, plan_tiles
-from wsi_her2.tile.tissue import THUMB_MPP_UM, TissueParams, detect_tissue
+from wsi_her2.tile.tissue import TissueParams, detect_tissue
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class TileConfig:
     block_tiles: int = 8
     codec: str = DEFAULT_TILE_CODEC
     jpeg_quality: int = JPEG_QUALITY  # codec "jpeg" only
-    thumb_mpp_um: float = THUMB_MPP_UM
+    thumb_mpp_um: float | None = None  # None: a pyramid level of 4-8 µm/px, else 4 (tile.pixels.auto_thumb_mpp)
     min_mask_fraction: float = 0.05
     mpp_tolerance: float = 0.025
     tissue: TissueParams = field(default_factory=TissueParams)

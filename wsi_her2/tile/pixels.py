@@ -21,7 +21,7 @@ from PIL import Image
 from wsi_her2.errors import SlideOpenError, WsiHer2Error
 from wsi_her2.slide.base import SlideReader
 from wsi_her2.tile.geometry import TileGeometry
-from wsi_her2.tile.tissue import THUMB_MPP_UM
+from wsi_her2.tile.tissue import THUMB_MAX_MPP_UM, THUMB_MPP_UM
 
 STRIP_ROWS = 2048
 MAX_READ_BYTES = 256 << 20  # decoded RGB bytes of one region read
@@ -38,15 +38,25 @@ def _resize_box(region: NDArray[np.uint8], size_wh: tuple[int, int], box: tuple[
     return np.asarray(img.resize(size_wh, resample=Image.Resampling.BOX, box=box))
 
 
+def auto_thumb_mpp(reader: SlideReader, slide_mpp_um: float) -> float:
+    """The tissue thumbnail's µm/px: a pyramid level's own resolution when one lies within
+    [``THUMB_MPP_UM``, ``THUMB_MAX_MPP_UM``] (read as stored, cheap), else ``THUMB_MPP_UM``."""
+    native = sorted(slide_mpp_um * lvl.downsample for lvl in reader.levels)
+    inside = [m for m in native if THUMB_MPP_UM * 0.975 <= m <= THUMB_MAX_MPP_UM * 1.025]
+    return inside[0] if inside else THUMB_MPP_UM
+
+
 def read_thumbnail(
-    reader: SlideReader, *, slide_mpp_um: float, thumb_mpp_um: float = THUMB_MPP_UM, max_side_px: int = 4096,
+    reader: SlideReader, *, slide_mpp_um: float, thumb_mpp_um: float | None = THUMB_MPP_UM, max_side_px: int = 4096,
     max_read_bytes: int = MAX_READ_BYTES, max_source_px: int = MAX_THUMB_SOURCE_PX,
 ) -> tuple[NDArray[np.uint8], float]:
     """Whole-slide thumbnail near ``thumb_mpp_um``; returns ``(rgb, thumb_px_per_level0_px)``.
 
-    Streams the source level in blocks of at most ``max_read_bytes`` decoded bytes; refuses a
+    ``thumb_mpp_um=None``: :func:`auto_thumb_mpp`. Streams the source level in blocks of at most ``max_read_bytes`` decoded bytes; refuses a
     source level of more than ``max_source_px`` pixels (module docstring).
     """
+    if thumb_mpp_um is None:
+        thumb_mpp_um = auto_thumb_mpp(reader, slide_mpp_um)
     w0, h0 = reader.dimensions
     scale = min(slide_mpp_um / thumb_mpp_um, max_side_px / max(w0, h0), 1.0)  # thumb px per level-0 px
     tw, th = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
@@ -122,7 +132,7 @@ def read_tiles(
     return out
 
 
-def read_thumbnail_or_fail(reader: SlideReader, path, *, slide_mpp_um: float, thumb_mpp_um: float = THUMB_MPP_UM):
+def read_thumbnail_or_fail(reader: SlideReader, path, *, slide_mpp_um: float, thumb_mpp_um: float | None = None):
     """:func:`read_thumbnail`, with a damaged file's decoder error turned into one clear line."""
     try:
         return read_thumbnail(reader, slide_mpp_um=slide_mpp_um, thumb_mpp_um=thumb_mpp_um)
