@@ -70,3 +70,23 @@ def test_code_parses_as_the_oldest_python_pyproject_allows():
     if minor < 11:  # standard-library names that arrived in 3.11
         for name in ("hashlib.file_digest", "tomllib", "ExceptionGroup", "asyncio.TaskGroup", "typing.Self"):
             assert name not in source, f"{name} needs Python 3.11 but pyproject allows 3.{minor}"
+
+
+def test_slides_csv_keeps_every_row_under_concurrent_writers(tmp_path):
+    """Cohort workers upsert slides.csv at the same time: no row may be lost (read-modify-write is locked)."""
+    import csv
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_her2.score.pipeline import SLIDES_CSV_COLUMNS, upsert_slides_csv
+
+    path = tmp_path / "slides.csv"
+
+    def write(i: int) -> None:
+        upsert_slides_csv(path, [{c: "" for c in SLIDES_CSV_COLUMNS} | {"slide": f"s{i:03d}", "her2_score": "1+"}])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(write, range(40)))
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["slide"] for r in rows) == [f"s{i:03d}" for i in range(40)]
+    assert not (tmp_path / "slides.csv.lock").exists()

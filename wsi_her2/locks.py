@@ -11,6 +11,7 @@ Used by the cohort runner (one runner per slide) and by ``wsi-her2 tile`` (one r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,3 +241,20 @@ class LockKeeper:
                     lock.heartbeat()
                 except OSError as exc:  # a flaky network file system: try again next beat
                     log.warning("%s: heartbeat failed (%s)", lock.path, exc)
+
+
+@contextlib.contextmanager
+def held(path: str | Path, *, wait_s: float = 60.0, timeout_s: float = 30.0) -> Iterator[None]:
+    """Hold the lock at ``path`` for a short read-modify-write, waiting up to ``wait_s`` for a
+    live holder (a dead one's lock is taken over at once, an expired one after ``timeout_s``)."""
+    from wsi_her2.errors import OutputError
+
+    deadline = time.monotonic() + wait_s
+    while (lock := acquire_lock(path, timeout_s=timeout_s)) is None:
+        if time.monotonic() > deadline:
+            raise OutputError(f"{path}: still locked by another writer after {wait_s:.0f} s; if none runs, delete the lock file")
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        lock.release()

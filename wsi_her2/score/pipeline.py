@@ -409,7 +409,15 @@ def _write_measure_heatmaps(out: Path, store: PatchStore, measures: list[str], m
 
 
 def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
-    """Insert or replace rows (keyed by slide) in ``slides.csv``, sorted by slide id, atomically."""
+    """Insert or replace rows (keyed by slide) in ``slides.csv``, sorted by slide id, atomically,
+    under ``slides.csv.lock``: concurrent writers (cohort workers) never lose each other's rows."""
+    from wsi_her2.locks import held
+
+    with held(path.with_name(path.name + ".lock")):
+        return _upsert_slides_csv_unlocked(path, rows)
+
+
+def _upsert_slides_csv_unlocked(path: Path, rows: list[dict]) -> Path:
     existing: dict[str, dict] = {}
     if path.exists():
         with path.open(newline="") as fh:
