@@ -50,7 +50,7 @@ def test_outputs_written_and_consistent(graded_scored):
     assert list(rows.slide) == ["graded"] and rows.her2_score[0] == res.call["her2_score"]
     table = pd.read_parquet(out / "graded.tiles.parquet")
     assert len(table) == open_store(store_path).n_tiles
-    assert {"p_0", "p_1+", "p_2+", "p_3+", "dab_od_membrane", "completeness", "laplacian_var"} <= set(table.columns)
+    assert {"p_0", "p_1+", "p_2+", "p_3+", "dab_od_membrane", "completeness", "laplacian_var", "sharpness", "tumour_cell_count"} <= set(table.columns)
     probs = table[["p_0", "p_1+", "p_2+", "p_3+"]].to_numpy()
     scored = table.qc_pass.to_numpy()
     assert np.allclose(probs[scored].sum(axis=1), 1.0, atol=1e-4)

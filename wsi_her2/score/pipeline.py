@@ -114,9 +114,8 @@ def check_model_matches_store(model_cfg: Any, store: PatchStore) -> None:
 
 
 def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, config: ScoreConfig | None = None, model=None) -> SlideScore:
-    """Score one complete patch store and write every per-slide output."""
+    """Score one complete patch store and write every per-slide output (``<id>.json`` last)."""
     from wsi_her2.score.inference import InferenceConfig, predict_store
-
 
     config = config or ScoreConfig()
     validate_score_config(config)
@@ -125,27 +124,12 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     store = open_store(store_path)
     out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
     clean_stale_tmp(out)  # temporary files of a killed run
-    sid = store.slide_id
-    json_path = out / f"{sid}.json"
-    if json_path.exists() and not config.overwrite:
-        done = json.loads(json_path.read_text())
-        if (done.get("model", {}).get("name") == _model_label(config) and done.get("aggregation") == config.agg
-                and done.get("parts") == _parts_key(config) and done.get("calibration") == calibration):
-            log.info("%s: already scored (use --overwrite to redo)", sid)
-            ensure_slides_csv_row(out / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
-            return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
+    json_path = out / f"{store.slide_id}.json"
+    done = None if config.overwrite else _already_scored(json_path, config, calibration)
+    if done is not None:
+        return done
     verify_store(store.path)  # a missing or damaged chunk is refused, never scored as black tiles
-
-    tiling = store.attrs["tiling"]
-    if model is None:
-        model = load_scoring_model(config, store_mpp_um=float(tiling["effective_mpp_um"]))
-    model_cfg = model.wsi_her2_config
-    if calibration is not None:
-        from wsi_her2.score.calibrate import Calibration
-
-        Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"]).apply_to(model)
-    check_model_matches_store(model_cfg, store)
-    check_stain_for_model(store, model_cfg, force=config.force)  # H&E given to the DAB scorer is refused
+    model = _model_for(store, config, calibration, model)
     inf_cfg = InferenceConfig(
         batch_size=config.batch_size, device=config.device, tta=config.tta, compile=config.compile,
         loader_workers=config.loader_workers,
@@ -155,16 +139,13 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     pred = predict_store(store, model, config=inf_cfg, progress=config.progress,
                          indices=None if groups is None else store.qc_pass & groups.inside)
     t_infer = time.perf_counter() - t0
-    classes = list(model_cfg.classes)
-    scored = pred.scored
+    classes = list(model.wsi_her2_config.classes)
     calls = np.full(store.n_tiles, -1, dtype=np.int64)
-    if scored.any():
-        calls[scored] = np.argmax(pred.probs[scored], axis=1)
-    slide_call = call_slide(pred.probs, pred.measurements, scored, agg=config.agg, min_tiles=config.min_tiles,
+    if pred.scored.any():
+        calls[pred.scored] = np.argmax(pred.probs[pred.scored], axis=1)
+    slide_call = call_slide(pred.probs, pred.measurements, pred.scored, agg=config.agg, min_tiles=config.min_tiles,
                             cell_fraction_cut=calibration["cell_fraction_cut"] if calibration else None)
-
-    flags = store.qc_flags
-    reasons = [reject_reason(int(f)) for f in flags]
+    reasons = [reject_reason(int(f)) for f in store.qc_flags]
     group_part: dict[str, Any] = {"rows": [], "features": [], "outputs": {}, "slide_name": ""}
     if groups is not None:
         from wsi_her2.score.tile_groups import score_groups
@@ -172,24 +153,9 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         reasons = [r if inside or r else f"outside {groups.kind}s" for r, inside in zip(reasons, groups.inside)]
         group_part = score_groups(out, store, groups, pred=pred, calls=calls, classes=classes, config=config,
                                   slide_call=slide_call)
-    per_tile = {
-        "tissue_fraction": store.array("tissue_fraction"),
-        "laplacian_var": store.array("laplacian_var"),
-        "pen_fraction": store.array("pen_fraction"),
-    }
-    probs_named = {f"p_{c}": pred.probs[:, i] for i, c in enumerate(classes)}
-    measurements = {**probs_named, **per_tile, **pred.measurements}
-    extra_outputs = {}
-    if config.explain:
-        from wsi_her2.outputs.saliency import slide_saliency_png, tile_saliency
-
-        idx = np.nonzero(scored)[0]
-        maps = tile_saliency(store, model, indices=idx, method=config.explain, device=config.device)
-        saliency = np.full(store.n_tiles, np.nan, np.float32)
-        saliency[idx] = maps.reshape(len(idx), -1).mean(axis=1)
-        measurements["saliency_mean"] = saliency
-        slide_saliency_png(store, maps, idx, out / f"{sid}.saliency.png")
-        extra_outputs["saliency_png"] = str(out / f"{sid}.saliency.png")
+    measurements = _tile_measurements(store, pred, classes)
+    extra_outputs = _explain(out, store, model, pred.scored, measurements, config) if config.explain else {}
+    sid = store.slide_id
     outputs = {
         "tiles_parquet": str(_write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
         "geojson": str(_write_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz,
@@ -199,10 +165,87 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         **group_part["outputs"],
         **extra_outputs,
     }
-    fractions = slide_call.get("class_fractions", {})
-    tumour = tumour_summary(pred.measurements, scored)
-    row = {
+    tumour = tumour_summary(pred.measurements, pred.scored)
+    row = _slides_csv_row(store, config, slide_call, tumour, pred.scored)
+    result = {
         "slide": sid,
+        "store": str(store.path),
+        "slide_sha256": store.attrs["slide"]["sha256"],
+        "call": slide_call,
+        "tumour": tumour,
+        "calibration": calibration,
+        "row": row,
+        "aggregation": config.agg,
+        "model": {"name": _model_label(config), "config": model.wsi_her2_config.to_dict(), "weights": config.weights},
+        "inference": {**asdict(inf_cfg), "device_used": pred.device, "tiles_per_s": round(pred.tiles_per_s, 1)},
+        "qc_summary": store.attrs.get("qc", {}).get("summary", {}),
+        "tile_mpp_um": store.attrs["tiling"]["effective_mpp_um"],
+        "tile_px": store.tile_px,
+        "package_version": __version__,
+        "timings_s": {"inference": round(t_infer, 3), "total": round(time.perf_counter() - t_start, 3)},
+        "outputs": outputs,
+        "parts": _parts_key(config),
+    }
+    if groups is not None:
+        result[f"{groups.kind}s"] = group_part["rows"]
+    atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
+    upsert_slides_csv(out / "slides.csv", [row])
+    return SlideScore(sid, slide_call, row, outputs)
+
+
+def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | None) -> SlideScore | None:
+    """The earlier result when this slide was scored with the same model, rule, parts and calibration."""
+    if not json_path.exists():
+        return None
+    done = json.loads(json_path.read_text())
+    if (done.get("model", {}).get("name") != _model_label(config) or done.get("aggregation") != config.agg
+            or done.get("parts") != _parts_key(config) or done.get("calibration") != calibration):
+        return None
+    sid = json_path.name.removesuffix(".json")
+    log.info("%s: already scored (use --overwrite to redo)", sid)
+    ensure_slides_csv_row(json_path.parent / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
+    return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
+
+
+def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None, model=None):
+    """The model to score ``store`` with, calibrated, after the checks that it fits the store's tiles."""
+    if model is None:
+        model = load_scoring_model(config, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
+    if calibration is not None:
+        from wsi_her2.score.calibrate import Calibration
+
+        Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"]).apply_to(model)
+    check_model_matches_store(model.wsi_her2_config, store)
+    check_stain_for_model(store, model.wsi_her2_config, force=config.force)  # H&E given to the DAB scorer is refused
+    return model
+
+
+def _tile_measurements(store: PatchStore, pred, classes: list[str]) -> dict[str, np.ndarray]:
+    """Every per-tile number the outputs carry: class probabilities, the stored QC, the scorer's own."""
+    qc = {name: store.array(name) for name in ("tissue_fraction", "laplacian_var", "sharpness", "pen_fraction")
+          if store.has_array(name)}
+    probs_named = {f"p_{c}": pred.probs[:, i] for i, c in enumerate(classes)}
+    return {**probs_named, **qc, **pred.measurements}
+
+
+def _explain(out: Path, store: PatchStore, model, scored, measurements: dict, config: ScoreConfig) -> dict[str, str]:
+    """Grad-CAM(++) picture and a per-tile ``saliency_mean`` measurement (added to ``measurements``)."""
+    from wsi_her2.outputs.saliency import slide_saliency_png, tile_saliency
+
+    idx = np.nonzero(scored)[0]
+    maps = tile_saliency(store, model, indices=idx, method=config.explain, device=config.device)
+    saliency = np.full(store.n_tiles, np.nan, np.float32)
+    saliency[idx] = maps.reshape(len(idx), -1).mean(axis=1)
+    measurements["saliency_mean"] = saliency
+    png = out / f"{store.slide_id}.saliency.png"
+    slide_saliency_png(store, maps, idx, png)
+    return {"saliency_png": str(png)}
+
+
+def _slides_csv_row(store: PatchStore, config: ScoreConfig, slide_call: dict, tumour: dict, scored) -> dict:
+    fractions = slide_call.get("class_fractions", {})
+    return {
+        "slide": store.slide_id,
         "her2_score": slide_call["her2_score"],
         "confidence": round(float(slide_call["confidence"]), 4),
         **{f"frac_{c}": round(float(fractions.get(c, 0.0)), 4) for c in HER2_CLASSES},
@@ -214,30 +257,6 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         "tumour_cells": tumour.get("cells", ""),
         "tumour_area_mm2": tumour.get("area_mm2", ""),
     }
-    result = {
-        "slide": sid,
-        "store": str(store.path),
-        "slide_sha256": store.attrs["slide"]["sha256"],
-        "call": slide_call,
-        "tumour": tumour,
-        "calibration": calibration,
-        "row": row,
-        "aggregation": config.agg,
-        "model": {"name": _model_label(config), "config": model_cfg.to_dict(), "weights": config.weights},
-        "inference": {**asdict(inf_cfg), "device_used": pred.device, "tiles_per_s": round(pred.tiles_per_s, 1)},
-        "qc_summary": store.attrs.get("qc", {}).get("summary", {}),
-        "tile_mpp_um": tiling["effective_mpp_um"],
-        "tile_px": store.tile_px,
-        "package_version": __version__,
-        "timings_s": {"inference": round(t_infer, 3), "total": round(time.perf_counter() - t_start, 3)},
-        "outputs": outputs,
-    }
-    result["parts"] = _parts_key(config)
-    if groups is not None:
-        result[f"{groups.kind}s"] = group_part["rows"]
-    atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
-    upsert_slides_csv(out / "slides.csv", [row])
-    return SlideScore(sid, slide_call, row, outputs)
 
 
 def validate_score_config(config: ScoreConfig) -> None:

@@ -184,6 +184,10 @@ class PatchStore:
         """The zarr array of tiles (slice it; never load all of it)."""
         return self._group["tiles"]
 
+    def has_array(self, name: str) -> bool:
+        """Whether the store holds array ``name`` (older schemas lack newer QC arrays)."""
+        return name in self._group
+
     def array(self, name: str) -> NDArray:
         try:
             return np.asarray(self._group[name][...])
