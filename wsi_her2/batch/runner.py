@@ -196,208 +196,255 @@ def run_cohort(
     -------
     CohortResult
     """
-    config = config or RunConfig()
-    out_dir = Path(out_dir)
-    per_slide = out_dir / PER_SLIDE_DIRNAME
-    per_slide.mkdir(parents=True, exist_ok=True)
-    store = StateStore(out_dir, lock_timeout_s=config.lock_timeout_s)
-    owner = LockOwner()
-    jobs = sorted(jobs, key=lambda j: j.slide_id)
-    order = {j.slide_id: i for i, j in enumerate(jobs)}
-    _write_cohort_file(out_dir, jobs, config)
-    keys = {j.slide_id: _job_key(j, config) for j in jobs}
-    t_start = time.time()
+    return _CohortRun(jobs, Path(out_dir), client, config=config or RunConfig(), tile_fn=tile_fn, score_fn=score_fn,
+                      on_progress=on_progress, stop_after=stop_after).run()
 
-    def final_for_us(state: SlideState | None, *, since: float | None) -> bool:
+
+@dataclass
+class _InFlight:
+    """One slide on the cluster: its score future's companions and bookkeeping."""
+
+    job: SlideJob
+    tile: Any  # the tiling future the score future depends on
+    attempt: int
+    tries: int
+    markers: list[str]  # files the tasks create when they start (tells "never started" from "crashed")
+    requeued: int = 0
+    stage: str = "tile"  # shown by `wsi-her2 status`
+
+
+class _CohortRun:
+    """One ``run_cohort`` call: the loop that keeps the cluster busy, and what it has counted."""
+
+    def __init__(self, jobs: Sequence[SlideJob], out_dir: Path, client: Any, *, config: RunConfig,
+                 tile_fn: TileFn | None, score_fn: ScoreFn | None, on_progress: Callable[[Progress], None] | None,
+                 stop_after: int | None) -> None:
+        self.config, self.out_dir, self.client = config, out_dir, client
+        self.tile_fn, self.score_fn, self.on_progress, self.stop_after = tile_fn, score_fn, on_progress, stop_after
+        self.per_slide = out_dir / PER_SLIDE_DIRNAME
+        self.per_slide.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(out_dir, lock_timeout_s=config.lock_timeout_s)
+        self.owner = LockOwner()
+        self.jobs = sorted(jobs, key=lambda j: j.slide_id)
+        self.order = {j.slide_id: i for i, j in enumerate(self.jobs)}
+        self.keys = {j.slide_id: _job_key(j, config) for j in self.jobs}
+        self.t_start = time.time()
+        self.in_flight: dict[Any, _InFlight] = {}  # score future -> its slide
+        self.deferred: list[SlideJob] = []  # slides another runner holds
+        self.done = self.failed = self.tiles = self.here = 0
+        self.base_done = self.base_failed = 0
+        self.keeper: LockKeeper | None = None
+
+    # --- what needs work ---------------------------------------------------------------------------
+    def final_for_us(self, state: SlideState | None, *, since: float | None) -> bool:
         """Whether a slide needs no work: done, or failed for good (or failed during this run)."""
         if state is None:
             return False
         if state.status == "done":
             return True
-        if state.status != "failed" or config.retry_failed and (since is None or state.updated < since):
+        if state.status != "failed" or self.config.retry_failed and (since is None or state.updated < since):
             return False
         if since is not None and state.updated >= since:
             return True  # another runner gave up on it during this run: do not try again
-        return not state.retryable and state.input_key == keys[state.slide_id]
+        return not state.retryable and state.input_key == self.keys[state.slide_id]
 
-    initial = {j.slide_id: store.read(j.slide_id) for j in jobs}
-    todo = [j for j in jobs if not final_for_us(initial[j.slide_id], since=None)]
-    base = {"done": sum(1 for j in jobs if initial[j.slide_id] is not None and initial[j.slide_id].status == "done")}
-    base["failed"] = len(jobs) - len(todo) - base["done"]
-    log.info("%d of %d slides need work (%d already done or failed for good)", len(todo), len(jobs), len(jobs) - len(todo))
-    tile_res, score_res = _resources(client, config, wait=bool(todo))
-    log.info("tiling tasks ask for %s, scoring tasks for %s", tile_res or "any worker", score_res or "any worker")
-
-    in_flight: dict[Any, dict] = {}  # score future -> {"job", "tile", "attempt", "stage"}
-    deferred: list[SlideJob] = []
-    counters = {"done": 0, "failed": 0, "tiles": 0, "here": 0}
-    last_deferred_check = 0.0
-
-    def progress(slide: str, event: str) -> None:
-        if on_progress is not None:
-            on_progress(Progress(
-                total=len(jobs), done=base["done"] + counters["done"], failed=base["failed"] + counters["failed"],
-                elapsed_s=time.time() - t_start, tiles=counters["tiles"], slide=slide, event=event,
-                processed_here=counters["here"],
+    def progress(self, slide: str, event: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(Progress(
+                total=len(self.jobs), done=self.base_done + self.done, failed=self.base_failed + self.failed,
+                elapsed_s=time.time() - self.t_start, tiles=self.tiles, slide=slide, event=event,
+                processed_here=self.here,
             ))
 
-    def submit(job: SlideJob, attempt: int, tries: int = 1, requeued: int = 0) -> None:
-        suffix = f"{job.slide_id}-{attempt}-{owner.token[:8]}"
-        markers = [str(store.dir / f".{stage}-{suffix}.started") for stage in ("tile", "score")]
-        prio = -order[job.slide_id]  # earlier slides first, so partial cohorts fill in id order
-        tile_fut = client.submit(
-            _tile_task, job, str(per_slide), config.tile, tile_fn, markers[0], key=f"tile-{suffix}", pure=False,
-            resources=tile_res, priority=prio, retries=0,
+    # --- submitting and finishing ------------------------------------------------------------------
+    def submit(self, job: SlideJob, attempt: int, tries: int = 1, requeued: int = 0) -> None:
+        suffix = f"{job.slide_id}-{attempt}-{self.owner.token[:8]}"
+        markers = [str(self.store.dir / f".{stage}-{suffix}.started") for stage in ("tile", "score")]
+        prio = -self.order[job.slide_id]  # earlier slides first, so partial cohorts fill in id order
+        tile_fut = self.client.submit(
+            _tile_task, job, str(self.per_slide), self.config.tile, self.tile_fn, markers[0], key=f"tile-{suffix}",
+            pure=False, resources=self.tile_res, priority=prio, retries=0,
         )
         # scoring outranks tiling: a tiled slide never waits behind tiling for a free slot
-        score_fut = client.submit(
-            _score_task, tile_fut, str(per_slide), config.score, score_fn, markers[1], key=f"score-{suffix}", pure=False,
-            resources=score_res, priority=prio + 10_000_000, retries=0,
+        score_fut = self.client.submit(
+            _score_task, tile_fut, str(self.per_slide), self.config.score, self.score_fn, markers[1],
+            key=f"score-{suffix}", pure=False, resources=self.score_res, priority=prio + 10_000_000, retries=0,
         )
-        in_flight[score_fut] = {"job": job, "tile": tile_fut, "attempt": attempt, "tries": tries, "stage": "tile",
-                                "markers": markers, "requeued": requeued}
-        old = store.read(job.slide_id)
-        store.write(SlideState(
-            job.slide_id, status="running", stage="tile", attempts=attempt, input_key=keys[job.slide_id],
+        self.in_flight[score_fut] = _InFlight(job, tile_fut, attempt, tries, markers, requeued)
+        old = self.store.read(job.slide_id)
+        self.store.write(SlideState(
+            job.slide_id, status="running", stage="tile", attempts=attempt, input_key=self.keys[job.slide_id],
             n_tiles=getattr(old, "n_tiles", None),
         ))
 
-    def start(job: SlideJob) -> bool:
-        lock = store.try_lock(job.slide_id, owner=owner)
+    def start(self, job: SlideJob) -> bool:
+        """Lock and submit ``job``; False when another runner holds it."""
+        lock = self.store.try_lock(job.slide_id, owner=self.owner)
         if lock is None:
             return False
-        state = store.read(job.slide_id)  # re-read under the lock: another runner may have finished it
-        if final_for_us(state, since=t_start) or (state is not None and state.status == "done"):
+        state = self.store.read(job.slide_id)  # re-read under the lock: another runner may have finished it
+        if self.final_for_us(state, since=self.t_start) or (state is not None and state.status == "done"):
             lock.release()
             return True
-        keeper.add(job.slide_id, lock)
+        self.keeper.add(job.slide_id, lock)
         attempt = 1 if state is None or state.status in ("done", "failed") else state.attempts + 1
-        submit(job, attempt)
+        self.submit(job, attempt)
         return True
 
-    def finish(fut: Any) -> None:
-        info = in_flight.pop(fut)
-        job, attempt = info["job"], info["attempt"]
-        status = fut.status
-        res = fut.result() if status == "finished" else None
-        exc = _exception_of(fut) if status != "finished" else None
-        tile_erred = info["tile"].status == "error"
+    def finish(self, fut: Any) -> None:
+        info = self.in_flight.pop(fut)
+        res = fut.result() if fut.status == "finished" else None
+        exc = _exception_of(fut) if fut.status != "finished" else None
+        tile_erred = info.tile.status == "error"
         # Release now: a result still wanted when its worker dies would be recomputed for nothing.
         fut.release()
-        info["tile"].release()
-        started = [Path(m).exists() for m in info["markers"]]
-        for m in info["markers"]:
+        info.tile.release()
+        started = [Path(m).exists() for m in info.markers]
+        for m in info.markers:
             Path(m).unlink(missing_ok=True)
-        sid = job.slide_id
         if res is not None:
-            row = dict(res["row"])
-            store.write(SlideState(
-                sid, status="done", stage=None, attempts=attempt, input_key=keys[sid], row=row,
-                n_tiles=res["n_tiles"], seconds={"tile": res["tile_s"], "score": res["score_s"]},
-            ))
-            keeper.release(sid)
-            counters["done"] += 1
-            counters["here"] += 1
-            counters["tiles"] += int(res["n_tiles"])
-            log.info("%s: HER2 %s (%d tiles; tile %.1f s, score %.1f s)", sid, row.get("her2_score"),
-                     res["n_tiles"], res["tile_s"], res["score_s"])
-            progress(sid, "done")
-            return
-        stage = "tile" if tile_erred else "score"
+            self._record_done(info, res)
+        else:
+            self._record_failure(info, exc, stage="tile" if tile_erred else "score", started=started)
+
+    def _record_done(self, info: _InFlight, res: dict) -> None:
+        sid, row = info.job.slide_id, dict(res["row"])
+        self.store.write(SlideState(
+            sid, status="done", stage=None, attempts=info.attempt, input_key=self.keys[sid], row=row,
+            n_tiles=res["n_tiles"], seconds={"tile": res["tile_s"], "score": res["score_s"]},
+        ))
+        self.keeper.release(sid)
+        self.done += 1
+        self.here += 1
+        self.tiles += int(res["n_tiles"])
+        log.info("%s: HER2 %s (%d tiles; tile %.1f s, score %.1f s)", sid, row.get("her2_score"),
+                 res["n_tiles"], res["tile_s"], res["score_s"])
+        self.progress(sid, "done")
+
+    def _record_failure(self, info: _InFlight, exc: BaseException | None, *, stage: str, started: list[bool]) -> None:
+        job, attempt, sid = info.job, info.attempt, info.job.slide_id
         kind, reason, retry_now, retry_later = _classify(exc)
-        if kind == "KilledWorker" and not started[stage == "score"] and info["requeued"] < _MAX_REQUEUE:
+        if kind == "KilledWorker" and not started[stage == "score"] and info.requeued < _MAX_REQUEUE:
             # never started: it was only queued on a worker that another slide crashed
             log.info("%s: its worker died before it started (another slide's crash); resubmitting", sid)
-            submit(job, attempt + 1, info["tries"], info["requeued"] + 1)
+            self.submit(job, attempt + 1, info.tries, info.requeued + 1)
             return
-        if retry_now and info["tries"] <= config.retries:
-            log.warning("%s: %s failed (%s); retry %d of %d", sid, stage, reason, info["tries"], config.retries)
-            submit(job, attempt + 1, info["tries"] + 1)
-            progress(sid, "retry")
+        if retry_now and info.tries <= self.config.retries:
+            log.warning("%s: %s failed (%s); retry %d of %d", sid, stage, reason, info.tries, self.config.retries)
+            self.submit(job, attempt + 1, info.tries + 1)
+            self.progress(sid, "retry")
             return
-        store.write(SlideState(
+        self.store.write(SlideState(
             sid, status="failed", stage=stage, attempts=attempt, reason=reason, error_type=kind,
-            retryable=retry_later, input_key=keys[sid],
+            retryable=retry_later, input_key=self.keys[sid],
         ))
-        keeper.release(sid)
-        counters["failed"] += 1
-        counters["here"] += 1
+        self.keeper.release(sid)
+        self.failed += 1
+        self.here += 1
         log.warning("%s: failed in %s: %s", sid, stage, reason)
-        progress(sid, "failed")
+        self.progress(sid, "failed")
 
-    from distributed import wait
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self) -> CohortResult:
+        _write_cohort_file(self.out_dir, self.jobs, self.config)
+        initial = {j.slide_id: self.store.read(j.slide_id) for j in self.jobs}
+        todo = [j for j in self.jobs if not self.final_for_us(initial[j.slide_id], since=None)]
+        self.base_done = sum(1 for s in initial.values() if s is not None and s.status == "done")
+        self.base_failed = len(self.jobs) - len(todo) - self.base_done
+        log.info("%d of %d slides need work (%d already done or failed for good)",
+                 len(todo), len(self.jobs), len(self.jobs) - len(todo))
+        self.tile_res, self.score_res = _resources(self.client, self.config, wait=bool(todo))
+        log.info("tiling tasks ask for %s, scoring tasks for %s",
+                 self.tile_res or "any worker", self.score_res or "any worker")
+        interrupted = False
+        with LockKeeper(interval_s=self.config.lock_timeout_s / 5) as self.keeper:
+            try:
+                self._loop(todo)
+            except (KeyboardInterrupt, _Stop) as exc:
+                interrupted = True
+                self._abandon_in_flight()
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+            finally:
+                self.keeper.release_all()
+        return self._summarise(interrupted)
 
-    interrupted = False
-    with LockKeeper(interval_s=config.lock_timeout_s / 5) as keeper:
-        try:
-            while todo or in_flight or (deferred and config.wait_for_others):
-                window = config.max_in_flight or _default_window(client)
-                while todo and len(in_flight) < window:
-                    job = todo.pop(0)
-                    if not start(job):
-                        deferred.append(job)
-                # slides another runner holds: pick them up if it finished, gave up or died
-                if deferred and time.time() - last_deferred_check >= config.poll_s:
-                    last_deferred_check = time.time()
-                    still = []
-                    for job in deferred:
-                        if final_for_us(store.read(job.slide_id), since=t_start):
-                            continue
-                        if len(in_flight) >= window or not start(job):
-                            still.append(job)
-                    deferred = still
-                if not in_flight:
-                    if todo:
-                        continue
-                    time.sleep(config.poll_s)
-                    continue
-                try:
-                    done, _ = wait(list(in_flight), timeout=config.poll_s, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    done = set()
-                for fut, info in list(in_flight.items()):  # stage shows in `wsi-her2 status`
-                    if info["stage"] == "tile" and info["tile"].status == "finished":
-                        info["stage"] = "score"
-                        state = store.read(info["job"].slide_id)
-                        if state is not None and state.status == "running":
-                            state.stage = "score"
-                            store.write(state)
-                for fut in sorted(done, key=lambda f: in_flight[f]["job"].slide_id):
-                    finish(fut)
-                    if stop_after is not None and counters["here"] >= stop_after:
-                        raise _Stop
-        except (KeyboardInterrupt, _Stop) as exc:
-            interrupted = True
-            for fut, info in in_flight.items():
-                fut.cancel()
-                info["tile"].cancel()
-                for m in info["markers"]:
-                    Path(m).unlink(missing_ok=True)
-                sid = info["job"].slide_id
-                store.write(SlideState(sid, status="pending", attempts=info["attempt"] - 1, input_key=keys[sid]))
-            in_flight.clear()
-            keeper.release_all()
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-        finally:
-            keeper.release_all()
+    def _loop(self, todo: list[SlideJob]) -> None:
+        from distributed import wait
 
-    states = _states(store, jobs)
-    rows = report.cohort_rows(jobs, states)
-    csv_path = report.write_slides_csv(rows, out_dir / "slides.csv")
-    agreement = report.agreement_report(rows)
-    if agreement is not None:
-        report.write_agreement(agreement, out_dir / "agreement.json")
-    done_ids = [sid for sid, s in states.items() if s.status == "done"]
-    failed = {sid: f"{s.error_type}: {s.reason}" for sid, s in states.items() if s.status == "failed"}
-    pending = [j.slide_id for j in jobs if j.slide_id not in done_ids and j.slide_id not in failed]
-    result = CohortResult(
-        out_dir=out_dir, total=len(jobs), done=sorted(done_ids), failed=dict(sorted(failed.items())), pending=pending,
-        processed_here=counters["here"], tiles_here=counters["tiles"], seconds=time.time() - t_start,
-        slides_csv=csv_path, agreement=agreement,
-    )
-    _write_run_json(out_dir, result, config, interrupted=interrupted)
-    return result
+        last_deferred_check = 0.0
+        while todo or self.in_flight or (self.deferred and self.config.wait_for_others):
+            window = self.config.max_in_flight or _default_window(self.client)
+            while todo and len(self.in_flight) < window:
+                job = todo.pop(0)
+                if not self.start(job):
+                    self.deferred.append(job)
+            if self.deferred and time.time() - last_deferred_check >= self.config.poll_s:
+                last_deferred_check = time.time()
+                self._retry_deferred(window)
+            if not self.in_flight:
+                if not todo:
+                    time.sleep(self.config.poll_s)
+                continue
+            try:
+                done, _ = wait(list(self.in_flight), timeout=self.config.poll_s, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            self._note_stages()
+            for fut in sorted(done, key=lambda f: self.in_flight[f].job.slide_id):
+                self.finish(fut)
+                if self.stop_after is not None and self.here >= self.stop_after:
+                    raise _Stop
+
+    def _retry_deferred(self, window: int) -> None:
+        """Slides another runner held: pick them up if it finished, gave up or died."""
+        still = []
+        for job in self.deferred:
+            if self.final_for_us(self.store.read(job.slide_id), since=self.t_start):
+                continue
+            if len(self.in_flight) >= window or not self.start(job):
+                still.append(job)
+        self.deferred = still
+
+    def _note_stages(self) -> None:
+        """A slide whose tiling finished is at the scoring stage (shown by `wsi-her2 status`)."""
+        for info in self.in_flight.values():
+            if info.stage == "tile" and info.tile.status == "finished":
+                info.stage = "score"
+                state = self.store.read(info.job.slide_id)
+                if state is not None and state.status == "running":
+                    state.stage = "score"
+                    self.store.write(state)
+
+    def _abandon_in_flight(self) -> None:
+        """Ctrl-C (or ``stop_after``): cancel what runs; those slides are pending for the next run."""
+        for fut, info in self.in_flight.items():
+            fut.cancel()
+            info.tile.cancel()
+            for m in info.markers:
+                Path(m).unlink(missing_ok=True)
+            sid = info.job.slide_id
+            self.store.write(SlideState(sid, status="pending", attempts=info.attempt - 1, input_key=self.keys[sid]))
+        self.in_flight.clear()
+        self.keeper.release_all()
+
+    def _summarise(self, interrupted: bool) -> CohortResult:
+        states = _states(self.store, self.jobs)
+        rows = report.cohort_rows(self.jobs, states)
+        csv_path = report.write_slides_csv(rows, self.out_dir / "slides.csv")
+        agreement = report.agreement_report(rows)
+        if agreement is not None:
+            report.write_agreement(agreement, self.out_dir / "agreement.json")
+        done_ids = [sid for sid, s in states.items() if s.status == "done"]
+        failed = {sid: f"{s.error_type}: {s.reason}" for sid, s in states.items() if s.status == "failed"}
+        pending = [j.slide_id for j in self.jobs if j.slide_id not in done_ids and j.slide_id not in failed]
+        result = CohortResult(
+            out_dir=self.out_dir, total=len(self.jobs), done=sorted(done_ids), failed=dict(sorted(failed.items())),
+            pending=pending, processed_here=self.here, tiles_here=self.tiles, seconds=time.time() - self.t_start,
+            slides_csv=csv_path, agreement=agreement,
+        )
+        _write_run_json(self.out_dir, result, self.config, interrupted=interrupted)
+        return result
 
 
 # --- helpers ------------------------------------------------------------------------------------------
