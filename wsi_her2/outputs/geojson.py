@@ -152,6 +152,49 @@ def _finite_measurements(
     return names, cols, finite
 
 
+def _checked_tile_inputs(coords_level0, tile_size_level0, class_names, calls, reject_reasons, bounds_offset_px):
+    """:func:`tile_features`' inputs as arrays, each checked (one :class:`ConfigError` naming the problem)."""
+    xy = np.asarray(coords_level0, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ConfigError(f"coords_level0 must have shape (n_tiles, 2), got {xy.shape}")
+    n = xy.shape[0]
+    calls_arr = np.asarray(calls).reshape(-1)
+    if calls_arr.shape[0] != n:
+        raise ConfigError(f"calls has {calls_arr.shape[0]} entries for {n} tiles")
+    if n and not np.issubdtype(calls_arr.dtype, np.integer):
+        raise ConfigError(f"calls must be integer class indices (-1 = rejected), got {calls_arr.dtype}")
+    calls_arr = calls_arr.astype(np.int64)
+    size = float(tile_size_level0)
+    if not np.isfinite(size) or size < 10 ** (-_COORD_DECIMALS):
+        raise ConfigError(f"tile_size_level0 must be a positive number of pixels, got {tile_size_level0}")
+    if not np.all(np.isfinite(xy)):
+        raise ConfigError("coords_level0 contains NaN or infinity")
+    off = np.asarray(bounds_offset_px, dtype=np.float64).reshape(-1)
+    if off.shape != (2,) or not np.all(np.isfinite(off)):
+        raise ConfigError(f"bounds_offset_px must be two finite numbers (x, y), got {bounds_offset_px}")
+    qnames = [qupath_class_name(c) for c in class_names]
+    if len(set(qnames)) != len(qnames):
+        raise ConfigError(f"class names must be distinct, got {list(class_names)}")
+    if n and (calls_arr.min() < -1 or calls_arr.max() >= len(qnames)):
+        raise ConfigError(
+            f"calls must lie in -1..{len(qnames) - 1} for {len(qnames)} classes, got "
+            f"{calls_arr.min()}..{calls_arr.max()}"
+        )
+    if reject_reasons is None:
+        reasons: list[str | None] = [None] * n
+    else:
+        reasons = [r if r else None for r in reject_reasons]
+        if len(reasons) != n:
+            raise ConfigError(f"reject_reasons has {len(reasons)} entries for {n} tiles")
+        clash = [i for i, (r, c) in enumerate(zip(reasons, calls_arr.tolist())) if r and c >= 0]
+        if clash:
+            raise ConfigError(
+                f"{len(clash)} tile(s) (first index {clash[0]}) have both a class call and a QC "
+                "reason; set the call to -1 for rejected tiles or clear the reason"
+            )
+    return xy, calls_arr, size, off, qnames, reasons
+
+
 def tile_features(
     *,
     coords_level0: ArrayLike,
@@ -202,44 +245,9 @@ def tile_features(
         On mismatched lengths, out-of-range calls, a class name with ``:``, a non-positive
         tile size, or a tile that has both a class call and a QC reason.
     """
-    xy = np.asarray(coords_level0, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] != 2:
-        raise ConfigError(f"coords_level0 must have shape (n_tiles, 2), got {xy.shape}")
+    xy, calls_arr, size, off, qnames, reasons = _checked_tile_inputs(
+        coords_level0, tile_size_level0, class_names, calls, reject_reasons, bounds_offset_px)
     n = xy.shape[0]
-    calls_arr = np.asarray(calls).reshape(-1)
-    if calls_arr.shape[0] != n:
-        raise ConfigError(f"calls has {calls_arr.shape[0]} entries for {n} tiles")
-    if n and not np.issubdtype(calls_arr.dtype, np.integer):
-        raise ConfigError(f"calls must be integer class indices (-1 = rejected), got {calls_arr.dtype}")
-    calls_arr = calls_arr.astype(np.int64)
-    size = float(tile_size_level0)
-    if not np.isfinite(size) or size < 10 ** (-_COORD_DECIMALS):
-        raise ConfigError(f"tile_size_level0 must be a positive number of pixels, got {tile_size_level0}")
-    if not np.all(np.isfinite(xy)):
-        raise ConfigError("coords_level0 contains NaN or infinity")
-    off = np.asarray(bounds_offset_px, dtype=np.float64).reshape(-1)
-    if off.shape != (2,) or not np.all(np.isfinite(off)):
-        raise ConfigError(f"bounds_offset_px must be two finite numbers (x, y), got {bounds_offset_px}")
-    qnames = [qupath_class_name(c) for c in class_names]
-    if len(set(qnames)) != len(qnames):
-        raise ConfigError(f"class names must be distinct, got {list(class_names)}")
-    if n and (calls_arr.min() < -1 or calls_arr.max() >= len(qnames)):
-        raise ConfigError(
-            f"calls must lie in -1..{len(qnames) - 1} for {len(qnames)} classes, got "
-            f"{calls_arr.min()}..{calls_arr.max()}"
-        )
-    if reject_reasons is None:
-        reasons: list[str | None] = [None] * n
-    else:
-        reasons = [r if r else None for r in reject_reasons]
-        if len(reasons) != n:
-            raise ConfigError(f"reject_reasons has {len(reasons)} entries for {n} tiles")
-        clash = [i for i, (r, c) in enumerate(zip(reasons, calls_arr.tolist())) if r and c >= 0]
-        if clash:
-            raise ConfigError(
-                f"{len(clash)} tile(s) (first index {clash[0]}) have both a class call and a QC "
-                "reason; set the call to -1 for rejected tiles or clear the reason"
-            )
 
     # Shared objects: json serialises them by value, so one dict per class is enough and
     # saves building 100k identical dicts.
