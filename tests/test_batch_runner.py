@@ -136,22 +136,24 @@ def test_process_cluster_isolates_corrupt_no_mpp_and_dying_worker(slides, tmp_pa
             with distributed.Client(c) as client:
                 res = run_cohort(jobs, out, client, config=_config(retries=1), tile_fn=_counting_tile, score_fn=_fake_score)
 
-    assert res.done == ["flaky", "g1", "g2", "g3"]
+    assert res.done == ["flaky", "g1", "g2", "g3"], res.failed
     assert set(res.failed) == {"corrupt", "nompp", "zcrash"}
     assert res.exit_code == 1
     store = StateStore(out)
     assert store.read("nompp").error_type == "MppMissingError" and "mpp" in store.read("nompp").reason.lower()
     assert not store.read("nompp").retryable
     corrupt = store.read("corrupt")
-    assert corrupt.stage == "tile" and not corrupt.retryable and corrupt.attempts == 1, corrupt
+    assert corrupt.stage == "tile" and not corrupt.retryable and corrupt.error_type == "SlideOpenError", corrupt
     assert store.read("zcrash").error_type == "KilledWorker" and store.read("zcrash").retryable
     flaky = store.read("flaky")
     assert flaky.status == "done" and flaky.attempts >= 2  # (+1 if it was queued where zcrash crashed)
     calls = _calls(out)
-    # (a result held by a worker that died is recomputed by dask, so counts here are lower bounds)
-    assert calls["flaky.tile"] >= 2 and calls["corrupt.tile"] == 1 and calls["nompp.tile"] == 1
+    # Counts are lower bounds, and attempts may be one more than the runner's retries: a task only
+    # queued on the worker zcrash kills is resubmitted (which tasks were queued there is timing).
+    # That a permanent failure is never retried shows in its state: failed, not retryable.
+    assert calls["flaky.tile"] >= 2 and calls["corrupt.tile"] >= 1 and calls["nompp.tile"] >= 1
     assert all(calls[f"{g}.tile"] >= 1 and calls[f"{g}.score"] >= 1 for g in GOOD)
-    assert calls["zcrash.tile"] == 2 and "zcrash.score" not in calls  # first try + 1 retry, no re-run by dask
+    assert calls["zcrash.tile"] >= 2 and "zcrash.score" not in calls  # first try + retries
     for g in GOOD:
         assert (out / PER_SLIDE_DIRNAME / f"{g}.zarr").is_dir()
     assert not list((out / "state").glob(".*")) and not list((out / "state").glob("*.lock"))

@@ -25,6 +25,7 @@ Per-slide products go to ``<out>/per-slide/`` (``<id>.zarr``, ``.qc.png``, ``.ge
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ from wsi_her2.tile.pipeline import TileConfig, tile_slide
 log = logging.getLogger(__name__)
 
 PER_SLIDE_DIRNAME = "per-slide"
-#: Resubmissions of a slide whose tasks were lost with a worker before they started.
+#: Resubmissions of a slide whose tasks were lost with a worker that another slide crashed
+#: (queued there, or finished there before the scheduler heard); they spend no retry.
 _MAX_REQUEUE = 5
 #: Exceptions from these packages mean the slide's bytes cannot be decoded: deterministic, not retried.
 _DECODER_MODULES = frozenset({"imagecodecs", "tifffile", "openslide", "tiffslide", "PIL"})
@@ -74,6 +76,21 @@ def _mark_started(marker: str | None) -> None:
         Path(marker).touch()
 
 
+def _ended(marker: str) -> Path:
+    """Written when a task's body returns or raises: a worker that dies after that was not killed by it."""
+    return Path(marker).with_suffix(".ended")
+
+
+@contextlib.contextmanager
+def _marked(marker: str | None) -> Iterator[None]:
+    _mark_started(marker)
+    try:
+        yield
+    finally:
+        if marker:
+            _ended(marker).touch()
+
+
 def _tile_task(job: SlideJob, out_dir: str, tile_config: TileConfig, tile_fn: TileFn | None,
                marker: str | None = None) -> dict:
     # workers=1: the cohort's parallelism is dask's (slides side by side on its workers);
@@ -83,17 +100,17 @@ def _tile_task(job: SlideJob, out_dir: str, tile_config: TileConfig, tile_fn: Ti
         slide_mpp_um=job.mpp_um if job.mpp_um is not None else tile_config.slide_mpp_um,
     )
     t0 = time.perf_counter()
-    _mark_started(marker)
-    res = (tile_fn or tile_slide)(job.path, Path(out_dir), config=config)
+    with _marked(marker):
+        res = (tile_fn or tile_slide)(job.path, Path(out_dir), config=config)
     return {"store": str(res.store), "n_tiles": int(res.n_tiles), "n_passed": int(res.n_passed),
             "tile_status": res.status, "tile_s": round(time.perf_counter() - t0, 3)}
 
 
 def _score_task(tiled: dict, out_dir: str, score_config: Any, score_fn: ScoreFn | None,
                 marker: str | None = None) -> dict:
-    _mark_started(marker)
     t0 = time.perf_counter()
-    row = (score_fn or _score)(Path(tiled["store"]), Path(out_dir), score_config)
+    with _marked(marker):
+        row = (score_fn or _score)(Path(tiled["store"]), Path(out_dir), score_config)
     return dict(tiled, row=dict(row), score_s=round(time.perf_counter() - t0, 3))
 
 
@@ -299,13 +316,15 @@ class _CohortRun:
         # Release now: a result still wanted when its worker dies would be recomputed for nothing.
         fut.release()
         info.tile.release()
-        started = [Path(m).exists() for m in info.markers]
+        # a task that started and never ended was running when its worker died
+        running = [Path(m).exists() and not _ended(m).exists() for m in info.markers]
         for m in info.markers:
             Path(m).unlink(missing_ok=True)
+            _ended(m).unlink(missing_ok=True)
         if res is not None:
             self._record_done(info, res)
         else:
-            self._record_failure(info, exc, stage="tile" if tile_erred else "score", started=started)
+            self._record_failure(info, exc, stage="tile" if tile_erred else "score", running=running)
 
     def _record_done(self, info: _InFlight, res: dict) -> None:
         sid, row = info.job.slide_id, dict(res["row"])
@@ -321,12 +340,13 @@ class _CohortRun:
                  res["n_tiles"], res["tile_s"], res["score_s"])
         self.progress(sid, "done")
 
-    def _record_failure(self, info: _InFlight, exc: BaseException | None, *, stage: str, started: list[bool]) -> None:
+    def _record_failure(self, info: _InFlight, exc: BaseException | None, *, stage: str, running: list[bool]) -> None:
         job, attempt, sid = info.job, info.attempt, info.job.slide_id
         kind, reason, retry_now, retry_later = _classify(exc)
-        if kind == "KilledWorker" and not started[stage == "score"] and info.requeued < _MAX_REQUEUE:
-            # never started: it was only queued on a worker that another slide crashed
-            log.info("%s: its worker died before it started (another slide's crash); resubmitting", sid)
+        if kind == "KilledWorker" and not running[stage == "score"] and info.requeued < _MAX_REQUEUE:
+            # a bystander: only queued on a worker another slide crashed, or finished there before the
+            # scheduler heard; resubmitted without spending a retry (the slide that crashed it does)
+            log.info("%s: lost with a worker another slide crashed; resubmitting", sid)
             self.submit(job, attempt + 1, info.tries, info.requeued + 1)
             return
         if retry_now and info.tries <= self.config.retries:
@@ -423,12 +443,17 @@ class _CohortRun:
             info.tile.cancel()
             for m in info.markers:
                 Path(m).unlink(missing_ok=True)
+                _ended(m).unlink(missing_ok=True)
             sid = info.job.slide_id
             self.store.write(SlideState(sid, status="pending", attempts=info.attempt - 1, input_key=self.keys[sid]))
         self.in_flight.clear()
         self.keeper.release_all()
 
     def _summarise(self, interrupted: bool) -> CohortResult:
+        # A task that dask re-ran after its worker died (a duplicate of one already finished) may
+        # have left its start marker after we removed ours: this run's markers all go now.
+        for marker in self.store.dir.glob(f".*-{self.owner.token[:8]}.*"):
+            marker.unlink(missing_ok=True)
         states = _states(self.store, self.jobs)
         rows = report.cohort_rows(self.jobs, states)
         csv_path = report.write_slides_csv(rows, self.out_dir / "slides.csv")
