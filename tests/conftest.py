@@ -37,3 +37,15 @@ def demo_slide(synthetic_dir) -> Path:
     from wsi_her2.synthetic.slides import demo_spec, write_synthetic_slide
 
     return write_synthetic_slide(synthetic_dir / "demo.svs", demo_spec())
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread for the test, the previous count restored after it (the scorer's
+    equivalence checks compare numbers that threads may sum in another order)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

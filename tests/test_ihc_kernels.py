@@ -48,11 +48,8 @@ REFERENCE_TOL = {
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(torch_one_thread):
+    """Every test here runs torch on one thread (the conftest fixture restores the caller's count)."""
 
 
 def _reference(mpp_um: float):

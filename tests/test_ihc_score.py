@@ -21,11 +21,8 @@ PLANTED = {0: (0.0, 0.0, 0.5), 1: (0.2, 0.4, 0.5), 2: (0.5, 1.0, 0.6), 3: (1.2, 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(torch_one_thread):
+    """Every test here runs torch on one thread (the conftest fixture restores the caller's count)."""
 
 
 def render_ihc_tile(
