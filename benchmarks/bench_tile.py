@@ -337,14 +337,15 @@ def profile_stages(slide: Path, store_path: Path, *, max_units: int = 48, codec:
     attrs = store.attrs
     fields = TileGeometry.__dataclass_fields__
     geometry = TileGeometry(**{k: v for k, v in attrs["tiling"].items() if k in fields and k != "tile_size_level0"})
-    glass = np.asarray(attrs["tissue"]["glass_rgb"], np.float32)
     tissue_params = TissueParams(**attrs["tissue"]["params"])
+    mask_fraction = store.array("mask_fraction")  # each tile's tissue fraction is its mask coverage
+    mpp_um = float(attrs["tiling"]["effective_mpp_um"])
     qc_params = QcParams(**attrs["qc"]["params"])
     block_tiles = int(attrs["tiling"].get("block_tiles", 8))
     chunk = store.chunk_tiles
     n_units = min(max_units, store.n_units)
     grid_all = store.grid_rc
-    scratch = Path(tempfile.mkdtemp(prefix="bench_profile_", dir=DATA_DIR))
+    scratch = Path(tempfile.mkdtemp(prefix="bench_profile_", dir=store_path.parent))  # beside the store: --data-dir
     clock = time.process_time  # user + system, all threads, high resolution
     try:
         out = PatchStore.create(
@@ -372,12 +373,14 @@ def profile_stages(slide: Path, store_path: Path, *, max_units: int = 48, codec:
                 tiles[sel] = read_tiles(reader, geometry=geometry, grid_rc=sel_unit[sel])
             t["read"] += clock() - t0
             t0 = clock()
-            tile_qc(tiles[:n], glass_rgb=glass, tissue_params=tissue_params, qc_params=qc_params)
+            tile_qc(tiles[:n], tissue_fraction=mask_fraction[unit * chunk : unit * chunk + n], mpp_um=mpp_um,
+                    tissue_params=tissue_params, qc_params=qc_params)
             t["qc"] += clock() - t0
             if unit < CPROFILE_UNITS:  # a function-level breakdown, apart from the timings above
                 cprofiled_tiles += n
                 prof.enable()
-                tile_qc(tiles[:n], glass_rgb=glass, tissue_params=tissue_params, qc_params=qc_params)
+                tile_qc(tiles[:n], tissue_fraction=mask_fraction[unit * chunk : unit * chunk + n], mpp_um=mpp_um,
+                        tissue_params=tissue_params, qc_params=qc_params)
                 prof.disable()
             t0 = clock()
             encode(tiles)

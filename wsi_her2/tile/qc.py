@@ -122,9 +122,10 @@ def focus_sharpness(
         b4 = cv2.GaussianBlur(b1, (0, 0), float(np.sqrt(s4 * s4 - s1 * s1)))  # G_4 = G_sqrt(15) * G_1
         fine = (g - b1)[m : g.shape[0] - m, m : g.shape[1] - m]
         mid = (b1 - b4)[m : g.shape[0] - m, m : g.shape[1] - m]
-        c = float(mid.std())
+        c = float(cv2.meanStdDev(mid)[1][0, 0])  # OpenCV reads the cropped views in place (numpy copies)
         contrast[i] = c
-        fine_var = max(float(fine.var()) - noise_gray * noise_gray, 0.0)  # pixel noise is not detail
+        fine_sd = float(cv2.meanStdDev(fine)[1][0, 0])
+        fine_var = max(fine_sd * fine_sd - noise_gray * noise_gray, 0.0)  # pixel noise is not detail
         sharp[i] = float(np.sqrt(fine_var)) / max(c, 1e-3)
     return sharp, contrast
 
