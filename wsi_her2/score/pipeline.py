@@ -118,8 +118,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     from wsi_her2.score.inference import InferenceConfig, predict_store
 
     config = config or ScoreConfig()
-    validate_score_config(config)
-    calibration = _calibration_record(config)
+    calibration = validate_score_config(config)
     t_start = time.perf_counter()
     store = open_store(store_path)
     out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
@@ -259,15 +258,16 @@ def _slides_csv_row(store: PatchStore, config: ScoreConfig, slide_call: dict, tu
     }
 
 
-def validate_score_config(config: ScoreConfig) -> None:
-    """Check the options that can be checked without a store (so a bad one fails before any work)."""
+def validate_score_config(config: ScoreConfig) -> dict | None:
+    """Check the options that can be checked without a store (so a bad one fails before any work);
+    returns what ``--calibration`` sets (``None`` without one)."""
     from wsi_her2.score.aggregate import AGGREGATORS
 
     if config.agg not in AGGREGATORS:
         raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
     if config.explain and config.model == "ihc_dab":
         raise ConfigError("--explain needs a trained model (Grad-CAM has no gradients to follow in the rule-based ihc_dab)")
-    _calibration_record(config)
+    return _calibration_record(config)
 
 
 def _calibration_record(config: ScoreConfig) -> dict | None:
