@@ -184,6 +184,24 @@ def test_no_tissue_slide_is_refused_without_a_store(tmp_path):
     with pytest.raises(NoTissueError, match="no tissue"):
         tile_slide(slide, tmp_path / "out", config=TileConfig(workers=1))
     assert not (tmp_path / "out" / "glass.zarr").exists()
+    assert (tmp_path / "out" / "glass.qc.png").is_file()  # the user sees what was looked at
+
+
+def test_no_tissue_slide_reads_indeterminate_in_the_cohort_table():
+    """An empty or unstained core fails tiling with its reason; the cohort table calls it
+    indeterminate, never HER2 0."""
+    from wsi_her2.batch.manifest import SlideJob
+    from wsi_her2.batch.report import cohort_rows
+    from wsi_her2.batch.state import SlideState
+
+    jobs = [SlideJob(slide_id=s, path=f"/x/{s}.svs") for s in ("empty", "broken")]
+    states = {
+        "empty": SlideState("empty", status="failed", stage="tile", error_type="NoTissueError", reason="no tissue found"),
+        "broken": SlideState("broken", status="failed", stage="tile", error_type="SlideOpenError", reason="corrupt"),
+    }
+    rows = {r["slide"]: r for r in cohort_rows(jobs, states)}
+    assert rows["empty"]["her2_score"] == "indeterminate" and rows["empty"]["reason"] == "no tissue found"
+    assert "her2_score" not in rows["broken"]
 
 
 def test_geometry_rules():

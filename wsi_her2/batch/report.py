@@ -54,6 +54,8 @@ def cohort_rows(jobs: Sequence[SlideJob], states: Mapping[str, object]) -> list[
         if status == "failed":
             row["error_type"] = state.error_type
             row["reason"] = state.reason
+            if state.error_type == "NoTissueError":  # an empty or unstained core: no call, never HER2 0
+                row["her2_score"] = "indeterminate"
         row["label"] = job.label
         row["patient_id"] = job.patient_id
         row["mpp_um"] = job.mpp_um

@@ -328,6 +328,9 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
         plan = plan_tiles(coverage, geometry=geometry, min_mask_fraction=config.min_mask_fraction, block_tiles=config.block_tiles)
         t_plan = time.perf_counter() - t0
         if plan.n_tiles == 0:
+            if config.qc_png:  # show what was looked at: the thumbnail with the (empty) tissue outline
+                _save_qc_picture(out_dir, slide, thumb, tissue, plan, geometry, thumb_scale,
+                                 flags=np.zeros(0, np.uint8), title="no tissue found")
             raise NoTissueError(
                 f"{slide}: no tissue found (tissue area {tissue.tissue_area_mm2:.3f} mm², grid {geometry.grid_cols}x"
                 f"{geometry.grid_rows} tiles); check the slide, or lower --min-od / raise --max-gray if the stain is very pale"
@@ -347,12 +350,8 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
     flags = store.array("qc_flags")
     summary = slide_qc_summary(grid_rc=plan.grid_rc, flags=flags, pen_area_mm2=tissue.pen_area_mm2, qc_params=config.qc)
     if config.qc_png:
-        picture = render_qc_picture(
-            thumb, tissue_mask=tissue.mask, pen_mask=tissue.pen, coords_level0=plan.coords_level0,
-            tile_size_level0=geometry.tile_size_level0, thumb_px_per_level0_px=thumb_scale, qc_flags=flags,
-            title=f"{slide_id_for(slide)}: {summary['n_passed']}/{plan.n_tiles} tiles kept",
-        )
-        save_qc_picture(picture, out_dir / f"{slide_id_for(slide)}.qc.png")
+        _save_qc_picture(out_dir, slide, thumb, tissue, plan, geometry, thumb_scale, flags=flags,
+                         title=f"{summary['n_passed']}/{plan.n_tiles} tiles kept")
     meta = store.attrs
     meta["qc"]["summary"] = summary
     meta["timings_s"] = {
@@ -362,6 +361,17 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
     meta["complete"] = True  # last write: only now does the store count as done
     store.update_attrs(**meta)
     return TileResult(slide, store_path, status, plan.n_tiles, summary["n_passed"], time.perf_counter() - t_start)
+
+
+def _save_qc_picture(out_dir: Path, slide: Path, thumb, tissue, plan, geometry, thumb_scale: float, *,
+                     flags, title: str) -> None:
+    """``<id>.qc.png``: the thumbnail, tissue outline, pen ink and tiles coloured by QC outcome."""
+    picture = render_qc_picture(
+        thumb, tissue_mask=tissue.mask, pen_mask=tissue.pen, coords_level0=plan.coords_level0,
+        tile_size_level0=geometry.tile_size_level0, thumb_px_per_level0_px=thumb_scale, qc_flags=flags,
+        title=f"{slide_id_for(slide)}: {title}",
+    )
+    save_qc_picture(picture, out_dir / f"{slide_id_for(slide)}.qc.png")
 
 
 def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, plan, geometry, thumb, tissue, thumb_scale, slide, slide_sha, mpp, reader) -> PatchStore:
