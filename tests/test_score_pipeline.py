@@ -55,6 +55,10 @@ def test_outputs_written_and_consistent(graded_scored):
     scored = table.qc_pass.to_numpy()
     assert np.allclose(probs[scored].sum(axis=1), 1.0, atol=1e-4)
     assert np.isnan(probs[~scored]).all()
+    # the QC tissue fraction (which decided each tile's fate) is there for every tile, rejected
+    # ones too; the scorer's own OD-based one sits beside it under another name
+    assert np.array_equal(table.tissue_fraction.to_numpy(), open_store(store_path).array("tissue_fraction"))
+    assert np.isnan(table.scorer_tissue_fraction.to_numpy()[~scored]).all()
     # a second run is a no-op unless asked
     again = score_store(store_path, config=ScoreConfig(agg="vote"))
     assert again.skipped

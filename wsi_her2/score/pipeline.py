@@ -224,7 +224,10 @@ def _tile_measurements(store: PatchStore, pred, classes: list[str]) -> dict[str,
     qc = {name: store.array(name) for name in ("tissue_fraction", "laplacian_var", "sharpness", "pen_fraction")
           if store.has_array(name)}
     probs_named = {f"p_{c}": pred.probs[:, i] for i, c in enumerate(classes)}
-    return {**probs_named, **qc, **pred.measurements}
+    # A scorer measurement named like a QC value (ihc_dab's own OD-based "tissue_fraction") is kept
+    # as "scorer_<name>": the QC value, the one that decided the tile's fate, keeps its name.
+    scorer = {(f"scorer_{k}" if k in qc else k): v for k, v in pred.measurements.items()}
+    return {**probs_named, **qc, **scorer}
 
 
 def _explain(out: Path, store: PatchStore, model, scored, measurements: dict, config: ScoreConfig) -> dict[str, str]:
