@@ -460,6 +460,14 @@ def fit(
     n_classes
         Number of logits.
     """
+    dev = resolve_device(device) if isinstance(device, str) else device
+    # The run is seeded from the recipe; the caller's global RNG state is put back afterwards.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        return _fit_seeded(model, train_ds, val_ds, recipe, n_classes=n_classes, device=dev, progress=progress)
+
+
+def _fit_seeded(model: nn.Module, train_ds, val_ds, recipe: Recipe, *, n_classes: int, device: torch.device,
+                progress: bool) -> FitResult:
     setup = _fit_setup(model, train_ds, val_ds, recipe, n_classes=n_classes, device=device, progress=progress)
     part = partition_parameters(model)
     # Validation metrics other than the loss are maximised; without validation, the training
