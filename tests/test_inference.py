@@ -20,8 +20,6 @@ CMU = FIXTURES / "slides" / "CMU-1-Small-Region.svs"
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.3)
 
-torch.set_num_threads(1)
-
 
 # --------------------------------------------------------------------------------------------
 # Stand-in models and stores

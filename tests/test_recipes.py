@@ -105,7 +105,6 @@ CASES = {
 
 @pytest.mark.parametrize("recipe_name", list(CASES))
 def test_each_recipe_trains_and_loss_falls(recipe_name, tiles, tmp_path):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model_name, extra = CASES[recipe_name]
     over = {"epochs": "3", "batch_size": "8", "steps_per_epoch": "4", "cache_images": "true", "seed": "0",
@@ -136,7 +135,6 @@ def test_each_recipe_trains_and_loss_falls(recipe_name, tiles, tmp_path):
 
 
 def test_frozen_fusion_leaves_backbones_untouched(tiles):
-    torch.set_num_threads(1)
     recipe = get_recipe("frozen-fusion", {"epochs": "1", "batch_size": "8", "steps_per_epoch": "2", "lr": "1e-3"})
     model = models.create_model("hybrid_resnet18_effb0", input_px=INPUT_PX)
     part = partition_parameters(model)
