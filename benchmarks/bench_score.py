@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from wsi_her2.errors import WsiHer2Error
-from wsi_her2.score.inference import InferenceConfig, predict_store, resolve_device
+from wsi_her2.cli.common import cudnn_autotune
+from wsi_her2.score.inference import InferenceConfig, StepCache, predict_store, resolve_device
 from wsi_her2.score.loader import TileLoader
 from wsi_her2.store.patch_store import PatchStore, open_store
 
@@ -147,10 +148,12 @@ def time_full_path(model: torch.nn.Module, store: PatchStore, config: InferenceC
     passed = store.qc_pass
     n = int(passed.sum())
     warm = np.flatnonzero(passed)[: config.batch_size * (3 if config.compile else 1)]
-    predict_store(store, model, config=config, indices=warm)  # compile / cuDNN autotune / allocator
-    t0 = time.perf_counter()
-    result = predict_store(store, model, config=config)
-    seconds = time.perf_counter() - t0
+    steps = StepCache()  # the warm-up's compiled step is the one timed
+    with cudnn_autotune(config.device):  # as `wsi-her2 score` runs
+        predict_store(store, model, config=config, indices=warm, step_cache=steps)  # compile / cuDNN autotune / allocator
+        t0 = time.perf_counter()
+        result = predict_store(store, model, config=config, step_cache=steps)
+        seconds = time.perf_counter() - t0
     if not np.array_equal(result.scored, passed) or not np.isfinite(result.probs[passed]).all():
         raise SystemExit("benchmark run left QC-passed tiles unscored or produced NaN probabilities")
     return n / seconds

@@ -39,6 +39,22 @@ def demo_slide(synthetic_dir) -> Path:
     return write_synthetic_slide(synthetic_dir / "demo.svs", demo_spec())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_one_thread_for_the_run():
+    """torch on one thread for the whole run, the previous count restored at the end. On the
+    2-core CI machine OpenMP workers beside the tile threads and dask workers only spin-wait;
+    set here once, not as a side effect of whichever test module happens to be imported first."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the torch-free parts still test
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def torch_one_thread():
     """torch on one thread for the test, the previous count restored after it (the scorer's

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -259,15 +258,11 @@ def test_registry_and_lookup():
 
 
 @pytest.mark.slow
-def test_bootstrap_speed_100k_tiles():
+def test_every_rule_calls_a_100k_tile_slide():
+    # Speed at this size is benchmarks/bench_aggregate.py's business; here: it works and uses every tile.
     probs = np.random.default_rng(0).dirichlet(np.ones(4), size=100_000)
-    for name, fn in AGGREGATORS.items():
-        t0 = time.perf_counter()
-        call = fn(probs)
-        dt = time.perf_counter() - t0
-        print(f"{name}: {dt:.2f} s for 100k tiles, 200 resamples")
-        assert call.n_tiles_used == 100_000
-        assert dt < 20
+    for fn in AGGREGATORS.values():
+        assert fn(probs).n_tiles_used == 100_000
 
 
 def test_her2_classes_agree_with_the_model_config():

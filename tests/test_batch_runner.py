@@ -105,9 +105,6 @@ def _subset(src: Path, dst: Path, names: dict[str, str]) -> Path:
 @pytest.fixture(scope="module")
 def thread_client():
     """A cheap in-process cluster (2 worker threads) shared by the tests that do not need processes."""
-    import torch
-
-    torch.set_num_threads(1)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as c:
         with distributed.Client(c) as client:
             yield client
@@ -288,9 +285,6 @@ def test_stop_hook_then_resume(slides, tmp_path, thread_client):
 def test_cli_run_with_manifest_and_real_scorer(slides, tmp_path):
     """`wsi-her2 run manifest.csv` end to end with the real scorer (threads): MPP from the manifest, labels, report."""
     pytest.importorskip("wsi_her2.score.pipeline")
-    import torch
-
-    torch.set_num_threads(1)
     from wsi_her2.cli import main
 
     manifest = tmp_path / "manifest.csv"

@@ -90,3 +90,19 @@ def test_tta_averages_distinct_views():
     img = torch.arange(16.0).view(1, 1, 4, 4)
     outs = {tuple(VIEWS[v](img).flatten().tolist()) for v in TTA_SETS["d4"]}
     assert len(outs) == 8
+
+
+def test_plots_leave_the_process_matplotlib_backend_alone(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    from wsi_her2.train.evaluate import plot_confusion_matrix, plot_roc_curves, plot_training_curves
+
+    monkeypatch.setitem(matplotlib.rcParams, "backend", "pdf")  # what a caller (a notebook, say) chose
+    history = [{"epoch": e, "phase": "p1" if e < 2 else "p2", "train_loss": 1.0 / e, "val_loss": None,
+                "train_acc": 0.5, "val_acc": None, "train_auc": None, "val_auc": None} for e in (1, 2)]
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4]])
+    paths = [plot_training_curves(history, tmp_path / "curves.png"),
+             plot_confusion_matrix(np.array([[2, 0], [0, 2]]), ["a", "b"], tmp_path / "cm.png"),
+             plot_roc_curves(y, probs, ["a", "b"], tmp_path / "roc.png")]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+    assert dict.__getitem__(matplotlib.rcParams, "backend") == "pdf"

@@ -75,7 +75,6 @@ def test_auto_layer_by_tracing_and_by_name():
 
 def test_registry_cnn_layers_and_stage_view(tmp_path):
     models = pytest.importorskip("wsi_her2.models")
-    torch.set_num_threads(1)
     model = models.create_model("resnet18", input_px=64).eval()
     name, _ = resolve_layer(model, "auto")
     assert name == "layer4"
@@ -92,7 +91,6 @@ def test_registry_cnn_layers_and_stage_view(tmp_path):
 
 def test_vit_tokens_are_reshaped_without_the_class_token():
     timm = pytest.importorskip("timm")
-    torch.set_num_threads(1)
     tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).view(2, 17, 3)
     grid = _to_grid(tokens)
     assert grid.shape == (2, 3, 4, 4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import time
 import uuid
 from pathlib import Path
 
@@ -391,7 +390,7 @@ def test_empty_tile_list_writes_a_valid_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_speed_100k_tiles(tmp_path):
+def test_100k_tiles_are_all_written(tmp_path):
     n = 100_000
     rng = np.random.default_rng(0)
     side = int(np.ceil(np.sqrt(n)))
@@ -403,12 +402,9 @@ def test_speed_100k_tiles(tmp_path):
     reasons = ["blur" if c < 0 else None for c in calls]
     meas = {f"p_{c}": probs[:, k] for k, c in enumerate(CLASSES)}
     meas["tissue_fraction"] = rng.random(n)
-    t0 = time.perf_counter()
+    # Speed at this size is benchmarks/bench_outputs.py's business; here: every tile is written.
     tiles = tile_features(coords_level0=coords, tile_size_level0=512, class_names=CLASSES, calls=calls,
                           measurements=meas, reject_reasons=reasons, bounds_offset_px=(10, 20), id_namespace="s")
-    t1 = time.perf_counter()
     path = write_geojson(build_feature_collection(tiles, None), tmp_path / "big.geojson")
-    t2 = time.perf_counter()
-    print(f"100k tiles: build {t1 - t0:.2f} s, write {t2 - t1:.2f} s, {path.stat().st_size / 1e6:.1f} MB")
     assert len(tiles) == n
-    assert t1 - t0 < 30 and t2 - t1 < 30
+    assert len(json.loads(path.read_text())["features"]) == n

@@ -1,7 +1,6 @@
 """Heatmap PNG: tile calls at the right thumbnail pixels, rejected tiles never in a class colour."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -244,17 +243,15 @@ def test_on_a_real_slide_thumbnail(tmp_path):
 
 
 @pytest.mark.slow
-def test_speed_100k_tiles():
+def test_100k_tiles_are_painted():
     n = 100_000
     side = int(np.ceil(np.sqrt(n)))
     gx, gy = np.meshgrid(np.arange(side), np.arange(side))
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1)[:n] * 512
     calls = np.random.default_rng(0).integers(-1, 4, n)
     thumb = np.full((2000, 2000, 3), 230, dtype=np.uint8)
-    t0 = time.perf_counter()
+    # Speed at this size is benchmarks/bench_outputs.py's business; here: the picture is painted.
     out = render_heatmap(thumb, thumb_px_per_level0_px=2000 / (side * 512), coords_level0=coords,
                          tile_size_level0=512, calls=calls, class_names=CLASSES)
-    dt = time.perf_counter() - t0
-    print(f"heatmap: {dt:.2f} s for 100k tiles on a 2000 x 2000 thumbnail")
     assert out.shape == thumb.shape
-    assert dt < 30
+    assert not (out == thumb).all()

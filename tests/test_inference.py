@@ -20,8 +20,6 @@ CMU = FIXTURES / "slides" / "CMU-1-Small-Region.svs"
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.3)
 
-torch.set_num_threads(1)
-
 
 # --------------------------------------------------------------------------------------------
 # Stand-in models and stores
@@ -336,6 +334,43 @@ def test_amp_is_float32_on_cpu_unless_always(qc_store):
         InferenceConfig(amp="fp16").validate()
 
 
+def test_step_cache_reuses_the_step_and_leaves_the_model_untouched(qc_store, monkeypatch):
+    import wsi_her2.score.inference as inference
+
+    built = []
+    make_step = inference._make_step
+    monkeypatch.setattr(inference, "_make_step", lambda *a, **k: built.append(1) or make_step(*a, **k))
+    store, _, passed = qc_store
+    model = OrientedNet(_config())
+    attrs_before = set(vars(model))
+    cache = inference.StepCache()
+    first = predict_store(store, model, config=CPU, step_cache=cache).probs
+    second = predict_store(store, model, config=CPU, step_cache=cache).probs
+    assert len(built) == 1 and len(cache) == 1  # the second call reused the first call's step
+    np.testing.assert_array_equal(first[passed], second[passed])
+    assert set(vars(model)) == attrs_before  # nothing cached on the caller's model
+    predict_store(store, model, config=InferenceConfig(device="cpu", batch_size=5, tta="flips"), step_cache=cache)
+    predict_store(store, OrientedNet(_config()), config=CPU, step_cache=cache)
+    assert len(built) == 3 and len(cache) == 3  # other settings, another model: steps of their own
+    predict_store(store, model, config=CPU)  # no cache given: a fresh step for this call only
+    assert len(built) == 4 and len(cache) == 3
+
+
+def test_cudnn_autotune_is_set_by_the_command_line_for_its_run_and_put_back(monkeypatch):
+    from wsi_her2.cli.common import cudnn_autotune
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with cudnn_autotune("cuda"):
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark is False
+    with cudnn_autotune("cpu"):
+        assert torch.backends.cudnn.benchmark is False  # nothing to tune on the CPU
+    with pytest.raises(RuntimeError), cudnn_autotune("auto"):
+        raise RuntimeError("a failing run still puts the flag back")
+    assert torch.backends.cudnn.benchmark is False
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(qc_store):
@@ -346,7 +381,15 @@ def test_cuda_matches_cpu(qc_store):
     assert exact.device.startswith("cuda")
     np.testing.assert_allclose(exact.probs[passed], cpu[passed], rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(exact.scored, passed)
-    fast = predict_store(store, model, config=InferenceConfig(device="cuda", batch_size=5, tta=True, compile=True))
+    from wsi_her2.score.inference import StepCache
+
+    cache = StepCache()
+    fast = predict_store(store, model, config=InferenceConfig(device="cuda", batch_size=5, tta=True, compile=True),
+                         step_cache=cache)
+    again = predict_store(store, model, config=InferenceConfig(device="cuda", batch_size=5, tta=True, compile=True),
+                          step_cache=cache)
+    assert len(cache) == 1 and not any("compiled" in k for k in vars(model))  # compiled once, held by the caller
+    np.testing.assert_allclose(again.probs[passed], fast.probs[passed], atol=1e-6)
     slow = predict_store(store, model.cpu(), config=InferenceConfig(device="cpu", batch_size=5, tta=True))
     np.testing.assert_allclose(fast.probs[passed], slow.probs[passed], atol=3e-2)  # bf16
 

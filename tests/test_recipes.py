@@ -105,7 +105,6 @@ CASES = {
 
 @pytest.mark.parametrize("recipe_name", list(CASES))
 def test_each_recipe_trains_and_loss_falls(recipe_name, tiles, tmp_path):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model_name, extra = CASES[recipe_name]
     over = {"epochs": "3", "batch_size": "8", "steps_per_epoch": "4", "cache_images": "true", "seed": "0",
@@ -136,7 +135,6 @@ def test_each_recipe_trains_and_loss_falls(recipe_name, tiles, tmp_path):
 
 
 def test_frozen_fusion_leaves_backbones_untouched(tiles):
-    torch.set_num_threads(1)
     recipe = get_recipe("frozen-fusion", {"epochs": "1", "batch_size": "8", "steps_per_epoch": "2", "lr": "1e-3"})
     model = models.create_model("hybrid_resnet18_effb0", input_px=INPUT_PX)
     part = partition_parameters(model)
@@ -157,3 +155,14 @@ def test_recipe_dataclass_round_trips():
     r = RECIPES["phased"]
     assert dataclasses.replace(r).to_dict() == r.to_dict()
     assert np.isclose(sum(r.split), 1.0)
+
+
+def test_fit_puts_the_callers_random_state_back(tiles):
+    recipe = get_recipe("all-trainable", {"epochs": "1", "batch_size": "8", "steps_per_epoch": "1", "seed": "3"})
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * INPUT_PX * INPUT_PX, 4))
+    images, labels = tiles
+    ds = TileDataset(list(images), labels, input_px=INPUT_PX, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    fit(model, ds, None, recipe, n_classes=4, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # the recipe's seed governed the run only

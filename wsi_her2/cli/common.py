@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from typing import Iterator
 
 from wsi_her2.errors import ConfigError
 from wsi_her2.tile.qc import BLUR_METRICS, QcParams
@@ -92,3 +94,24 @@ def use_one_torch_thread_on_cpu(model: str, device: str) -> None:
 
     if device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def cudnn_autotune(device: str) -> Iterator[None]:
+    """Let cuDNN pick its fastest convolution kernels while scoring on CUDA (batch shapes are fixed, so
+    the search is paid once), and put ``torch.backends.cudnn.benchmark`` back on exit. Process-wide,
+    so the command line sets it around its run; library code never touches it. No-op on CPU."""
+    if device == "cpu":
+        yield
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old

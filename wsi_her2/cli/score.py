@@ -62,9 +62,9 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.cli.common import use_one_torch_thread_on_cpu
+    from wsi_her2.cli.common import cudnn_autotune, use_one_torch_thread_on_cpu
     from wsi_her2.errors import WsiHer2Error
-    from wsi_her2.score.pipeline import find_stores, score_store, validate_score_config
+    from wsi_her2.score.pipeline import find_stores, validate_score_config
 
     targets = args.stores or ["wsi-her2-out"]
     stores: list[Path] = []
@@ -81,6 +81,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
         return 2
     use_one_torch_thread_on_cpu(config.model, config.device)
+    with cudnn_autotune(config.device):
+        failed = _score_each(stores, args, config)
+    if failed:
+        print(f"wsi-her2 score: {failed} of {len(stores)} stores failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _score_each(stores: list[Path], args: argparse.Namespace, config) -> int:
+    """Score the stores one by one, printing a line per slide; the number that failed."""
+    from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.score.pipeline import score_store
+
     failed = 0
     for store in stores:
         try:
@@ -97,7 +110,4 @@ def run(args: argparse.Namespace) -> int:
         note = " (already scored)" if res.skipped else ""
         print(f"{res.slide_id}: HER2 {c['her2_score']} (confidence {c['confidence']:.2f}, {args.agg}, "
               f"{res.row['tiles_used']} tiles used, {res.row['tiles_rejected']} rejected){note}")
-    if failed:
-        print(f"wsi-her2 score: {failed} of {len(stores)} stores failed", file=sys.stderr)
-        return 1
-    return 0
+    return failed

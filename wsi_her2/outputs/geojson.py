@@ -253,22 +253,11 @@ def tile_features(
     # saves building 100k identical dicts.
     classif = [_classification(q, class_colors) for q in qnames]
     rejected_classif = _classification(QC_REJECTED, class_colors)
-
     rings = _square_rings(xy[:, 0] - off[0], xy[:, 1] - off[1], size)
-    m_names, m_cols, m_finite = _finite_measurements(measurements, n)
-    all_finite = m_finite.all(axis=1).tolist()
-    m_rows = list(zip(*m_cols)) if m_cols else [()] * n
-
-    ids = _tile_ids(id_namespace, n)
     features: list[dict] = []
-    for i, (fid, ring, call, reason, row, ok) in enumerate(
-        zip(ids, rings, calls_arr.tolist(), reasons, m_rows, all_finite)
+    for fid, ring, call, reason, meas in zip(
+        _tile_ids(id_namespace, n), rings, calls_arr.tolist(), reasons, _tile_measurement_dicts(measurements, n)
     ):
-        if ok:
-            meas = dict(zip(m_names, row))
-        else:
-            fin = m_finite[i]
-            meas = {k: v for k, v, f in zip(m_names, row, fin) if f}
         props: dict[str, Any] = {"objectType": "tile", "isLocked": True}
         if call >= 0:
             props["classification"] = classif[call]
@@ -278,15 +267,20 @@ def tile_features(
             props["classification"] = rejected_classif
             props["metadata"] = {"qc_reason": str(why)}
         props["measurements"] = meas
-        features.append(
-            {
-                "type": "Feature",
-                "id": fid,
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": props,
-            }
-        )
+        features.append({"type": "Feature", "id": fid, "geometry": {"type": "Polygon", "coordinates": [ring]},
+                         "properties": props})
     return features
+
+
+def _tile_measurement_dicts(measurements: Mapping[str, ArrayLike], n: int) -> list[dict[str, float]]:
+    """One ``name -> value`` dict per tile, leaving out that tile's non-finite values."""
+    m_names, m_cols, m_finite = _finite_measurements(measurements, n)
+    all_finite = m_finite.all(axis=1).tolist()
+    m_rows = list(zip(*m_cols)) if m_cols else [()] * n
+    return [
+        dict(zip(m_names, row)) if ok else {k: v for k, v, f in zip(m_names, row, m_finite[i]) if f}
+        for i, (row, ok) in enumerate(zip(m_rows, all_finite))
+    ]
 
 
 # --------------------------------------------------------------------------- slide

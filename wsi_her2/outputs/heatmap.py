@@ -123,37 +123,15 @@ def render_heatmap(
     numpy.ndarray
         ``(h, w, 3)`` uint8, the same size as the thumbnail.
     """
-    img = np.asarray(thumbnail)
-    if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype != np.uint8:
-        raise ConfigError(f"thumbnail must be an (h, w, 3) uint8 RGB array, got {img.shape} {img.dtype}")
-    img = img[..., :3]
+    img, xy, calls_arr = _checked_heatmap_inputs(thumbnail, thumb_px_per_level0_px, coords_level0,
+                                                 tile_size_level0, calls, len(class_names), alpha)
     h, w = img.shape[:2]
-    scale = float(thumb_px_per_level0_px)
-    if not np.isfinite(scale) or scale <= 0:
-        raise ConfigError(f"thumb_px_per_level0_px must be positive, got {thumb_px_per_level0_px}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
-    size = float(tile_size_level0)
-    if not np.isfinite(size) or size <= 0:
-        raise ConfigError(f"tile_size_level0 must be positive, got {tile_size_level0}")
-    xy = np.asarray(coords_level0, dtype=np.float64).reshape(-1, 2)
-    calls_arr = np.asarray(calls).reshape(-1).astype(np.int64)
-    if calls_arr.shape[0] != xy.shape[0]:
-        raise ConfigError(f"calls has {calls_arr.shape[0]} entries for {xy.shape[0]} tiles")
     k = len(class_names)
-    if calls_arr.size and (calls_arr.min() < -1 or calls_arr.max() >= k):
-        raise ConfigError(f"calls must lie in -1..{k - 1} for {k} classes")
-
     lut = np.array([_colour_of(c, colors) for c in class_names], dtype=np.float32).reshape(k, 3)
     grey = np.array(_colour_of(QC_REJECTED, colors), dtype=np.float32)
-
-    rects = _tile_rects(xy, size, scale, np.asarray(thumb_origin_level0, dtype=np.float64), h, w)
-    labels = np.full((h, w), _EMPTY, dtype=np.int16)
-    # Rejected tiles first, scored tiles after: where a scored tile overlaps a rejected one
-    # the call shows, since that tile's call is the information.
-    order = np.argsort(calls_arr >= 0, kind="stable")
-    for (x0, y0, x1, y1), c in zip(rects[order].tolist(), calls_arr[order].tolist()):
-        labels[y0:y1, x0:x1] = c
+    rects = _tile_rects(xy, float(tile_size_level0), float(thumb_px_per_level0_px),
+                        np.asarray(thumb_origin_level0, dtype=np.float64), h, w)
+    labels = _call_label_image(rects, calls_arr, h, w)
 
     out = img.copy()
     # The blend of an 8-bit pixel with a class colour is a 256-entry table per class and channel:
@@ -167,6 +145,41 @@ def render_heatmap(
     diagonal = (np.arange(h)[:, None] + np.arange(w)[None, :]) % _HATCH_PERIOD_PX == 0
     out[(labels == _REJECTED) & diagonal] = grey.astype(np.uint8)
     return out
+
+
+def _checked_heatmap_inputs(thumbnail: ArrayLike, thumb_px_per_level0_px: float, coords_level0: ArrayLike,
+                            tile_size_level0: float, calls: ArrayLike, n_classes: int, alpha: float):
+    """``(rgb thumbnail, (N, 2) float64 coords, (N,) int64 calls)``, or :class:`ConfigError` naming the bad input."""
+    img = np.asarray(thumbnail)
+    if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype != np.uint8:
+        raise ConfigError(f"thumbnail must be an (h, w, 3) uint8 RGB array, got {img.shape} {img.dtype}")
+    scale = float(thumb_px_per_level0_px)
+    if not np.isfinite(scale) or scale <= 0:
+        raise ConfigError(f"thumb_px_per_level0_px must be positive, got {thumb_px_per_level0_px}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
+    size = float(tile_size_level0)
+    if not np.isfinite(size) or size <= 0:
+        raise ConfigError(f"tile_size_level0 must be positive, got {tile_size_level0}")
+    xy = np.asarray(coords_level0, dtype=np.float64).reshape(-1, 2)
+    calls_arr = np.asarray(calls).reshape(-1).astype(np.int64)
+    if calls_arr.shape[0] != xy.shape[0]:
+        raise ConfigError(f"calls has {calls_arr.shape[0]} entries for {xy.shape[0]} tiles")
+    k = n_classes
+    if calls_arr.size and (calls_arr.min() < -1 or calls_arr.max() >= k):
+        raise ConfigError(f"calls must lie in -1..{k - 1} for {k} classes")
+    return img[..., :3], xy, calls_arr
+
+
+def _call_label_image(rects: NDArray[np.int64], calls: NDArray[np.int64], h_px: int, w_px: int) -> NDArray[np.int16]:
+    """``(h, w)`` class index per thumbnail pixel (``-1`` rejected tile, ``_EMPTY`` no tile)."""
+    labels = np.full((h_px, w_px), _EMPTY, dtype=np.int16)
+    # Rejected tiles first, scored tiles after: where a scored tile overlaps a rejected one
+    # the call shows, since that tile's call is the information.
+    order = np.argsort(calls >= 0, kind="stable")
+    for (x0, y0, x1, y1), c in zip(rects[order].tolist(), calls[order].tolist()):
+        labels[y0:y1, x0:x1] = c
+    return labels
 
 
 def call_legend(

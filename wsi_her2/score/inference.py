@@ -17,7 +17,6 @@ intra-op threads, while the loader threads decompress the next chunks.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import deque
@@ -236,17 +235,33 @@ def _make_step(
     return step
 
 
-def _compiled_step(model: torch.nn.Module, cfg: Any, **settings: Any) -> Callable:
-    """``torch.compile`` of the step, kept on the model so that later calls reuse the compiled graph.
+class StepCache:
+    """Per-batch steps built for a model, held by the caller across :func:`predict_store` calls.
 
-    Shapes are static (the last batch is padded in the loop): one graph, no recompiles. Caching
-    matters because a fresh ``torch.compile`` wrapper per slide would pay the compile per slide.
+    Building a step is cheap, but ``torch.compile`` of it pays the compile on its first batches;
+    a caller that scores several stores with one model object holds one cache for the run and
+    passes it to every call, so the compiled graph is reused. The caller's model is never
+    modified: the cache keeps its own references (which also keep ``id()``-based keys valid).
+    Shapes are static (the last batch is padded in the loop): one graph per step, no recompiles.
     """
-    cache = model.__dict__.setdefault("_wsi_her2_compiled_steps", {})
-    key = tuple(sorted((k, str(v)) for k, v in settings.items()))
-    if key not in cache:
-        cache[key] = torch.compile(_make_step(model, cfg, **settings), dynamic=False)
-    return cache[key]
+
+    def __init__(self) -> None:
+        self._steps: dict[tuple, tuple[torch.nn.Module, Any, Callable]] = {}
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def step_for(self, model: torch.nn.Module, cfg: Any, *, compiled: bool, **settings: Any) -> Callable:
+        """The step for ``model`` with these settings, built (and compiled when asked) on first use."""
+        key = (id(model), id(cfg), compiled, tuple(sorted((k, str(v)) for k, v in settings.items())))
+        hit = self._steps.get(key)
+        if hit is not None and hit[0] is model and hit[1] is cfg:
+            return hit[2]
+        step = _make_step(model, cfg, **settings)
+        if compiled:
+            step = torch.compile(step, dynamic=False)
+        self._steps[key] = (model, cfg, step)
+        return step
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,15 +302,58 @@ def _check_resolution(store: Any, cfg: Any) -> None:
         )
 
 
-@contextlib.contextmanager
-def _cudnn_benchmark(enabled: bool):
-    # Fixed batch shapes: let cuDNN pick its fastest kernels, and put the global flag back after.
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled or old
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = old
+@dataclass(frozen=True)
+class _RunPlan:
+    """How one :func:`predict_store` call runs, resolved from :class:`InferenceConfig` and the device."""
+
+    device: torch.device
+    views: tuple[str, ...]
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    pin_memory: bool
+    compiled: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _plan_run(config: InferenceConfig) -> _RunPlan:
+    device = resolve_device(config.device)
+    cuda = device.type == "cuda"
+    amp_on = config.amp == "always" or (config.amp is True and cuda)
+    if config.compile and not cuda:
+        log.info("torch.compile is used on CUDA only; running eagerly on %s", device)
+    return _RunPlan(
+        device=device, views=tta_views(config.tta), amp_dtype=torch.bfloat16 if amp_on else None,
+        channels_last=bool(config.channels_last and cuda), pin_memory=bool(config.pin_memory and cuda),
+        compiled=bool(config.compile and cuda),
+    )
+
+
+def _ready_step(model: torch.nn.Module, cfg: Any, plan: _RunPlan, step_cache: StepCache) -> Callable:
+    """Put the model on the device in eval mode and return its per-batch step (from ``step_cache``)."""
+    model.eval()
+    model.to(plan.device)
+    if plan.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return step_cache.step_for(model, cfg, compiled=plan.compiled, views=plan.views, amp_dtype=plan.amp_dtype,
+                               device=plan.device, channels_last=plan.channels_last)
+
+
+def _assemble(host_parts: list, n_total: int, n_classes: int):
+    """Per-batch host results -> ``(probs (N, C), scored (N,), measurements)`` indexed like the store."""
+    probs = np.full((n_total, n_classes), np.nan, dtype=np.float32)
+    scored = np.zeros(n_total, dtype=bool)
+    measurements: dict[str, NDArray[np.float32]] = {}
+    for part_idx, part_probs, part_meas in host_parts:
+        probs[part_idx] = part_probs.numpy()
+        scored[part_idx] = True
+        for name, values in part_meas.items():
+            if name not in measurements:
+                measurements[name] = np.full(n_total, np.nan, dtype=np.float32)
+            measurements[name][part_idx] = values.numpy()
+    return probs, scored, measurements
 
 
 def predict_store(
@@ -305,6 +363,7 @@ def predict_store(
     config: InferenceConfig = InferenceConfig(),
     indices: NDArray | None = None,
     progress: bool = False,
+    step_cache: StepCache | None = None,
 ) -> PredictResult:
     """Score the tiles of a patch store with a patch classifier.
 
@@ -321,6 +380,9 @@ def predict_store(
         Tile indices (or an ``(N,)`` bool mask) to score; default: the QC-passed tiles.
     progress
         Show a progress bar.
+    step_cache
+        A :class:`StepCache` the caller keeps across calls with the same model (a compiled step
+        is then compiled once); default: a fresh one for this call.
 
     Returns
     -------
@@ -330,68 +392,41 @@ def predict_store(
     config.validate()
     t_start = time.perf_counter()
     cfg = model_config(model)
-    device = resolve_device(config.device)
-    cuda = device.type == "cuda"
+    plan = _plan_run(config)
     idx = _select_indices(store, indices)
     n_total = int(store.n_tiles)
     n_classes = len(cfg.classes)
     _check_resolution(store, cfg)
-
-    views = tta_views(config.tta)
-    amp_on = config.amp == "always" or (config.amp is True and cuda)
-    amp_dtype = torch.bfloat16 if amp_on else None
-    channels_last = bool(config.channels_last and cuda)
-    pin = bool(config.pin_memory and cuda)
-    compile_on = bool(config.compile and cuda)
-    if config.compile and not cuda:
-        log.info("torch.compile is used on CUDA only; running eagerly on %s", device)
-
-    model.eval()
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if compile_on:
-        step = _compiled_step(model, cfg, views=views, amp_dtype=amp_dtype, device=device, channels_last=channels_last)
-    else:
-        step = _make_step(model, cfg, views=views, amp_dtype=amp_dtype, device=device, channels_last=channels_last)
+    step = _ready_step(model, cfg, plan, step_cache if step_cache is not None else StepCache())
     log.info(
         "scoring %d of %d tiles with %s on %s: batch %d, %s, tta %d view(s)%s%s",
-        idx.size, n_total, getattr(cfg, "name", type(model).__name__), device, config.batch_size,
-        "bf16 autocast" if amp_dtype is not None else "float32", len(views),
-        ", channels_last" if channels_last else "", ", compiled" if compile_on else "",
+        idx.size, n_total, getattr(cfg, "name", type(model).__name__), plan.device, config.batch_size,
+        "bf16 autocast" if plan.amp_dtype is not None else "float32", len(plan.views),
+        ", channels_last" if plan.channels_last else "", ", compiled" if plan.compiled else "",
     )
 
     host_parts: list[tuple[NDArray[np.int64], torch.Tensor, dict[str, torch.Tensor]]] = []
     bar = _progress(idx.size, progress, getattr(store, "slide_id", None))
     try:
-        with torch.inference_mode(), _cudnn_benchmark(cuda), TileLoader(
-            store, idx, batch_size=config.batch_size, workers=config.loader_workers, pin_memory=pin,
+        with torch.inference_mode(), TileLoader(
+            store, idx, batch_size=config.batch_size, workers=config.loader_workers, pin_memory=plan.pin_memory,
             prefetch_batches=PREFETCH_BATCHES,
         ) as loader:
             _run_loop(
-                loader, step, device=device, batch_size=config.batch_size, pad_batches=compile_on,
+                loader, step, device=plan.device, batch_size=config.batch_size, pad_batches=plan.compiled,
                 n_classes=n_classes, host_parts=host_parts, bar=bar,
             )
-            if cuda:
-                torch.cuda.synchronize(device)  # the non-blocking copies back must have landed
+            if plan.cuda:
+                torch.cuda.synchronize(plan.device)  # the non-blocking copies back must have landed
     finally:
         if bar is not None:
             bar.close()
 
-    probs = np.full((n_total, n_classes), np.nan, dtype=np.float32)
-    scored = np.zeros(n_total, dtype=bool)
-    measurements: dict[str, NDArray[np.float32]] = {}
-    for part_idx, part_probs, part_meas in host_parts:
-        probs[part_idx] = part_probs.numpy()
-        scored[part_idx] = True
-        for name, values in part_meas.items():
-            if name not in measurements:
-                measurements[name] = np.full(n_total, np.nan, dtype=np.float32)
-            measurements[name][part_idx] = values.numpy()
+    probs, scored, measurements = _assemble(host_parts, n_total, n_classes)
     seconds = time.perf_counter() - t_start
     rate = idx.size / seconds if idx.size and seconds > 0 else 0.0
     log.info("scored %d tiles in %.2f s (%.0f tiles/s)", idx.size, seconds, rate)
-    return PredictResult(probs=probs, scored=scored, measurements=measurements, tiles_per_s=rate, device=str(device))
+    return PredictResult(probs=probs, scored=scored, measurements=measurements, tiles_per_s=rate, device=str(plan.device))
 
 
 def _run_loop(
@@ -486,6 +521,7 @@ __all__ = [
     "DEVICES",
     "InferenceConfig",
     "PredictResult",
+    "StepCache",
     "model_config",
     "predict_store",
     "preprocess_tiles",

@@ -155,26 +155,26 @@ def predict_dataset(
 
 
 # --------------------------------------------------------------------------------------------
-# Plots (matplotlib Agg: no display needed on a cluster node)
+# Plots (matplotlib Agg through the object API: no display needed on a cluster node)
 # --------------------------------------------------------------------------------------------
-def _pyplot():
+def new_figure(ncols: int = 1, *, figsize: tuple[float, float], dpi: int, purpose: str = "evaluation plots"):
+    """``(figure, axes)`` drawn by Agg through matplotlib's object API: no pyplot, so the process's
+    backend (a notebook's, say) is left alone and no global figure registry needs closing."""
     from wsi_her2.optional import require
 
-    matplotlib = require("matplotlib", purpose="evaluation plots")
+    require("matplotlib", purpose=purpose)
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(1, ncols)
 
 
 def plot_confusion_matrix(cm: NDArray, classes: Sequence[str], path: str | Path, *, title: str = "") -> Path:
     """Write a confusion-matrix PNG (counts, with row-normalised shading)."""
-    plt = _pyplot()
     cm = np.asarray(cm)
     rows = cm.sum(1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=120)
+    fig, ax = new_figure(figsize=(4.2, 3.8), dpi=120)
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
@@ -186,15 +186,13 @@ def plot_confusion_matrix(cm: NDArray, classes: Sequence[str], path: str | Path,
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_roc_curves(y_true: NDArray, probs: NDArray, classes: Sequence[str], path: str | Path) -> Path:
     """Write one-vs-rest ROC curves (one line per class with both outcomes present)."""
-    plt = _pyplot()
     y = np.asarray(y_true, dtype=int)
-    fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=120)
+    fig, ax = new_figure(figsize=(4.5, 4.2), dpi=120)
     for k, c in enumerate(classes):
         pos = y == k
         if pos.all() or not pos.any():
@@ -208,15 +206,13 @@ def plot_roc_curves(y_true: NDArray, probs: NDArray, classes: Sequence[str], pat
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Loss, accuracy and validation AUC per epoch, with phase boundaries marked."""
-    plt = _pyplot()
     ep = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=110)
+    fig, axes = new_figure(3, figsize=(11, 3.2), dpi=110)
     for ax, key, title in zip(axes, ("loss", "acc", "auc"), ("loss", "accuracy", "macro AUC")):
         for split, style in (("train", "-"), ("val", "--")):
             vals = [h.get(f"{split}_{key}") for h in history]
@@ -230,7 +226,6 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 

@@ -304,15 +304,10 @@ def save_stage_row_png(
     rgb: NDArray[np.uint8], cams: Sequence[tuple[str, NDArray]], path: str | Path, *, title: str = ""
 ) -> Path:
     """A row: the tile, then one overlay per stage (input side left), titled by layer name."""
-    from wsi_her2.optional import require
-
-    matplotlib = require("matplotlib", purpose="saliency pictures")
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from wsi_her2.train.evaluate import new_figure
 
     n = len(cams) + 1
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9), dpi=110)
+    fig, axes = new_figure(n, figsize=(2.6 * n, 2.9), dpi=110, purpose="saliency pictures")
     axes = np.atleast_1d(axes)
     axes[0].imshow(rgb)
     axes[0].set_title("tile", fontsize=9)
@@ -325,7 +320,6 @@ def save_stage_row_png(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 

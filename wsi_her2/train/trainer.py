@@ -264,6 +264,182 @@ def _evaluate_loss(model, loader, device, n_classes: int) -> dict[str, float | N
     }
 
 
+@dataclass
+class _FitSetup:
+    """What stays fixed for a whole :func:`fit` call (device, loaders, loss, AMP, step budget)."""
+
+    recipe: Recipe
+    device: torch.device
+    loader: Any
+    val_loader: Any
+    criterion: nn.Module
+    steps_per_epoch: int
+    use_amp: bool
+    amp_dtype: torch.dtype | None
+    n_classes: int
+    progress: bool
+
+
+@dataclass
+class _FitProgress:
+    """What changes as :func:`fit` runs: counters, history and the best epoch so far."""
+
+    use_max: bool
+    best_state: dict[str, Any]
+    best_metric: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    epoch: int = 0
+    steps: int = 0
+    train_images: int = 0
+    train_seconds: float = 0.0
+
+    def better_than(self, a: float, b: float) -> bool:
+        return a > b if self.use_max else a < b
+
+    def worst_metric(self) -> float:
+        return -math.inf if self.use_max else math.inf
+
+    def out_of_steps(self, recipe: Recipe) -> bool:
+        return recipe.max_steps is not None and self.steps >= recipe.max_steps
+
+
+def _training_labels(train_ds) -> np.ndarray:
+    labels = np.asarray(getattr(train_ds, "labels", [int(train_ds[i][1]) for i in range(len(train_ds))]))
+    if len(labels) == 0:
+        raise DatasetError("the training split is empty; add tiles or change the split fractions")
+    return labels
+
+
+def _make_loaders(train_ds, val_ds, recipe: Recipe, labels: np.ndarray, n_classes: int):
+    """Training loader (shuffled or class-weighted sampling, seeded) and validation loader (or None)."""
+    gen = torch.Generator().manual_seed(recipe.seed)
+    drop_last = len(labels) > recipe.batch_size
+    if recipe.weighted_sampler:
+        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+        w = 1.0 / counts[labels]
+        sampler = torch.utils.data.WeightedRandomSampler(w.tolist(), num_samples=len(labels), replacement=True, generator=gen)
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=recipe.batch_size, sampler=sampler,
+                                             num_workers=recipe.num_workers, drop_last=drop_last)
+    else:
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=recipe.batch_size, shuffle=True, generator=gen,
+                                             num_workers=recipe.num_workers, drop_last=drop_last)
+    val_loader = None
+    if val_ds is not None and len(val_ds):
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(recipe.batch_size, 32), shuffle=False,
+                                                 num_workers=recipe.num_workers)
+    else:
+        log.warning("no validation tiles: selecting the best epoch by training loss")
+    return loader, val_loader
+
+
+def _fit_setup(model: nn.Module, train_ds, val_ds, recipe: Recipe, *, n_classes: int, device, progress: bool) -> _FitSetup:
+    dev = resolve_device(device) if isinstance(device, str) else device
+    torch.manual_seed(recipe.seed)
+    model.to(dev)
+    labels = _training_labels(train_ds)
+    weights = None
+    if recipe.class_weights == "balanced":
+        weights = torch.tensor(balanced_class_weights(labels, n_classes), dtype=torch.float32, device=dev)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=recipe.label_smoothing)
+    loader, val_loader = _make_loaders(train_ds, val_ds, recipe, labels, n_classes)
+    use_amp = bool(recipe.amp and dev.type == "cuda")
+    steps_per_epoch = len(loader) if recipe.steps_per_epoch is None else min(len(loader), recipe.steps_per_epoch)
+    return _FitSetup(recipe, dev, loader, val_loader, criterion, steps_per_epoch, use_amp,
+                     torch.bfloat16 if use_amp else None, n_classes, progress)
+
+
+def _train_epoch(model: nn.Module, s: _FitSetup, fp: _FitProgress, optimizer, scheduler, unit) -> dict[str, Any]:
+    """One pass over the training loader; returns the loss/accuracy/throughput part of the history row."""
+    recipe, dev = s.recipe, s.device
+    model.train()
+    _freeze_frozen_norms(model)
+    t0 = time.perf_counter()
+    loss_sum, correct, seen = 0.0, 0, 0
+    iterator = s.loader
+    if s.progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(s.loader, total=s.steps_per_epoch, desc=f"epoch {fp.epoch}", leave=False)
+    for i, (x, y) in enumerate(iterator):
+        if i >= s.steps_per_epoch or fp.out_of_steps(recipe):
+            break
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=dev.type, dtype=s.amp_dtype, enabled=s.use_amp):
+            logits = model(x)
+        loss = s.criterion(logits.float(), y)
+        loss.backward()
+        if recipe.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.grad_clip_norm)
+        optimizer.step()
+        if unit == "step":
+            scheduler.step()
+        fp.steps += 1
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt_s = time.perf_counter() - t0
+    fp.train_seconds += dt_s
+    fp.train_images += seen
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "images": seen,
+            "seconds": dt_s, "images_per_s": seen / dt_s if dt_s > 0 else float("nan")}
+
+
+def _epoch_metric(row: dict[str, Any], recipe: Recipe, has_val: bool) -> float:
+    metric = row[recipe.monitor] if has_val else row["train_loss"]
+    if metric is None:  # e.g. AUC undefined on a one-class validation split
+        metric = row["val_acc"] if row["val_acc"] is not None else row["train_loss"]
+    return metric
+
+
+def _run_phase(model: nn.Module, phase: Phase, part: ParamPartition, s: _FitSetup, fp: _FitProgress) -> None:
+    """Train one phase: set what is trainable, then epochs until done, out of steps or stale."""
+    recipe = s.recipe
+    trainable = apply_trainable(model, part, phase, recipe)
+    optimizer = make_optimizer(model, trainable, phase, recipe)
+    scheduler, unit = make_scheduler(optimizer, recipe, steps_per_epoch=s.steps_per_epoch)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s: %d epochs, %d trainable parameters, lr %s", phase.name, phase.epochs, n_train,
+             [round(g["lr"], 10) for g in optimizer.param_groups])
+    stale = 0
+    phase_best = fp.worst_metric()
+    for _ in range(phase.epochs):
+        fp.epoch += 1
+        trained = _train_epoch(model, s, fp, optimizer, scheduler, unit)
+        val = _evaluate_loss(model, s.val_loader, s.device, s.n_classes) if s.val_loader is not None else \
+            {"loss": None, "acc": None, "auc": None}
+        row = {"epoch": fp.epoch, "phase": phase.name, "lr": [g["lr"] for g in optimizer.param_groups],
+               "train_loss": trained["train_loss"], "train_acc": trained["train_acc"],
+               "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"],
+               "images": trained["images"], "seconds": trained["seconds"], "images_per_s": trained["images_per_s"]}
+        fp.history.append(row)
+        metric = _epoch_metric(row, recipe, s.val_loader is not None)
+        if fp.better_than(metric, fp.best_metric) or fp.best_epoch == 0:
+            fp.best_metric, fp.best_epoch = metric, fp.epoch
+            fp.best_state = copy.deepcopy(model.state_dict())
+        if fp.better_than(metric, phase_best):
+            phase_best, stale = metric, 0
+        else:
+            stale += 1
+        log.info("epoch %d (%s): train loss %.4f acc %.3f | val loss %s acc %s auc %s | %.1f img/s",
+                 fp.epoch, phase.name, row["train_loss"], row["train_acc"], _fmt(val["loss"]), _fmt(val["acc"]),
+                 _fmt(val["auc"]), row["images_per_s"])
+        if unit == "epoch":
+            scheduler.step()
+        elif unit == "metric":
+            scheduler.step(metric)
+        if fp.out_of_steps(recipe):
+            break
+        if recipe.early_stopping_patience and stale >= recipe.early_stopping_patience:
+            # In a phased recipe, stalling ends the phase (the next one unfreezes more);
+            # in a single-phase recipe it ends the run.
+            log.info("no improvement of %s for %d epochs: ending %s", recipe.monitor, stale, phase.name)
+            break
+
+
 def fit(
     model: nn.Module,
     train_ds,
@@ -285,145 +461,29 @@ def fit(
         Number of logits.
     """
     dev = resolve_device(device) if isinstance(device, str) else device
-    torch.manual_seed(recipe.seed)
-    model.to(dev)
-    labels = np.asarray(getattr(train_ds, "labels", [int(train_ds[i][1]) for i in range(len(train_ds))]))
-    if len(labels) == 0:
-        raise DatasetError("the training split is empty; add tiles or change the split fractions")
-    weights = None
-    if recipe.class_weights == "balanced":
-        weights = torch.tensor(balanced_class_weights(labels, n_classes), dtype=torch.float32, device=dev)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=recipe.label_smoothing)
+    # The run is seeded from the recipe; the caller's global RNG state is put back afterwards.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        return _fit_seeded(model, train_ds, val_ds, recipe, n_classes=n_classes, device=dev, progress=progress)
 
-    gen = torch.Generator().manual_seed(recipe.seed)
-    if recipe.weighted_sampler:
-        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-        w = 1.0 / counts[labels]
-        sampler = torch.utils.data.WeightedRandomSampler(w.tolist(), num_samples=len(labels), replacement=True, generator=gen)
-        loader = torch.utils.data.DataLoader(train_ds, batch_size=recipe.batch_size, sampler=sampler,
-                                             num_workers=recipe.num_workers, drop_last=len(labels) > recipe.batch_size)
-    else:
-        loader = torch.utils.data.DataLoader(train_ds, batch_size=recipe.batch_size, shuffle=True, generator=gen,
-                                             num_workers=recipe.num_workers, drop_last=len(labels) > recipe.batch_size)
-    val_loader = None
-    if val_ds is not None and len(val_ds):
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(recipe.batch_size, 32), shuffle=False,
-                                                 num_workers=recipe.num_workers)
-    else:
-        log.warning("no validation tiles: selecting the best epoch by training loss")
 
-    use_amp = bool(recipe.amp and dev.type == "cuda")
-    amp_dtype = torch.bfloat16 if use_amp else None
+def _fit_seeded(model: nn.Module, train_ds, val_ds, recipe: Recipe, *, n_classes: int, device: torch.device,
+                progress: bool) -> FitResult:
+    setup = _fit_setup(model, train_ds, val_ds, recipe, n_classes=n_classes, device=device, progress=progress)
     part = partition_parameters(model)
-    phases = recipe.phases()
-    steps_per_epoch = len(loader) if recipe.steps_per_epoch is None else min(len(loader), recipe.steps_per_epoch)
     # Validation metrics other than the loss are maximised; without validation, the training
     # loss (minimised) selects the best epoch.
-    use_max = recipe.monitor != "val_loss" and val_loader is not None
-
-    def better_than(a: float, b: float) -> bool:
-        return a > b if use_max else a < b
-
-    history: list[dict[str, Any]] = []
-    best_state = copy.deepcopy(model.state_dict())
-    best_metric = -math.inf if use_max else math.inf
-    best_epoch = 0
-    epoch = 0
-    steps = 0
-    train_images = 0
-    train_seconds = 0.0
-    for phase in phases:
-        trainable = apply_trainable(model, part, phase, recipe)
-        optimizer = make_optimizer(model, trainable, phase, recipe)
-        scheduler, unit = make_scheduler(optimizer, recipe, steps_per_epoch=steps_per_epoch)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("%s: %d epochs, %d trainable parameters, lr %s", phase.name, phase.epochs, n_train,
-                 [round(g["lr"], 10) for g in optimizer.param_groups])
-        stale = 0
-        phase_best = -math.inf if use_max else math.inf
-        for _ in range(phase.epochs):
-            epoch += 1
-            model.train()
-            _freeze_frozen_norms(model)
-            t0 = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            iterator = loader
-            if progress:
-                from tqdm import tqdm
-
-                iterator = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False)
-            for i, (x, y) in enumerate(iterator):
-                if i >= steps_per_epoch or (recipe.max_steps is not None and steps >= recipe.max_steps):
-                    break
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(x)
-                loss = criterion(logits.float(), y)
-                loss.backward()
-                if recipe.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   recipe.grad_clip_norm)
-                optimizer.step()
-                if unit == "step":
-                    scheduler.step()
-                steps += 1
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            train_images += seen
-            val = _evaluate_loss(model, val_loader, dev, n_classes) if val_loader is not None else \
-                {"loss": None, "acc": None, "auc": None}
-            row = {
-                "epoch": epoch,
-                "phase": phase.name,
-                "lr": [g["lr"] for g in optimizer.param_groups],
-                "train_loss": loss_sum / max(seen, 1),
-                "train_acc": correct / max(seen, 1),
-                "val_loss": val["loss"],
-                "val_acc": val["acc"],
-                "val_auc": val["auc"],
-                "images": seen,
-                "seconds": dt,
-                "images_per_s": seen / dt if dt > 0 else float("nan"),
-            }
-            history.append(row)
-            metric = row[recipe.monitor] if val_loader is not None else row["train_loss"]
-            if metric is None:  # e.g. AUC undefined on a one-class validation split
-                metric = row["val_acc"] if row["val_acc"] is not None else row["train_loss"]
-            if better_than(metric, best_metric) or best_epoch == 0:
-                best_metric, best_epoch = metric, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            if better_than(metric, phase_best):
-                phase_best, stale = metric, 0
-            else:
-                stale += 1
-            log.info("epoch %d (%s): train loss %.4f acc %.3f | val loss %s acc %s auc %s | %.1f img/s",
-                     epoch, phase.name, row["train_loss"], row["train_acc"], _fmt(val["loss"]), _fmt(val["acc"]),
-                     _fmt(val["auc"]), row["images_per_s"])
-            if unit == "epoch":
-                scheduler.step()
-            elif unit == "metric":
-                scheduler.step(metric)
-            if recipe.max_steps is not None and steps >= recipe.max_steps:
-                break
-            if recipe.early_stopping_patience and stale >= recipe.early_stopping_patience:
-                # In a phased recipe, stalling ends the phase (the next one unfreezes more);
-                # in a single-phase recipe it ends the run.
-                log.info("no improvement of %s for %d epochs: ending %s", recipe.monitor, stale, phase.name)
-                break
-        if recipe.max_steps is not None and steps >= recipe.max_steps:
+    use_max = recipe.monitor != "val_loss" and setup.val_loader is not None
+    fp = _FitProgress(use_max, copy.deepcopy(model.state_dict()), -math.inf if use_max else math.inf)
+    for phase in recipe.phases():
+        _run_phase(model, phase, part, setup, fp)
+        if fp.out_of_steps(recipe):
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(fp.best_state)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    ips = train_images / train_seconds if train_seconds > 0 else float("nan")
-    return FitResult(history, best_epoch, float(best_metric), ips, train_seconds, steps)
+    ips = fp.train_images / fp.train_seconds if fp.train_seconds > 0 else float("nan")
+    return FitResult(fp.history, fp.best_epoch, float(fp.best_metric), ips, fp.train_seconds, fp.steps)
 
 
 def _fmt(v: float | None) -> str:
@@ -476,6 +536,82 @@ def build_model_for_training(
         ) from exc
 
 
+def _model_for_dataset(model: nn.Module | None, dataset: LabelledTiles, recipe: Recipe, *, model_name: str | None,
+                       stain_cfg: dict | None, pretrained_file, from_scratch: bool, input_px: int | None,
+                       config_overrides: dict[str, Any] | None) -> nn.Module:
+    """The model to train (built from the registry unless given), checked against the dataset's classes."""
+    if model is None:
+        model = build_model_for_training(model_name or recipe.default_model, recipe=recipe, classes=dataset.classes,
+                                         pretrained_file=pretrained_file, from_scratch=from_scratch,
+                                         stain_norm_cfg=stain_cfg, input_px=input_px,
+                                         config_overrides=config_overrides)
+    cfg = model.wsi_her2_config
+    if tuple(cfg.classes) != tuple(dataset.classes):
+        raise ConfigError(f"model classes {list(cfg.classes)} differ from the dataset's {list(dataset.classes)}")
+    return model
+
+
+def _split_datasets(splits: dict[str, list], dataset: LabelledTiles, cfg, recipe: Recipe, normaliser):
+    """``(train, val, test)`` tile datasets at the model's input size and normalisation; only train augments."""
+    common = dict(input_px=cfg.input_px, mean=cfg.mean, std=cfg.std, stain_norm=normaliser,
+                  cache=recipe.cache_images, seed=recipe.seed)
+    augment = Augment(hflip=recipe.hflip, vflip=recipe.vflip, rot90=recipe.rot90,
+                      shift_frac=recipe.shift_frac, color_jitter=recipe.color_jitter)
+    train_ds = TileDataset.from_records(splits["train"], dataset.classes, augment=augment, **common)
+    val_ds = TileDataset.from_records(splits["val"], dataset.classes, **common)
+    test_ds = TileDataset.from_records(splits["test"], dataset.classes, **common)
+    return train_ds, val_ds, test_ds
+
+
+def _write_fit_outputs(model: nn.Module, result: FitResult, out: Path) -> dict[str, Path]:
+    from wsi_her2.models import save_model
+
+    paths = {"model": Path(out / "model.safetensors")}
+    save_model(model, paths["model"])
+    paths["history"] = out / "history.json"
+    paths["history"].write_text(json.dumps(result.history, indent=2))
+    paths["metrics_csv"] = _write_metrics_csv(result.history, out / "metrics.csv")
+    paths["curves_png"] = plot_training_curves(result.history, out / "training_curves.png")
+    return paths
+
+
+def _report_on_test_split(model: nn.Module, test_ds, classes: Sequence[str], recipe: Recipe, device: str,
+                          out: Path, paths: dict[str, Path]) -> dict[str, Any] | None:
+    """Classification report on the held-out side (None when it is empty); its files go into ``paths``."""
+    if not len(test_ds):
+        return None
+    dev = resolve_device(device)
+    y, p = predict_dataset(model.to(dev), test_ds, batch_size=max(recipe.batch_size, 32), device=str(dev))
+    model.to("cpu")
+    report = classification_report(y, p, classes)
+    paths.update({f"test_{k}": v for k, v in write_report(report, out, y_true=y, probs=p, prefix="test").items()})
+    return report
+
+
+def _run_record(*, dataset: LabelledTiles, cfg, recipe: Recipe, sizes: dict[str, int], result: FitResult,
+                wall_seconds: float, device: str, command_line: Sequence[str] | None,
+                test_report: dict[str, Any] | None) -> dict[str, Any]:
+    """The content of ``run.json``: what ran, on what, with which outcome and timings."""
+    return {
+        "command_line": list(command_line) if command_line else sys.argv,
+        "model": cfg.name,
+        "model_config": cfg.to_dict(),
+        "recipe": recipe.to_dict(),
+        "dataset": {"source": dataset.source, "classes": list(dataset.classes), "counts": dataset.counts()},
+        "split_sizes": sizes,
+        "best_epoch": result.best_epoch,
+        "best_metric": result.best_metric,
+        "monitor": recipe.monitor,
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "train_images_per_s": result.images_per_s,
+        "wall_seconds": wall_seconds,
+        "device": str(resolve_device(device)),
+        "versions": _versions(),
+        "test_report": test_report,
+    }
+
+
 def train_model(
     dataset: LabelledTiles,
     *,
@@ -513,63 +649,21 @@ def train_model(
     paths = {"split_csv": write_split_csv(splits, out / "split.csv")}
 
     normaliser = fit_stain_normalizer(stain_norm, ref=stain_ref)
-    stain_cfg = normaliser.to_dict() if normaliser is not None else None
-    if model is None:
-        if model_name is None:
-            model_name = recipe.default_model
-        model = build_model_for_training(model_name, recipe=recipe, classes=dataset.classes,
-                                         pretrained_file=pretrained_file, from_scratch=from_scratch,
-                                         stain_norm_cfg=stain_cfg, input_px=input_px,
-                                         config_overrides=config_overrides)
+    model = _model_for_dataset(model, dataset, recipe, model_name=model_name,
+                               stain_cfg=normaliser.to_dict() if normaliser is not None else None,
+                               pretrained_file=pretrained_file, from_scratch=from_scratch, input_px=input_px,
+                               config_overrides=config_overrides)
     cfg = model.wsi_her2_config
-    if tuple(cfg.classes) != tuple(dataset.classes):
-        raise ConfigError(f"model classes {list(cfg.classes)} differ from the dataset's {list(dataset.classes)}")
-    common = dict(input_px=cfg.input_px, mean=cfg.mean, std=cfg.std, stain_norm=normaliser,
-                  cache=recipe.cache_images, seed=recipe.seed)
-    augment = Augment(hflip=recipe.hflip, vflip=recipe.vflip, rot90=recipe.rot90,
-                      shift_frac=recipe.shift_frac, color_jitter=recipe.color_jitter)
-    train_ds = TileDataset.from_records(splits["train"], dataset.classes, augment=augment, **common)
-    val_ds = TileDataset.from_records(splits["val"], dataset.classes, **common)
-    test_ds = TileDataset.from_records(splits["test"], dataset.classes, **common)
+    train_ds, val_ds, test_ds = _split_datasets(splits, dataset, cfg, recipe, normaliser)
 
     result = fit(model, train_ds, val_ds, recipe, n_classes=len(dataset.classes), device=device, progress=progress)
     model.to("cpu")
+    paths.update(_write_fit_outputs(model, result, out))
+    test_report = _report_on_test_split(model, test_ds, dataset.classes, recipe, device, out, paths)
 
-    from wsi_her2.models import save_model
-
-    paths["model"] = Path(out / "model.safetensors")
-    save_model(model, paths["model"])
-    paths["history"] = out / "history.json"
-    paths["history"].write_text(json.dumps(result.history, indent=2))
-    paths["metrics_csv"] = _write_metrics_csv(result.history, out / "metrics.csv")
-    paths["curves_png"] = plot_training_curves(result.history, out / "training_curves.png")
-
-    test_report = None
-    if len(test_ds):
-        dev = resolve_device(device)
-        y, p = predict_dataset(model.to(dev), test_ds, batch_size=max(recipe.batch_size, 32), device=str(dev))
-        model.to("cpu")
-        test_report = classification_report(y, p, dataset.classes)
-        paths.update({f"test_{k}": v for k, v in write_report(test_report, out, y_true=y, probs=p, prefix="test").items()})
-
-    run = {
-        "command_line": list(command_line) if command_line else sys.argv,
-        "model": cfg.name,
-        "model_config": cfg.to_dict(),
-        "recipe": recipe.to_dict(),
-        "dataset": {"source": dataset.source, "classes": list(dataset.classes), "counts": dataset.counts()},
-        "split_sizes": sizes,
-        "best_epoch": result.best_epoch,
-        "best_metric": result.best_metric,
-        "monitor": recipe.monitor,
-        "steps": result.steps,
-        "train_seconds": result.train_seconds,
-        "train_images_per_s": result.images_per_s,
-        "wall_seconds": time.perf_counter() - t_start,
-        "device": str(resolve_device(device)),
-        "versions": _versions(),
-        "test_report": test_report,
-    }
+    run = _run_record(dataset=dataset, cfg=cfg, recipe=recipe, sizes=sizes, result=result,
+                      wall_seconds=time.perf_counter() - t_start, device=device, command_line=command_line,
+                      test_report=test_report)
     paths["run_json"] = out / "run.json"
     paths["run_json"].write_text(json.dumps(run, indent=2, default=str))
     return TrainResult(model, result, out, paths, sizes, test_report)
