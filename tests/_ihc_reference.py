@@ -356,6 +356,9 @@ class IhcDabScorer(torch.nn.Module):
         t = self.thresholds
         k = _odd(t.cohesion_window_um / self.mpp_um)
         neighbours = _box_sum(seeds, k) - seeds
+        # The one definition change since this copy was frozen: counts cut off by the tile edge
+        # are scaled to the whole window (IhcDabScorer.edge_corrected_neighbours).
+        neighbours = neighbours * (float(k * k) / _box_sum(torch.ones_like(seeds), k))
         return _logistic(neighbours, t.min_neighbours, t.neighbours_softness) * (
             1.0 - _logistic(neighbours, t.max_neighbours, 3.0 * t.neighbours_softness)
         )

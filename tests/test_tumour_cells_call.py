@@ -68,3 +68,25 @@ def test_categories_either_side_of_each_boundary(at_least, score, category):
     call = aggregate_asco_cells(np.tile(at_least, (30, 1)), np.full(30, 20.0))
     assert call.her2_score == score
     assert her2_category(call.her2_score, call.details["fraction_at_least"][">=1+"]) == category
+
+
+@pytest.mark.parametrize("mpp_um", [0.5, 1.0])
+def test_tumour_share_does_not_depend_on_the_tile_size(mpp_um, torch_one_thread):
+    """The same carcinoma cut into small or large tiles: nearly every nucleus is tumour either way
+    (the cohesion window cut off by the tile edge is scaled up, not read as sparse tissue)."""
+    import numpy as np
+    import torch
+
+    from wsi_her2.models.ihc_score import IhcDabScorer
+    from wsi_her2.synthetic.textures import ihc_texture
+
+    field = np.ascontiguousarray(ihc_texture(2, mpp_um, 3)[:896, :896])
+    scorer = IhcDabScorer(mpp_um=mpp_um)
+    shares = []
+    for tile_px in (112, 224, 448):
+        n = 896 // tile_px
+        tiles = torch.from_numpy(field).reshape(n, tile_px, n, tile_px, 3).permute(0, 2, 4, 1, 3).reshape(-1, 3, tile_px, tile_px)
+        m = scorer.measure(tiles.float() / 255.0)
+        shares.append(float(m["tumour_cell_count"].sum() / m["cell_count"].sum()))
+    assert min(shares) > 0.85, shares
+    assert max(shares) - min(shares) < 0.05, shares

@@ -204,7 +204,9 @@ class IhcThresholds:
     muscle and fat in stroma leave 0-3. The weight is a logistic in the neighbour count,
     centred on ``min_neighbours = 4`` (``neighbours_softness = 1``), times one falling at
     ``max_neighbours = 24``: cells over ~8 µm cannot pack more densely, so denser blobs are
-    lymphocyte aggregates. ``cell_radius_um = 8`` turns tumour nuclei into tumour area. Limits:
+    lymphocyte aggregates. Where the tile edge cuts the window, the count inside the tile is
+    scaled up to the whole window (:meth:`IhcDabScorer.edge_corrected_neighbours`), so the weight
+    does not depend on the tile size. ``cell_radius_um = 8`` turns tumour nuclei into tumour area. Limits:
     in situ carcinoma and dense benign epithelium count as tumour; single infiltrating tumour
     cells in stroma count little.
 
@@ -403,6 +405,26 @@ class IhcDabScorer(torch.nn.Module):
         share = _gaussian_blur(dab_hnd, sigma) / _gaussian_blur(dab_hed, sigma).clamp(min=t.chroma_min_od)
         return (share / t.brown_full_share).clamp(0.0, 1.0)
 
+    def edge_corrected_neighbours(self, neighbours: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+                                  grid_hw: tuple[int, int]) -> torch.Tensor:
+        """Neighbour counts scaled to the whole cohesion window where the tile edge cuts it off.
+
+        A nucleus near the tile edge sees only the part of its window inside the tile; counted as
+        is, carcinoma along every tile border (over half the area of a 112 µm tile at 0.5 µm/px)
+        would look sparse and lose its tumour weight, so the weighting would depend on the tile
+        size. The count of other nuclei in the in-tile part is scaled by (window area / in-tile
+        area), the usual edge correction of a density estimate (at most 4x, in a corner).
+        ``y``, ``x``: the nuclei's cell-grid rows and columns; ``grid_hw``: the cell grid's shape.
+        """
+        half = _odd(self.thresholds.cohesion_window_um / (self.mpp_um * self.cell_grid_factor)) // 2
+        h, w = grid_hw
+
+        def inside(c: torch.Tensor, n: int) -> torch.Tensor:
+            return (torch.clamp(c + half, max=n - 1) - torch.clamp(c - half, min=0) + 1).float()
+
+        full = float((2 * half + 1) ** 2)
+        return neighbours * (full / (inside(y, h) * inside(x, w)))
+
     def _cohesion_weight(self, neighbours: torch.Tensor) -> torch.Tensor:
         """Weight of cohesive epithelium from the count of other nuclei in the cohesion window."""
         t = self.thresholds
@@ -526,7 +548,8 @@ class IhcDabScorer(torch.nn.Module):
         seed_map = is_max & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)
         neighbours_map = _box_sum(seed_map.float(), _odd(t.cohesion_window_um / mpp_c)) - 1.0
         tile_i, _, yc, xc = seed_map.nonzero(as_tuple=True)
-        weights = self._cohesion_weight(neighbours_map[tile_i, 0, yc, xc])
+        neighbours = self.edge_corrected_neighbours(neighbours_map[tile_i, 0, yc, xc], yc, xc, (hc, wc))
+        weights = self._cohesion_weight(neighbours)
         keep = torch.zeros_like(neighbours_map)
         keep[tile_i, 0, yc, xc] = (weights > 0.5).float()
         area = _box_max(keep, _odd(2 * t.cell_radius_um / mpp_c)).mean(dim=(1, 2, 3))

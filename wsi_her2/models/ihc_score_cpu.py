@@ -340,6 +340,9 @@ def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int 
     counts = [len(p[1]) for p in per_tile]
     seed_tile = torch.from_numpy(np.repeat(np.arange(b, dtype=np.int64), counts))
     neighbours = torch.from_numpy(np.concatenate([p[2] for p in per_tile]).astype(np.float32))
+    idx = torch.from_numpy(np.concatenate([p[1] for p in per_tile]).astype(np.int64))
+    grid_hw = per_tile[0][3]
+    neighbours = scorer.edge_corrected_neighbours(neighbours, idx // grid_hw[1], idx % grid_hw[1], grid_hw)
     weights = scorer._cohesion_weight(neighbours)
     keep = (weights > 0.5).numpy()
     starts = np.concatenate([[0], np.cumsum(counts)])

@@ -313,8 +313,11 @@ def tumour_summary(measurements: dict, scored) -> dict:
         return {}
     cells = np.nan_to_num(np.asarray(measurements["tumour_cell_count"], np.float64)[scored])
     area = np.nan_to_num(np.asarray(measurements.get("tumour_area_mm2", np.zeros_like(cells)), np.float64)[scored])
+    nuclei = np.nan_to_num(np.asarray(measurements.get("cell_count", cells), np.float64)[scored])
     return {"cells": int(round(cells.sum())), "area_mm2": round(float(area.sum()), 4),
+            "all_cells": int(round(nuclei.sum())),  # every nucleus found: the tumour share is cells / all_cells
             "rule": "nuclei weighted by epithelial cohesion (wsi_her2.models.ihc_score.IhcThresholds)"}
+
 
 def _parts_key(config: ScoreConfig) -> dict | None:
     """What was scored (regions file and class, TMA cores, or None: the whole slide): a change re-scores."""
