@@ -306,10 +306,18 @@ def _area_fraction(idx: np.ndarray, keep: np.ndarray, shape: tuple[int, int], pl
     return cv2.countNonZero(covered) / float(shape[0] * shape[1])
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under ``taskset`` or a batch scheduler)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def tile_threads(n_tiles: int, threads: int | None) -> int:
-    """Threads the kernel spreads a batch over: ``threads`` (default: the CPU count, at most 8),
-    with at least 4 tiles each."""
-    want = threads if threads is not None else min(os.cpu_count() or 1, 8)
+    """Threads the kernel spreads a batch over: ``threads`` (default: the CPUs this process may
+    use, at most 8), with at least 4 tiles each."""
+    want = threads if threads is not None else min(available_cpus(), 8)
     return max(1, min(int(want), n_tiles // _MIN_TILES_PER_THREAD))
 
 
