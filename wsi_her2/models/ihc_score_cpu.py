@@ -6,7 +6,7 @@ faster than torch's CPU convolutions and pooling on 224 px images:
 
 - background ``I0``: the per-channel quantile read from an 8-bit histogram (exact for 8-bit
   input, which is what the tile store holds; within 1/510 of the intensity otherwise);
-- optical density and unmixing: one ``(5, 3) @ (3, H*W)`` product for hematoxylin, neutral,
+- optical density and unmixing: one ``(5, 3) @ (3, H*W)`` product (in single-threaded BLAS pieces) for hematoxylin, neutral,
   DAB (neutral basis), DAB (Ruifrok) and the summed OD;
 - Gaussian blurs with the same taps (:func:`wsi_her2.models.ihc_score._gaussian_taps`) and the same
   reflect border (``BORDER_REFLECT_101``), block means by ``INTER_AREA`` at integer factors,
@@ -42,6 +42,11 @@ _UNMIX = np.concatenate([
     HND_FROM_RGB.T.numpy(), HED_FROM_RGB.T.numpy()[2:3], np.ones((1, 3)),
 ]).astype(np.float32)
 _MIN_TILES_PER_THREAD = 4
+#: Columns per BLAS call. numpy's BLAS (OpenBLAS) wakes its own thread pool for larger products
+#: and dot products (~16k+ and 10k+ elements), whose workers then spin beside the kernel's tile
+#: threads: measured here, two tile threads cost 2x the CPU of one. Below these sizes every call
+#: stays on the calling thread, with the same per-element arithmetic (so the same numbers).
+_BLAS_COLUMNS = 8192
 #: The 256 intensity levels as float32 (``k / 255``, as ``uint8 tensor / 255`` gives them).
 _LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
 #: log10 of the 256 intensity levels, the darkest clamped to one grey level (``MIN_INTENSITY``).
@@ -250,9 +255,21 @@ def _tissue_stats(od_sum: np.ndarray, hema: np.ndarray, neutral: np.ndarray, dab
     n_tissue = float(tissue.sum())
     denom = max(n_tissue, 1.0)
     return (
-        n_tissue / float(tissue.size), float(hema.ravel() @ tissue) / denom, float(neutral.ravel() @ tissue) / denom,
-        float(dab.ravel() @ tissue) / denom, float(stained @ tissue) / denom,
+        n_tissue / float(tissue.size), _dot(hema.ravel(), tissue) / denom, _dot(neutral.ravel(), tissue) / denom,
+        _dot(dab.ravel(), tissue) / denom, _dot(stained, tissue) / denom,
     )
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``a @ b`` of two float32 vectors, in single-threaded BLAS pieces (see ``_BLAS_COLUMNS``)."""
+    return float(sum(float(a[i: i + _BLAS_COLUMNS] @ b[i: i + _BLAS_COLUMNS]) for i in range(0, a.size, _BLAS_COLUMNS)))
+
+
+def _unmix(od: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``_UNMIX @ od`` into ``out`` (``(5, n)``), in single-threaded BLAS pieces (see ``_BLAS_COLUMNS``)."""
+    for i in range(0, od.shape[1], _BLAS_COLUMNS):
+        np.matmul(_UNMIX, od[:, i: i + _BLAS_COLUMNS], out=out[:, i: i + _BLAS_COLUMNS])
+    return out
 
 
 def _seeds(nuclear: np.ndarray, t, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +303,7 @@ def _tile(rgb: np.ndarray, scorer: IhcDabScorer, plan: _Plan, ws: _Workspace):
     counts, the cell-grid shape and the ``(N, n_directions)`` ray maxima.
     """
     t, h, w = scorer.thresholds, plan.h, plan.w
-    unmixed = np.matmul(_UNMIX, _tile_od(rgb, scorer, ws), out=ws.get("unmixed", (5, h * w)))
+    unmixed = _unmix(_tile_od(rgb, scorer, ws), ws.get("unmixed", (5, h * w)))
     _clamp_low(unmixed[:4])  # stain ODs clamped at 0 (the four rows in one pass); the summed OD is not
     hema, neutral, dab_hnd, dab_hed, od_sum = unmixed.reshape(5, h, w)
     dab = _brown_dab(dab_hnd, dab_hed, t, plan, ws)
