@@ -207,3 +207,14 @@ def test_two_kernel_threads_give_the_one_thread_numbers(graded):
         again = two.measure_u8(u8)
         for name in (*MEASUREMENT_NAMES, "probs"):
             assert torch.equal(again[name], first[name]), name
+
+
+def test_blas_pieces_give_the_whole_products():
+    """The kernel's products in single-threaded BLAS pieces equal the one-call products."""
+    from wsi_her2.models import ihc_score_cpu as k
+
+    rng = np.random.default_rng(1)
+    od = rng.random((3, 224 * 225), dtype=np.float32)  # not a multiple of the piece size
+    assert np.array_equal(k._unmix(od, np.empty((5, od.shape[1]), np.float32)), k._UNMIX @ od)
+    a, b = od[0], (od[1] > 0.5).astype(np.float32)
+    assert abs(k._dot(a, b) - float(a.astype(np.float64) @ b)) < 1e-6 * a.size
