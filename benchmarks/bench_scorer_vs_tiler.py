@@ -1,13 +1,16 @@
 """Scoring against tiling on the same slide and the same cores, in one run: is scoring the wait?
 
 Back to back, per core count ``N`` (default: 1 and all cores), on one synthetic IHC slide
-(``wsi_her2.synthetic.bench_spec``, 0.5 µm/px, generated once and cached like bench_tile.py's):
+(``wsi_her2.synthetic.bench_spec``, 0.5 µm/px, generated once and cached like bench_tile.py's),
+both commands pinned to the same ``N`` CPUs (CPU affinity, inherited by every thread and process
+they start; ``--no-pin`` leaves them free), so that ``N`` cores means ``N`` cores for both:
 
 1. ``wsi-her2 tile SLIDE -o OUT --workers N --overwrite -q --mpp 0.5 --tile-px 224`` (jpeg codec)
    in a fresh interpreter (``benchmarks/peers/run_wsi_her2.py``);
 2. ``wsi-her2 score STORE -o OUT --force --overwrite -q`` (the default scorer ``ihc_dab`` on the
-   CPU) in a fresh interpreter with ``N`` torch threads (``OMP_NUM_THREADS=N``); ``--force``
-   because the bench slide holds an H&E region that the stain check would refuse.
+   CPU) in a fresh interpreter with ``N`` torch threads (``OMP_NUM_THREADS=N``; its OpenCV kernel
+   uses the CPUs it may run on); ``--force`` because the bench slide holds an H&E region that
+   the stain check would refuse.
 
 The ratio that matters is **score rate / tile rate over the same store's tiles**, i.e. tiling
 time / scoring time for the same slide: >= 1 means scoring a slide takes no longer than tiling
@@ -23,6 +26,7 @@ averages are printed with the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -71,12 +75,37 @@ def score_runner(store: str, out_dir: str) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def pinned(n_cpus: int, *, enabled: bool = True):
+    """Run the block with this process (and so every child it starts) on ``n_cpus`` of its CPUs.
+
+    Yields the CPUs used (None: not pinned, because disabled or unsupported here).
+    """
+    if not enabled or not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    cpus = set(sorted(before)[:n_cpus])
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield sorted(cpus)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _best(runs: list[dict], key: str) -> float:
     return min(r[key] for r in runs)
 
 
-def measure(slide: Path, *, workers: int, out_root: Path, repeats: int) -> dict:
-    """Tile then score, ``repeats`` times alternating; the best time of each kind is kept."""
+def measure(slide: Path, *, workers: int, out_root: Path, repeats: int, pin: bool = True) -> dict:
+    """Tile then score, ``repeats`` times alternating, on ``workers`` CPUs; the best time of each kind is kept."""
+    with pinned(workers, enabled=pin) as cpus:
+        row = _measure(slide, workers=workers, out_root=out_root, repeats=repeats)
+    row["cpus"] = cpus
+    return row
+
+
+def _measure(slide: Path, *, workers: int, out_root: Path, repeats: int) -> dict:
     load_before = os.getloadavg()
     tiles, scores = [], []
     for _ in range(repeats):
@@ -105,7 +134,8 @@ def render(rows: list[dict], *, slide: Path) -> str:
         f"{os.cpu_count()} cores  {time.strftime('%Y-%m-%d %H:%M')}",
         f"slide: {slide.name}; tiles per store: {rows[0]['tiles']:,} ({rows[0]['scored']:,} pass QC and are scored)",
         f"rates are the store's tiles / the best of {rows[0]['repeats']} alternating runs' seconds; "
-        "ratio = score rate / tile rate (>= 1: scoring is not the wait)",
+        "ratio = score rate / tile rate (>= 1: scoring is not the wait); "
+        + ("both commands pinned to the first N CPUs" if rows[0].get("cpus") is not None else "not pinned to CPUs"),
         "",
         "| cores | measure | tile tiles/s | score tiles/s | score/tile | load avg (1 min) before -> after |",
         "|---|---|---|---|---|---|",
@@ -132,6 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="alternating tile/score runs per core count (best kept)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--no-pin", action="store_true", help="do not pin each core count's runs to that many CPUs")
     p.add_argument("--run-score", nargs=2, metavar=("STORE", "OUT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -144,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or sorted({1, cores})
     slide = ensure_slide(args.width, args.height, data_dir=args.data_dir)
     out_root = args.data_dir / "out" / "scorer-vs-tiler"
-    rows = [measure(slide, workers=n, out_root=out_root, repeats=max(1, args.repeats)) for n in workers]
+    rows = [measure(slide, workers=n, out_root=out_root, repeats=max(1, args.repeats), pin=not args.no_pin) for n in workers]
     print(render(rows, slide=slide))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

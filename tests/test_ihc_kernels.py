@@ -182,3 +182,39 @@ def test_kernel_choice_and_inputs_are_checked():
     assert empty["probs"].shape == (0, 4)
     grad_input = torch.rand(1, 3, 64, 64, requires_grad=True)
     assert not IhcDabScorer(kernel="opencv").use_opencv(grad_input)  # gradients need the torch kernel
+
+
+def test_default_tile_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    """Under ``taskset -c 0`` (or a batch scheduler's CPU set) the kernel runs one share, not os.cpu_count()."""
+    import os
+
+    from wsi_her2.models import ihc_score_cpu
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert ihc_score_cpu.tile_threads(64, None) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert ihc_score_cpu.tile_threads(64, None) == 3
+    assert ihc_score_cpu.tile_threads(64, 2) == 2 and ihc_score_cpu.tile_threads(6, None) == 1  # >= 4 tiles a thread
+
+
+def test_two_kernel_threads_give_the_one_thread_numbers(graded):
+    """Shares of a batch on helper threads (buffers reused across calls) change no number."""
+    u8 = torch.from_numpy(graded)
+    one = IhcDabScorer(mpp_um=0.5, threads=1)
+    two = IhcDabScorer(mpp_um=0.5, threads=2)
+    first = one.measure_u8(u8)
+    for _ in range(2):  # the second call reuses the first one's buffers
+        again = two.measure_u8(u8)
+        for name in (*MEASUREMENT_NAMES, "probs"):
+            assert torch.equal(again[name], first[name]), name
+
+
+def test_blas_pieces_give_the_whole_products():
+    """The kernel's products in single-threaded BLAS pieces equal the one-call products."""
+    from wsi_her2.models import ihc_score_cpu as k
+
+    rng = np.random.default_rng(1)
+    od = rng.random((3, 224 * 225), dtype=np.float32)  # not a multiple of the piece size
+    assert np.array_equal(k._unmix(od, np.empty((5, od.shape[1]), np.float32)), k._UNMIX @ od)
+    a, b = od[0], (od[1] > 0.5).astype(np.float32)
+    assert abs(k._dot(a, b) - float(a.astype(np.float64) @ b)) < 1e-6 * a.size

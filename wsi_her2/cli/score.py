@@ -62,7 +62,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.cli.common import cudnn_autotune, use_one_torch_thread_on_cpu
+    from wsi_her2.cli.common import cudnn_autotune, use_one_torch_thread_on_cpu, use_worker_threads_for_opencv
     from wsi_her2.errors import WsiHer2Error
     from wsi_her2.score.pipeline import find_stores, validate_score_config
 
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
         return 2
     use_one_torch_thread_on_cpu(config.model, config.device)
+    use_worker_threads_for_opencv()  # ihc_dab's kernel threads are the parallelism, as in tile/demo/app
     with cudnn_autotune(config.device):
         failed = _score_each(stores, args, config)
     if failed:

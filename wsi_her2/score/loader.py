@@ -3,8 +3,9 @@
 The patch store keeps tiles in zarr chunks of ``chunk_tiles`` consecutive tiles, and a chunk is
 decompressed as a whole whenever any of its tiles is read. The loader therefore groups the
 requested tile indices by chunk, reads each chunk's span exactly once (a few chunks ahead, on a
-small thread pool: zarr's codecs release the GIL while they decompress), and packs the rows into
-a fixed ring of batch buffers. On CUDA those buffers are pinned, so the host-to-device copy can
+small thread pool: the decoders release the GIL), and packs the rows into a fixed ring of batch
+buffers. JPEG stores (the default) are decoded by :mod:`wsi_her2.store.tile_reader` into a few
+reused chunk buffers, without zarr's per-read machinery; other codecs are read through zarr. On CUDA those buffers are pinned, so the host-to-device copy can
 be asynchronous; a buffer is refilled only after the copy out of it has finished (a CUDA event
 recorded by the consumer). Memory is bounded by the ring and the read-ahead, never by the slide.
 
@@ -30,6 +31,7 @@ import torch
 from numpy.typing import NDArray
 
 from wsi_her2.errors import ConfigError
+from wsi_her2.store.tile_reader import jpeg_chunk_reader
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,12 @@ class TileLoader:
         n_slots = max(1, min(prefetch_batches + 2, n_batches))  # + one being filled, one in use
         # Read-ahead in chunks: enough to keep every worker busy plus one to smooth over a slow read.
         self._read_ahead = self._workers + 1
+        # Direct JPEG chunk reads decode into these (one per read in flight, one being copied out).
+        self._reader = jpeg_chunk_reader(store) if self._indices.size else None
+        self._chunk_buffers: queue.Queue[NDArray[np.uint8]] = queue.Queue()
+        if self._reader is not None:
+            for _ in range(self._read_ahead + 1):
+                self._chunk_buffers.put(self._reader.buffer())
         self._slots: list[_Slot] = []
         for _ in range(n_slots if self._indices.size else 0):
             buf = torch.empty((self._batch_size, tile_px, tile_px, 3), dtype=torch.uint8, pin_memory=pin_memory)
@@ -146,13 +154,33 @@ class TileLoader:
         self._started = False
 
     # -- producer ------------------------------------------------------------------------------
-    def _read_group(self, lo: int, hi: int) -> NDArray[np.uint8]:
+    def _read_group(self, lo: int, hi: int) -> tuple[NDArray[np.uint8], NDArray[np.int64] | None, NDArray[np.uint8] | None]:
+        """One chunk's tiles ``indices[lo:hi]``: ``(block, rows, buffer)``.
+
+        The tiles are ``block[rows]`` (``rows`` None: all of ``block``, in order); ``buffer``: the
+        chunk buffer ``block`` lies in, to give back once the rows are copied out (None: zarr's array).
+        """
         idx = self._indices[lo:hi]
         first, last = int(idx[0]), int(idx[-1])
-        block = self._store.read_tiles(first, last + 1)  # one chunk, decompressed once
-        if idx.size == last - first + 1:
-            return block
-        return block[idx - first]
+        if self._reader is None:
+            block = self._store.read_tiles(first, last + 1)  # one chunk, decompressed once
+            return block, None if idx.size == last - first + 1 else idx - first, None
+        chunk_tiles = self._reader.chunk_shape[0]
+        chunk = first // chunk_tiles
+        buf = self._chunk_buffers.get()
+        try:
+            self._reader.read(chunk, buf)
+        except BaseException:
+            self._chunk_buffers.put(buf)
+            raise
+        lo_row = first - chunk * chunk_tiles
+        if idx.size == last - first + 1:  # a run of consecutive tiles: a view, no index
+            return buf[lo_row:lo_row + idx.size], None, buf
+        return buf, idx - chunk * chunk_tiles, buf
+
+    def _give_back(self, buffer: NDArray[np.uint8] | None) -> None:
+        if buffer is not None:
+            self._chunk_buffers.put(buffer)
 
     def _acquire_slot(self) -> int | None:
         while not self._stop.is_set():
@@ -195,24 +223,42 @@ class TileLoader:
             if not pending:
                 break
             lo, hi, future = pending.popleft()
-            rows = future.result()
-            offset = 0
-            while offset < rows.shape[0]:
-                if slot is None:
-                    slot = self._acquire_slot()
-                    if slot is None:  # stopped
-                        return
-                    fill = 0
-                    start = lo + offset
-                take = min(self._batch_size - fill, rows.shape[0] - offset)
-                self._slots[slot].array[fill:fill + take] = rows[offset:offset + take]
-                fill += take
-                offset += take
-                if fill == self._batch_size:
-                    self._emit(slot, start, fill)
-                    slot = None
+            block, rows, buffer = future.result()
+            try:
+                slot, fill, start = self._pack(block, rows, lo, hi, slot, fill, start)
+            finally:
+                self._give_back(buffer)
+            if slot == -1:  # stopped
+                return
         if slot is not None and not self._stop.is_set():
             self._emit(slot, start, fill)
+
+    def _pack(self, block: NDArray[np.uint8], rows: NDArray[np.int64] | None, lo: int, hi: int,
+              slot: int | None, fill: int, start: int) -> tuple[int | None, int, int]:
+        """Copy one chunk's tiles (``indices[lo:hi]``) into batch slots, emitting each full one.
+
+        Returns the slot being filled, its fill and its first position (slot -1: stopped).
+        """
+        offset, n = 0, hi - lo
+        while offset < n:
+            if slot is None:
+                slot = self._acquire_slot()
+                if slot is None:
+                    return -1, fill, start
+                fill = 0
+                start = lo + offset
+            take = min(self._batch_size - fill, n - offset)
+            dst = self._slots[slot].array[fill:fill + take]
+            if rows is None:
+                dst[...] = block[offset:offset + take]
+            else:
+                np.take(block, rows[offset:offset + take], axis=0, out=dst)
+            fill += take
+            offset += take
+            if fill == self._batch_size:
+                self._emit(slot, start, fill)
+                slot = None
+        return slot, fill, start
 
     def _emit(self, slot: int, start: int, n: int) -> None:
         # Batches are contiguous runs of ``indices``: ``start`` is where this one begins.

@@ -1,0 +1,72 @@
+"""Reading a JPEG patch store's tile chunks straight from their files into caller buffers.
+
+The read twin of :class:`wsi_her2.store.patch_store.TileChunkWriter`: for the store's default
+layout (``tiles`` encoded by the ``wsi_her2.jpeg`` codec, then zarr's ``crc32c``), a chunk is one
+file holding one JPEG and its CRC32C. Reading it here checks the checksum exactly as zarr does
+and decodes the JPEG with the same libjpeg-turbo call, into a buffer the caller owns, so the
+pixels are zarr's to the bit (``tests/test_tile_reader.py``), without zarr's per-read machinery
+(an asyncio round trip and a fresh output array per chunk) on the scoring loop's threads.
+Stores of other codecs are read through zarr (:func:`jpeg_chunk_reader` returns ``None``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_her2.store.codecs import JPEG_CODEC_NAME, crc32c_ok
+
+__all__ = ["JpegChunkReader", "jpeg_chunk_reader"]
+
+
+def _codec_names(array: Any) -> list[str]:
+    return [getattr(c, "to_dict", dict)().get("name") for c in array.metadata.codecs]
+
+
+class JpegChunkReader:
+    """``read(chunk, out)``: decode chunk ``chunk`` of the store's ``tiles`` into ``out``.
+
+    ``out`` is a C-contiguous ``(chunk_tiles, tile_px, tile_px, 3)`` uint8 array (:meth:`buffer`).
+    A chunk that is missing, fails its checksum or does not decode to that shape raises the
+    store's :class:`~wsi_her2.errors.StoreError`, as a zarr read of it would.
+    """
+
+    def __init__(self, store: Any) -> None:
+        array = store.tiles
+        self._store = store
+        self._root = store.path / "tiles"
+        self._key = array.metadata.encode_chunk_key
+        self.chunk_shape = tuple(int(c) for c in array.chunks)
+
+    def buffer(self) -> NDArray[np.uint8]:
+        """A buffer of one chunk's tiles for :meth:`read`."""
+        return np.empty(self.chunk_shape, np.uint8)
+
+    def read(self, chunk: int, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        import imagecodecs
+
+        n, h, w, c = self.chunk_shape
+        first, last = chunk * n, min((chunk + 1) * n, int(self._store.n_tiles)) - 1
+        if out.shape != self.chunk_shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous {self.chunk_shape} uint8 buffer, got {out.shape} {out.dtype}")
+        image = out.reshape(n * h, w, c)  # a view of out
+        try:
+            data = (self._root / self._key((chunk, 0, 0, 0))).read_bytes()
+            if not crc32c_ok(data):
+                raise ValueError("the chunk fails its CRC32C checksum (truncated or overwritten)")
+            imagecodecs.jpeg8_decode(memoryview(data)[:-4], out=image)
+        except Exception as exc:  # missing file, checksum mismatch, undecodable or wrongly sized JPEG
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise self._store.damaged(f"tiles {first}-{last} unreadable ({type(exc).__name__}: {text})") from exc
+        return out
+
+
+def jpeg_chunk_reader(store: Any) -> JpegChunkReader | None:
+    """A :class:`JpegChunkReader` for a patch store of JPEG tiles with checksummed chunks; else ``None``."""
+    array = getattr(store, "tiles", None)
+    if array is None or getattr(store, "path", None) is None or not hasattr(array, "metadata"):
+        return None
+    if _codec_names(array) != [JPEG_CODEC_NAME, "crc32c"] or len(array.chunks) != 4 or array.chunks[-1] != 3:
+        return None
+    return JpegChunkReader(store)
