@@ -109,6 +109,8 @@ def _score_each(stores: list[Path], args: argparse.Namespace, config) -> int:
             continue
         c = res.call
         note = " (already scored)" if res.skipped else ""
+        reason = c.get("details", {}).get("reason")
+        note += f": {reason}" if reason and c["her2_score"] == "indeterminate" else ""
         print(f"{res.slide_id}: HER2 {c['her2_score']} (confidence {c['confidence']:.2f}, {args.agg}, "
               f"{res.row['tiles_used']} tiles used, {res.row['tiles_rejected']} rejected){note}")
     return failed

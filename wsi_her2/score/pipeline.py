@@ -25,11 +25,14 @@ from typing import Any
 import numpy as np
 
 from wsi_her2 import __version__
-from wsi_her2.vocab import HER2_CLASSES
+from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 from wsi_her2.errors import ConfigError, StoreError
 from wsi_her2.files import atomic_target, atomic_write_text, clean_stale_tmp, prepare_output_dir
 from wsi_her2.tile.qc import reject_reason
 from wsi_her2.stain.check import check_stain_for_model
+from wsi_her2.store.no_tissue import SUFFIX as NO_TISSUE_SUFFIX
+from wsi_her2.store.no_tissue import read_record as read_no_tissue_record
+from wsi_her2.store.no_tissue import store_path_of as no_tissue_store_path
 from wsi_her2.store.patch_store import PatchStore, open_store
 from wsi_her2.store.verify import verify_store
 
@@ -120,6 +123,9 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     config = config or ScoreConfig()
     calibration = validate_score_config(config)
     t_start = time.perf_counter()
+    no_tissue = None if Path(store_path).exists() else read_no_tissue_record(store_path)
+    if no_tissue is not None:  # `tile` found nothing to tile: indeterminate, with its reason
+        return _score_no_tissue(Path(store_path), no_tissue, out_dir=out_dir, config=config)
     store = open_store(store_path)
     out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
     clean_stale_tmp(out)  # temporary files of a killed run
@@ -190,6 +196,28 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(sid, slide_call, row, outputs)
+
+
+def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | None, config: ScoreConfig) -> SlideScore:
+    """``<id>.json`` and the ``slides.csv`` row of a slide where ``tile`` found no tissue."""
+    from wsi_her2.score.aggregate import HER2_CATEGORIES
+
+    sid = store_path.name.removesuffix(".zarr")
+    out = prepare_output_dir(Path(out_dir) if out_dir else store_path.parent)
+    reason = record["reason"]
+    call = {"her2_score": INDETERMINATE, "confidence": 0.0, "class_fractions": dict.fromkeys(HER2_CLASSES, 0.0),
+            "n_tiles_used": 0, "method": config.agg, "details": {"reason": reason}}
+    call.update(her2_category="indeterminate", her2_category_text=HER2_CATEGORIES["indeterminate"])
+    row = {"slide": sid, "her2_score": INDETERMINATE, "confidence": 0.0,
+           **{f"frac_{c}": 0.0 for c in HER2_CLASSES}, "tiles_used": 0, "tiles_rejected": 0,
+           "model": _model_label(config), "aggregation": config.agg, "her2_category": call["her2_category"],
+           "tumour_cells": "", "tumour_area_mm2": ""}
+    result = {"slide": sid, "store": None, "slide_path": record.get("slide"), "call": call, "row": row,
+              "aggregation": config.agg, "model": {"name": _model_label(config)}, "package_version": __version__,
+              "no_tissue": record, "outputs": {}}
+    atomic_write_text(out / f"{sid}.json", json.dumps(result, indent=2, default=_json_default))
+    upsert_slides_csv(out / "slides.csv", [row])
+    return SlideScore(sid, call, row, {})
 
 
 def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | None) -> SlideScore | None:
@@ -474,4 +502,7 @@ def find_stores(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise StoreError(f"{root}: no such directory; run `wsi-her2 tile` first or name the stores")
-    return sorted(p for p in root.glob("*.zarr") if (p / "zarr.json").is_file())
+    stores = {p for p in root.glob("*.zarr") if (p / "zarr.json").is_file()}
+    # slides where `tile` found no tissue: scored as indeterminate from their record
+    stores |= {p for p in map(no_tissue_store_path, root.glob(f"*{NO_TISSUE_SUFFIX}")) if not p.exists()}
+    return sorted(stores)

@@ -24,6 +24,8 @@ import numpy as np
 
 from wsi_her2 import __version__
 from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError
+from wsi_her2.store.no_tissue import clear_record as clear_no_tissue_record
+from wsi_her2.store.no_tissue import write_record as write_no_tissue_record
 from wsi_her2.files import check_store_slot, prepare_output_dir, remove_tmp_files, store_lock
 from wsi_her2.tile.pixels import read_thumbnail_or_fail, read_tiles
 from wsi_her2.tile.qc import QC_FLAGS, QcParams, TileQc, slide_qc_summary, tile_qc
@@ -331,9 +333,11 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
             if config.qc_png:  # show what was looked at: the thumbnail with the (empty) tissue outline
                 _save_qc_picture(out_dir, slide, thumb, tissue, plan, geometry, thumb_scale,
                                  flags=np.zeros(0, np.uint8), title="no tissue found")
+            reason = (f"no tissue found (tissue area {tissue.tissue_area_mm2:.3f} mm², grid {geometry.grid_cols}x"
+                      f"{geometry.grid_rows} tiles)")
+            write_no_tissue_record(store_path, slide=slide, reason=reason, tissue_area_mm2=tissue.tissue_area_mm2)
             raise NoTissueError(
-                f"{slide}: no tissue found (tissue area {tissue.tissue_area_mm2:.3f} mm², grid {geometry.grid_cols}x"
-                f"{geometry.grid_rows} tiles); check the slide, or lower --min-od / raise --max-gray if the stain is very pale"
+                f"{slide}: {reason}; check the slide, or lower --min-od / raise --max-gray if the stain is very pale"
             )
         slide_sha, t_hash = hashing.result()
         fingerprint = _fingerprint(slide_sha, mpp.mpp_um, config, geometry)
@@ -360,6 +364,7 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
     }
     meta["complete"] = True  # last write: only now does the store count as done
     store.update_attrs(**meta)
+    clear_no_tissue_record(store_path)  # tiled after all (e.g. with a lower --min-od)
     return TileResult(slide, store_path, status, plan.n_tiles, summary["n_passed"], time.perf_counter() - t_start)
 
 
