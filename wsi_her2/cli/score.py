@@ -83,34 +83,20 @@ def run(args: argparse.Namespace) -> int:
     use_one_torch_thread_on_cpu(config.model, config.device)
     use_worker_threads_for_opencv()  # ihc_dab's kernel threads are the parallelism, as in tile/demo/app
     with cudnn_autotune(config.device):
-        failed = _score_each(stores, args, config)
-    if failed:
-        print(f"wsi-her2 score: {failed} of {len(stores)} stores failed", file=sys.stderr)
-        return 1
-    return 0
+        return _score_each(stores, args, config)
 
 
 def _score_each(stores: list[Path], args: argparse.Namespace, config) -> int:
-    """Score the stores one by one, printing a line per slide; the number that failed."""
-    from wsi_her2.errors import WsiHer2Error
+    """Score the stores one by one, printing a line per slide; the exit code."""
+    from wsi_her2.cli.common import EachItem
     from wsi_her2.score.pipeline import score_store
 
-    failed = 0
-    for store in stores:
-        try:
-            res = score_store(store, out_dir=args.out, config=config)
-        except WsiHer2Error as exc:
-            failed += 1
-            print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
-            continue
-        except OSError as exc:  # e.g. a full disk mid-run: one line, not a traceback
-            failed += 1
-            print(f"wsi-her2 score: error: {store}: {exc}", file=sys.stderr)
-            continue
+    each = EachItem("score", stores, lambda store: score_store(store, out_dir=args.out, config=config), noun="stores")
+    for _, res in each:
         c = res.call
         note = " (already scored)" if res.skipped else ""
         reason = c.get("details", {}).get("reason")
         note += f": {reason}" if reason and c["her2_score"] == "indeterminate" else ""
         print(f"{res.slide_id}: HER2 {c['her2_score']} (confidence {c['confidence']:.2f}, {args.agg}, "
               f"{res.row['tiles_used']} tiles used, {res.row['tiles_rejected']} rejected){note}")
-    return failed
+    return each.exit_code()

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsi_her2.cli.common import add_tile_options, tile_config_from_args, use_worker_threads_for_opencv
+from wsi_her2.cli.common import EachItem, add_tile_options, tile_config_from_args, use_worker_threads_for_opencv
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.errors import ConfigError, WsiHer2Error
+    from wsi_her2.errors import ConfigError
     from wsi_her2.files import check_unique_slide_ids
     from wsi_her2.tile.pipeline import default_workers, slide_id_for, tile_slide
 
@@ -34,22 +34,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"wsi-her2 tile: error: {exc}", file=sys.stderr)
         return 2
-    failed = 0
-    for slide in args.slides:
-        try:
-            res = tile_slide(slide, Path(args.out), config=config)
-        except WsiHer2Error as exc:
-            failed += 1
-            print(f"wsi-her2 tile: error: {exc}", file=sys.stderr)
-            continue
-        except OSError as exc:  # e.g. a full disk mid-run: one line, not a traceback
-            failed += 1
-            print(f"wsi-her2 tile: error: {slide}: {exc}", file=sys.stderr)
-            continue
+    each = EachItem("tile", args.slides, lambda slide: tile_slide(slide, Path(args.out), config=config), noun="slides")
+    for _, res in each:
         rate = res.n_tiles / res.seconds if res.seconds > 0 else 0.0
         extra = "" if res.status == "skipped" else f" in {res.seconds:.1f} s ({rate:.0f} tiles/s)"
         print(f"{res.store}: {res.status}, {res.n_tiles} tiles, {res.n_passed} passed QC{extra}")
-    if failed:
-        print(f"wsi-her2 tile: {failed} of {len(args.slides)} slides failed", file=sys.stderr)
-        return 1
-    return 0
+    return each.exit_code()
