@@ -1,7 +1,8 @@
 """The CPU kernel of :class:`wsi_her2.models.ihc_score.IhcDabScorer`: steps 1-3 per tile with OpenCV.
 
-Same definitions as the torch kernel (``IhcDabScorer._cell_evidence_torch``), computed per tile
-on planar float32 numpy arrays, where OpenCV's separable filters and morphology run 10-50x
+Same definitions as the torch kernel (``IhcDabScorer._cell_evidence_torch``), computed on planar
+float32 numpy arrays (per-pixel steps on ``_CHUNK_TILES`` tiles stacked as one image, filters
+with a border per tile: the same numbers as tile by tile), where OpenCV's separable filters and morphology run 10-50x
 faster than torch's CPU convolutions and pooling on 224 px images:
 
 - background ``I0``: the per-channel quantile read from an 8-bit histogram (exact for 8-bit
@@ -42,8 +43,9 @@ _UNMIX = np.concatenate([
     HND_FROM_RGB.T.numpy(), HED_FROM_RGB.T.numpy()[2:3], np.ones((1, 3)),
 ]).astype(np.float32)
 _MIN_TILES_PER_THREAD = 4
-#: Tiles whose per-pixel steps run as one stacked image (one call instead of one per tile);
-#: few enough that a chunk's float planes (~3 MB a 224 px tile) stay in the L3 cache.
+#: Tiles whose per-pixel steps run as one stacked image (one call instead of one per tile).
+#: Measured at 224 px (~1.7 MB of float planes a tile): 2 is fastest; 4-8 lose more to cache
+#: misses than they save in calls.
 _CHUNK_TILES = 2
 #: Columns per BLAS call. numpy's BLAS (OpenBLAS) wakes its own thread pool for larger products
 #: and dot products (~16k+ and 10k+ elements), whose workers then spin beside the kernel's tile
@@ -221,30 +223,31 @@ def _optical_density_float(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
     return np.maximum(od, np.float32(0.0), out=od)
 
 
-def _glass_tables(rgb: np.ndarray, planes: list[list[np.ndarray] | None], scorer: IhcDabScorer) -> np.ndarray:
+def _glass_tables(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
     """``(T, 3, 256)`` OD tables of 8-bit tiles: ``max(0, log10(I0) - log10(max(I, 1/255)))`` per level.
 
-    ``I0``, each tile's glass, from its channel histograms (exact at 8 bits); the small table
-    arithmetic runs once for all ``T`` tiles.
+    ``I0``, each tile's glass, from its channel histograms (exact at 8 bits; stored tiles are
+    read in place, channels-last); the small table arithmetic runs once for all ``T`` tiles.
     """
     n, _, h, w = rgb.shape
+    hwc = np.moveaxis(rgb, 1, -1)
+    stored = rgb.dtype == np.uint8 and hwc.flags.c_contiguous
     hist = np.zeros((n, 3, 256), np.float32)
-    for i, tile_planes in enumerate(planes):
+    for i, tile_planes in enumerate([[hwc[i]] * 3 for i in range(n)] if stored else _chunk_planes(rgb)):
         for c, p in enumerate(tile_planes or ()):
-            hist[i, c] = cv2.calcHist([p], [0], None, [256], [0, 256]).ravel()
+            hist[i, c] = cv2.calcHist([p], [c if stored else 0], None, [256], [0, 256]).ravel()
     return np.maximum(_glass_log10(hist, scorer.thresholds, h * w)[:, :, None] - _LOG10_LEVELS, np.float32(0.0))
 
 
-def _chunk_od(rgb: np.ndarray, planes: list[list[np.ndarray] | None], tables: np.ndarray, scorer: IhcDabScorer,
-              ws: _Workspace) -> np.ndarray:
+def _chunk_od(rgb: np.ndarray, tables: np.ndarray, scorer: IhcDabScorer, ws: _Workspace) -> np.ndarray:
     """``(3, T, H*W)`` float32 OD of ``(T, 3, H, W)`` tiles against each tile's glass.
 
     8-bit values (what the tile store holds) by the tables of :func:`_glass_tables`; other float
-    input (``planes`` None) by per-pixel logs.
+    input by per-pixel logs.
     """
     n, _, h, w = rgb.shape
     od = ws.get("od", (3, n, h * w))
-    for i, tile_planes in enumerate(planes):
+    for i, tile_planes in enumerate(_chunk_planes(rgb)):
         if tile_planes is None:
             od[:, i] = _optical_density_float(rgb[i], scorer)
             continue
@@ -393,17 +396,16 @@ class _ChunkEvidence:
     ray_max: np.ndarray
 
 
-def _chunk(rgb: np.ndarray, planes: list, tables: np.ndarray, scorer: IhcDabScorer, plan: _Plan,
-           ws: _Workspace) -> _ChunkEvidence:
-    """Steps 1-3 and the ray maxima of step 4 for ``(T, 3, H, W)`` tiles (``planes``, ``tables``: their
-    uint8 planes and OD tables, see :func:`_chunk_od`).
+def _chunk(rgb: np.ndarray, tables: np.ndarray, scorer: IhcDabScorer, plan: _Plan, ws: _Workspace) -> _ChunkEvidence:
+    """Steps 1-3 and the ray maxima of step 4 for ``(T, 3, H, W)`` tiles (``tables``: their OD tables, see
+    :func:`_glass_tables`).
 
     Per-pixel steps run once on the ``T`` tiles stacked as one ``(T * H, W)`` image (the same
     numbers as per tile: nothing there reads a neighbour); filters with a border run per tile.
     """
     t, h, w, f = scorer.thresholds, plan.h, plan.w, plan.f
     n = rgb.shape[0]
-    unmixed = _unmix(_chunk_od(rgb, planes, tables, scorer, ws).reshape(3, -1), ws.get("unmixed", (5, n * h * w)))
+    unmixed = _unmix(_chunk_od(rgb, tables, scorer, ws).reshape(3, -1), ws.get("unmixed", (5, n * h * w)))
     _clamp_low(unmixed[:4])  # stain ODs clamped at 0 (the four rows in one pass); the summed OD is not
     stacked = unmixed.reshape(5, n * h, w)
     cells = _coarse_tiles(stacked[2:4].reshape(2 * n * h, w), 2 * n, f).reshape(2, n, h // f, w // f)
@@ -456,11 +458,10 @@ def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int 
 
     def run(tiles: range) -> list[_ChunkEvidence]:
         share = rgb[tiles.start: tiles.stop]
-        planes = _chunk_planes(share)
-        tables = _glass_tables(share, planes, scorer)
+        tables = _glass_tables(share, scorer)
         with _workspaces(plan) as ws:
-            return [_chunk(share[i: i + _CHUNK_TILES], planes[i: i + _CHUNK_TILES], tables[i: i + _CHUNK_TILES],
-                           scorer, plan, ws) for i in range(0, len(tiles), _CHUNK_TILES)]
+            return [_chunk(share[i: i + _CHUNK_TILES], tables[i: i + _CHUNK_TILES], scorer, plan, ws)
+                    for i in range(0, len(tiles), _CHUNK_TILES)]
 
     # One contiguous share of the batch per thread; the calling thread takes the first share itself.
     bounds = np.linspace(0, b, max(1, threads) + 1).astype(int)
