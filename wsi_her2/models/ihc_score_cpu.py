@@ -1,7 +1,8 @@
 """The CPU kernel of :class:`wsi_her2.models.ihc_score.IhcDabScorer`: steps 1-3 per tile with OpenCV.
 
-Same definitions as the torch kernel (``IhcDabScorer._cell_evidence_torch``), computed per tile
-on planar float32 numpy arrays, where OpenCV's separable filters and morphology run 10-50x
+Same definitions as the torch kernel (``IhcDabScorer._cell_evidence_torch``), computed on planar
+float32 numpy arrays (per-pixel steps on ``_CHUNK_TILES`` tiles stacked as one image, filters
+with a border per tile: the same numbers as tile by tile), where OpenCV's separable filters and morphology run 10-50x
 faster than torch's CPU convolutions and pooling on 224 px images:
 
 - background ``I0``: the per-channel quantile read from an 8-bit histogram (exact for 8-bit
@@ -42,6 +43,10 @@ _UNMIX = np.concatenate([
     HND_FROM_RGB.T.numpy(), HED_FROM_RGB.T.numpy()[2:3], np.ones((1, 3)),
 ]).astype(np.float32)
 _MIN_TILES_PER_THREAD = 4
+#: Tiles whose per-pixel steps run as one stacked image (one call instead of one per tile).
+#: Measured at 224 px (~1.7 MB of float planes a tile): 2 is fastest; 4-8 lose more to cache
+#: misses than they save in calls.
+_CHUNK_TILES = 2
 #: Columns per BLAS call. numpy's BLAS (OpenBLAS) wakes its own thread pool for larger products
 #: and dot products (~16k+ and 10k+ elements), whose workers then spin beside the kernel's tile
 #: threads: measured here, two tile threads cost 2x the CPU of one. Below these sizes every call
@@ -153,16 +158,18 @@ class _workspaces:
             self._plan.idle.append(self._ws)
 
 
-def _blur(img: np.ndarray, taps: np.ndarray | None) -> np.ndarray:
+def _blur_into(src: np.ndarray, taps: np.ndarray | None, dst: np.ndarray) -> np.ndarray:
+    """Gaussian blur of one 2-D map into ``dst`` (reflect border); a copy when ``taps`` is None."""
     if taps is None:
-        return img
-    return cv2.sepFilter2D(img, cv2.CV_32F, taps, taps, borderType=cv2.BORDER_REFLECT_101)
+        np.copyto(dst, src)
+        return dst
+    return cv2.sepFilter2D(src, cv2.CV_32F, taps, taps, dst=dst, borderType=cv2.BORDER_REFLECT_101)
 
 
 def _planes_u8(rgb: np.ndarray) -> list[np.ndarray]:
     """Three ``(H, W)`` uint8 planes of one ``(3, H, W)`` tile: uint8, or float in [0, 1], any strides."""
     _, h, w = rgb.shape
-    hwc = np.moveaxis(rgb, 0, -1)  # a view; contiguous for channels-last memory (what the loader hands over)
+    hwc = np.moveaxis(rgb, 0, -1)  # a view; contiguous for channels-last memory
     if hwc.flags.c_contiguous:
         u8 = hwc if rgb.dtype == np.uint8 else cv2.convertScaleAbs(hwc.reshape(h, w * 3), alpha=255.0).reshape(h, w, 3)
         return list(cv2.split(u8))
@@ -172,28 +179,40 @@ def _planes_u8(rgb: np.ndarray) -> list[np.ndarray]:
     return [u8[c * h: (c + 1) * h] for c in range(3)]
 
 
-def _optical_density(planes: list[np.ndarray], scorer: IhcDabScorer, ws: _Workspace) -> np.ndarray:
-    """``(3, H*W)`` float32 OD against the tile's glass, as ``estimate_background`` + ``rgb_to_od``.
+def _chunk_planes(rgb: np.ndarray) -> list[list[np.ndarray] | None]:
+    """Per tile of ``(T, 3, H, W)``: its three uint8 planes, or None when its values are not 8-bit levels.
 
-    The glass quantile comes from each plane's histogram and the OD from a 256-entry table per
-    channel (``max(0, log10(I0) - log10(max(I, 1/255)))``), both exact at 8 bits.
+    Stored tiles (uint8, channels-last memory: what the loader hands over) are split in one call.
     """
-    t = scorer.thresholds
-    h, w = planes[0].shape
-    k = min(h * w, max(1, int(round(t.background_quantile * h * w))))
-    hist = np.stack([cv2.calcHist([p], [0], None, [256], [0, 256]).ravel() for p in planes])
-    # The k-th smallest level: the number of levels whose cumulative count is still below k.
-    i0 = np.count_nonzero(np.cumsum(hist, axis=1) < k - 0.5, axis=1).astype(np.float32) / np.float32(255.0)
-    i0 = np.clip(np.maximum(i0, i0.max() * np.float32(1.0 - t.background_max_cast)), t.background_min_intensity, 1.0)
-    tables = np.maximum(np.log10(i0.astype(np.float32)).reshape(3, 1) - _LOG10_LEVELS, np.float32(0.0))
-    od = ws.get("od", (3, h * w))
-    for c in range(3):
-        cv2.LUT(planes[c], tables[c], dst=od[c].reshape(h, w))
-    return od
+    n, _, h, w = rgb.shape
+    hwc = np.moveaxis(rgb, 1, -1)
+    if rgb.dtype == np.uint8 and hwc.flags.c_contiguous:
+        split = cv2.split(hwc.reshape(n * h, w, 3))
+        return [[p[i * h: (i + 1) * h] for p in split] for i in range(n)]
+    out: list[list[np.ndarray] | None] = []
+    for tile in rgb:
+        planes = _planes_u8(tile)
+        exact = tile.dtype == np.uint8 or all(
+            cv2.norm(cv2.LUT(p, _LEVELS), np.ascontiguousarray(tile[c]), cv2.NORM_INF) == 0 for c, p in enumerate(planes))
+        out.append(planes if exact else None)
+    return out
+
+
+def _glass_log10(hist: np.ndarray, t, n_px: int) -> np.ndarray:
+    """``(T, 3)`` log10 of each tile's glass intensity ``I0`` from its ``(T, 3, 256)`` channel histograms.
+
+    As ``estimate_background``: the per-channel quantile (the k-th smallest level: the number of
+    levels whose cumulative count is still below k), raised to within ``background_max_cast`` of
+    the brightest channel and clipped to ``[background_min_intensity, 1]``.
+    """
+    k = min(n_px, max(1, int(round(t.background_quantile * n_px))))
+    i0 = np.count_nonzero(np.cumsum(hist, axis=2) < k - 0.5, axis=2).astype(np.float32) / np.float32(255.0)
+    i0 = np.maximum(i0, i0.max(axis=1, keepdims=True) * np.float32(1.0 - t.background_max_cast))
+    return np.log10(np.clip(i0, t.background_min_intensity, 1.0).astype(np.float32))
 
 
 def _optical_density_float(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
-    """As :func:`_optical_density` for float input that is not 8-bit: exact quantile, per-pixel logs."""
+    """``(3, H*W)`` OD of a float tile that is not 8-bit: exact quantile, per-pixel logs."""
     t = scorer.thresholds
     _, h, w = rgb.shape
     flat = np.ascontiguousarray(rgb, dtype=np.float32).reshape(3, h * w)
@@ -204,21 +223,53 @@ def _optical_density_float(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
     return np.maximum(od, np.float32(0.0), out=od)
 
 
-def _tile_od(rgb: np.ndarray, scorer: IhcDabScorer, ws: _Workspace) -> np.ndarray:
-    """``(3, H*W)`` OD of one tile: by 256-entry tables when its values are 8-bit levels (exact)."""
-    planes = _planes_u8(rgb)
-    if rgb.dtype != np.uint8 and any(
-        cv2.norm(cv2.LUT(p, _LEVELS), np.ascontiguousarray(rgb[c]), cv2.NORM_INF) > 0 for c, p in enumerate(planes)
-    ):
-        return _optical_density_float(rgb, scorer)
-    return _optical_density(planes, scorer, ws)
+def _glass_tables(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
+    """``(T, 3, 256)`` OD tables of 8-bit tiles: ``max(0, log10(I0) - log10(max(I, 1/255)))`` per level.
+
+    ``I0``, each tile's glass, from its channel histograms (exact at 8 bits; stored tiles are
+    read in place, channels-last); the small table arithmetic runs once for all ``T`` tiles.
+    """
+    n, _, h, w = rgb.shape
+    hwc = np.moveaxis(rgb, 1, -1)
+    stored = rgb.dtype == np.uint8 and hwc.flags.c_contiguous
+    hist = np.zeros((n, 3, 256), np.float32)
+    for i, tile_planes in enumerate([[hwc[i]] * 3 for i in range(n)] if stored else _chunk_planes(rgb)):
+        for c, p in enumerate(tile_planes or ()):
+            hist[i, c] = cv2.calcHist([p], [c if stored else 0], None, [256], [0, 256]).ravel()
+    return np.maximum(_glass_log10(hist, scorer.thresholds, h * w)[:, :, None] - _LOG10_LEVELS, np.float32(0.0))
 
 
-def _coarse(img: np.ndarray, f: int) -> np.ndarray:
+def _chunk_od(rgb: np.ndarray, tables: np.ndarray, scorer: IhcDabScorer, ws: _Workspace) -> np.ndarray:
+    """``(3, T, H*W)`` float32 OD of ``(T, 3, H, W)`` tiles against each tile's glass.
+
+    8-bit values (what the tile store holds) by the tables of :func:`_glass_tables`; other float
+    input by per-pixel logs.
+    """
+    n, _, h, w = rgb.shape
+    od = ws.get("od", (3, n, h * w))
+    for i, tile_planes in enumerate(_chunk_planes(rgb)):
+        if tile_planes is None:
+            od[:, i] = _optical_density_float(rgb[i], scorer)
+            continue
+        for c, p in enumerate(tile_planes):
+            cv2.LUT(p, tables[i, c], dst=od[c, i].reshape(h, w))
+    return od
+
+
+def _coarse_tiles(img: np.ndarray, n: int, f: int) -> np.ndarray:
+    """``(n, H // f, W // f)`` block means (``INTER_AREA``) of ``n`` tiles stacked as ``(n * H, W)``.
+
+    At an integer factor each output pixel is the mean of its own ``f x f`` block, so one call on
+    the stack gives each tile's own means (tiles whose height is not a multiple of ``f`` are
+    cropped first, as per tile).
+    """
+    h, w = img.shape[0] // n, img.shape[1]
     if f == 1:
-        return img
-    hc, wc = img.shape[0] // f, img.shape[1] // f
-    return cv2.resize(img[: hc * f, : wc * f], (wc, hc), interpolation=cv2.INTER_AREA)
+        return img.reshape(n, h, w)
+    hc, wc = h // f, w // f
+    if h % f:
+        img = np.ascontiguousarray(img.reshape(n, h, w)[:, : hc * f]).reshape(n * hc * f, w)
+    return cv2.resize(img[:, : wc * f], (wc, n * hc), interpolation=cv2.INTER_AREA).reshape(n, hc, wc)
 
 
 def _clamp_low(img: np.ndarray) -> np.ndarray:
@@ -227,42 +278,54 @@ def _clamp_low(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def _brown_dab(dab_hnd: np.ndarray, dab_hed: np.ndarray, t, plan: _Plan, ws: _Workspace) -> np.ndarray:
-    """Brown DAB OD at tile resolution: Ruifrok DAB times its brown share, read on the cell grid."""
+def _brown_dab(cells: np.ndarray, dab_hed: np.ndarray, t, plan: _Plan, ws: _Workspace) -> np.ndarray:
+    """``(T * H, W)`` brown DAB OD: Ruifrok DAB times its brown share, read on the cell grid.
+
+    ``cells``: ``(2, T, hc, wc)`` cell-grid DAB (neutral basis, Ruifrok); ``dab_hed``: ``(T * H, W)``.
+    """
     f, h, w = plan.f, plan.h, plan.w
-    hed_s = _blur(_coarse(dab_hed, f), plan.chroma)
-    share = _blur(_coarse(dab_hnd, f), plan.chroma) / np.maximum(hed_s, np.float32(t.chroma_min_od))
+    n, hc, wc = cells.shape[1:]
+    hnd_s, hed_s = ws.get("hnd_s", cells.shape[1:]), ws.get("hed_s", cells.shape[1:])
+    for i in range(n):
+        _blur_into(cells[0, i], plan.chroma, hnd_s[i])
+        _blur_into(cells[1, i], plan.chroma, hed_s[i])
+    share = np.divide(hnd_s, np.maximum(hed_s, np.float32(t.chroma_min_od), out=hed_s), out=hnd_s)
     share *= np.float32(1.0 / t.brown_full_share)
-    brown = _clamp_low(cv2.threshold(share, 1.0, 0.0, cv2.THRESH_TRUNC)[1])  # clip to [0, 1]
+    brown = _clamp_low(cv2.threshold(share.reshape(n * hc, wc), 1.0, 0.0, cv2.THRESH_TRUNC, dst=share.reshape(n * hc, wc))[1])
+    brown = brown.reshape(n, hc, wc)  # clipped to [0, 1]
     if f > 1:
-        hc, wc = brown.shape
-        if (hc * f, wc * f) == (h, w):
-            brown = cv2.resize(brown, (w, h), dst=ws.get("brown", (h, w)), interpolation=cv2.INTER_LINEAR)
-        else:
-            brown = cv2.resize(brown, (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)
-            brown = cv2.copyMakeBorder(brown, 0, h - hc * f, 0, w - wc * f, cv2.BORDER_REPLICATE)
-    dab = cv2.multiply(dab_hed, brown, dst=ws.get("dab", (h, w)))
+        brown_px = ws.get("brown", (n, h, w))
+        for i in range(n):
+            if (hc * f, wc * f) == (h, w):
+                cv2.resize(brown[i], (w, h), dst=brown_px[i], interpolation=cv2.INTER_LINEAR)
+            else:
+                up = cv2.resize(brown[i], (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)
+                cv2.copyMakeBorder(up, 0, h - hc * f, 0, w - wc * f, cv2.BORDER_REPLICATE, dst=brown_px[i])
+        brown = brown_px
+    dab = cv2.multiply(dab_hed, brown.reshape(n * h, w), dst=ws.get("dab", dab_hed.shape))
     if t.dab_gain != 1.0:
         dab *= np.float32(t.dab_gain)
     return dab
 
 
-def _tissue_stats(od_sum: np.ndarray, hema: np.ndarray, neutral: np.ndarray, dab: np.ndarray, t,
-                  ws: _Workspace) -> tuple[float, ...]:
-    """The five per-tile tissue statistics of :data:`STAT_NAMES`."""
-    tissue = cv2.threshold(od_sum, t.tissue_od_sum, 1.0, cv2.THRESH_BINARY, dst=ws.get("tissue", od_sum.shape))[1].ravel()
-    stained = cv2.threshold(dab, t.dab_faint_od, 1.0, cv2.THRESH_BINARY, dst=ws.get("stained", dab.shape))[1].ravel()
-    n_tissue = float(tissue.sum())
-    denom = max(n_tissue, 1.0)
-    return (
-        n_tissue / float(tissue.size), _dot(hema.ravel(), tissue) / denom, _dot(neutral.ravel(), tissue) / denom,
-        _dot(dab.ravel(), tissue) / denom, _dot(stained, tissue) / denom,
-    )
+def _tissue_stats(unmixed: np.ndarray, dab: np.ndarray, t, n: int, ws: _Workspace) -> np.ndarray:
+    """``(T, 5)`` tissue statistics (:data:`STAT_NAMES`) from ``(5, T * H * W)`` unmixed OD and brown DAB.
 
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """``a @ b`` of two float32 vectors, in single-threaded BLAS pieces (see ``_BLAS_COLUMNS``)."""
-    return float(sum(float(a[i: i + _BLAS_COLUMNS] @ b[i: i + _BLAS_COLUMNS]) for i in range(0, a.size, _BLAS_COLUMNS)))
+    Masked sums as a product and an OpenCV sum (double accumulators) per tile and plane.
+    """
+    px = unmixed.shape[1] // n
+    tissue = cv2.threshold(unmixed[4], t.tissue_od_sum, 1.0, cv2.THRESH_BINARY, dst=ws.get("tissue", unmixed[4].shape))[1]
+    stained = cv2.threshold(dab.ravel(), t.dab_faint_od, 1.0, cv2.THRESH_BINARY, dst=ws.get("stained", tissue.shape))[1]
+    product = ws.get("product", (px,))
+    out = np.zeros((n, 5), np.float64)
+    for i in range(n):
+        mask = tissue[i * px: (i + 1) * px]
+        out[i, 0] = cv2.sumElems(mask)[0]
+        for j, plane in enumerate((unmixed[0], unmixed[1], dab.ravel(), stained), start=1):
+            out[i, j] = cv2.sumElems(cv2.multiply(plane[i * px: (i + 1) * px], mask, dst=product))[0]
+    out[:, 1:] /= np.maximum(out[:, :1], 1.0)
+    out[:, 0] /= px
+    return out
 
 
 def _unmix(od: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -272,55 +335,100 @@ def _unmix(od: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _seeds(nuclear: np.ndarray, t, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-    """Nuclei on the cell grid: flat indices of DoG maxima, and each one's count of other nuclei nearby."""
-    h1 = _blur(nuclear, plan.nucleus)
-    dog = h1 - _blur(nuclear, plan.surround)
-    local_max = cv2.dilate(dog, plan.seed_window, borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
+def _seeds(nuclear: np.ndarray, t, plan: _Plan, ws: _Workspace) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei on the ``(T, hc, wc)`` cell grids: flat indices of DoG maxima, and each one's count of other nuclei nearby."""
+    n = nuclear.shape[0]
+    h1, dog, local_max = (ws.get(name, nuclear.shape) for name in ("h1", "dog", "local_max"))
+    for i in range(n):
+        _blur_into(nuclear[i], plan.nucleus, h1[i])
+        _blur_into(nuclear[i], plan.surround, dog[i])
+    np.subtract(h1, dog, out=dog)
+    for i in range(n):
+        cv2.dilate(dog[i], plan.seed_window, dst=local_max[i], borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
     seed_map = (dog >= local_max) & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)
     idx = np.flatnonzero(seed_map)
-    k = plan.cohesion_px
-    box = cv2.boxFilter(seed_map.view(np.uint8), cv2.CV_32F, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
-    return idx, box.ravel()[idx] - 1.0
+    return idx, _window_counts(seed_map, idx, plan.cohesion_px // 2, ws) - 1.0
+
+
+def _window_counts(seed_map: np.ndarray, idx: np.ndarray, half: int, ws: _Workspace) -> np.ndarray:
+    """Seeds of ``(T, hc, wc)`` maps within ``half`` cells (a square, cut at the tile edge) of each of ``idx``.
+
+    Four reads of each tile's integral image per seed: the box sum with a zero border, exact.
+    """
+    n, hc, wc = seed_map.shape
+    integral = ws.get("integral", (n, hc + 1, wc + 1)).view(np.int32)
+    for i in range(n):
+        cv2.integral(seed_map[i].view(np.uint8), sum=integral[i], sdepth=cv2.CV_32S)
+    tile, cell = np.divmod(idx, hc * wc)
+    y, x = np.divmod(cell, wc)
+    y0, y1 = np.maximum(y - half, 0), np.minimum(y + half + 1, hc)
+    x0, x1 = np.maximum(x - half, 0), np.minimum(x + half + 1, wc)
+    flat, row = integral.reshape(-1), wc + 1
+    base = tile * (hc + 1) * row
+    return (flat[base + y1 * row + x1] - flat[base + y0 * row + x1] - flat[base + y1 * row + x0]
+            + flat[base + y0 * row + x0]).astype(np.float32)
 
 
 def _ray_maxima(dab: np.ndarray, idx: np.ndarray, grid_w: int, plan: _Plan, ws: _Workspace) -> np.ndarray:
-    """``(N, n_directions)`` maxima of the smoothed DAB along each seed's rays (reflect-padded map)."""
-    f, p, w = plan.f, plan.pad, plan.w
-    smooth = dab if plan.smooth is None else cv2.sepFilter2D(
-        dab, cv2.CV_32F, plan.smooth, plan.smooth, dst=ws.get("dab_smooth", dab.shape), borderType=cv2.BORDER_REFLECT_101)
-    dab_s = cv2.copyMakeBorder(smooth, p, p, p, p, cv2.BORDER_REFLECT_101,
-                               dst=ws.get("dab_padded", (dab.shape[0] + 2 * p, dab.shape[1] + 2 * p)))
-    base = ((idx // grid_w) * f + f // 2 + p) * (w + 2 * p) + (idx % grid_w) * f + f // 2 + p
-    # (L, N, n_directions) samples, the maximum over the outer axis: elementwise, not a reduction per ray
-    return np.take(dab_s.ravel(), plan.ray_offsets_t + base.astype(np.int32)[:, None]).max(axis=0)
+    """``(N, n_directions)`` maxima of the smoothed DAB along each seed's rays (each tile's map reflect-padded).
 
-
-def _tile(rgb: np.ndarray, scorer: IhcDabScorer, plan: _Plan, ws: _Workspace):
-    """Steps 1-3 and the ray maxima of step 4 for one ``(3, H, W)`` tile.
-
-    Returns the five tissue statistics, the seeds' flat cell-grid indices, their neighbour
-    counts, the cell-grid shape and the ``(N, n_directions)`` ray maxima.
+    ``dab``: ``(T, H, W)``; ``idx``: the seeds' flat indices into the ``(T, hc, wc)`` cell grids.
     """
-    t, h, w = scorer.thresholds, plan.h, plan.w
-    unmixed = _unmix(_tile_od(rgb, scorer, ws), ws.get("unmixed", (5, h * w)))
+    f, p, h, w = plan.f, plan.pad, plan.h, plan.w
+    n = dab.shape[0]
+    padded = ws.get("dab_padded", (n, h + 2 * p, w + 2 * p))
+    smooth = ws.get("dab_smooth", (h, w))
+    for i in range(n):
+        cv2.copyMakeBorder(_blur_into(dab[i], plan.smooth, smooth), p, p, p, p, cv2.BORDER_REFLECT_101, dst=padded[i])
+    tile, cell = np.divmod(idx, (h // f) * grid_w)
+    base = (tile * (h + 2 * p) + (cell // grid_w) * f + f // 2 + p) * (w + 2 * p) + (cell % grid_w) * f + f // 2 + p
+    # (L, N, n_directions) samples, the maximum over the outer axis: elementwise, not a reduction per ray
+    return np.take(padded.ravel(), plan.ray_offsets_t + base.astype(np.int32)[:, None]).max(axis=0)
+
+
+@dataclass
+class _ChunkEvidence:
+    """Steps 1-3 and the ray maxima of step 4 for ``T`` tiles (seed indices into the ``(T, hc, wc)`` grids)."""
+
+    stats: np.ndarray
+    idx: np.ndarray
+    neighbours: np.ndarray
+    ray_max: np.ndarray
+
+
+def _chunk(rgb: np.ndarray, tables: np.ndarray, scorer: IhcDabScorer, plan: _Plan, ws: _Workspace) -> _ChunkEvidence:
+    """Steps 1-3 and the ray maxima of step 4 for ``(T, 3, H, W)`` tiles (``tables``: their OD tables, see
+    :func:`_glass_tables`).
+
+    Per-pixel steps run once on the ``T`` tiles stacked as one ``(T * H, W)`` image (the same
+    numbers as per tile: nothing there reads a neighbour); filters with a border run per tile.
+    """
+    t, h, w, f = scorer.thresholds, plan.h, plan.w, plan.f
+    n = rgb.shape[0]
+    unmixed = _unmix(_chunk_od(rgb, tables, scorer, ws).reshape(3, -1), ws.get("unmixed", (5, n * h * w)))
     _clamp_low(unmixed[:4])  # stain ODs clamped at 0 (the four rows in one pass); the summed OD is not
-    hema, neutral, dab_hnd, dab_hed, od_sum = unmixed.reshape(5, h, w)
-    dab = _brown_dab(dab_hnd, dab_hed, t, plan, ws)
-    stats = _tissue_stats(od_sum, hema, neutral, dab, t, ws)
-    nuclear = _coarse(cv2.add(hema, neutral), plan.f)
-    idx, neighbours = _seeds(nuclear, t, plan)
-    return stats, idx, neighbours, nuclear.shape, _ray_maxima(dab, idx, nuclear.shape[1], plan, ws)
+    stacked = unmixed.reshape(5, n * h, w)
+    cells = _coarse_tiles(stacked[2:4].reshape(2 * n * h, w), 2 * n, f).reshape(2, n, h // f, w // f)
+    dab = _brown_dab(cells, stacked[3], t, plan, ws)
+    stats = _tissue_stats(unmixed, dab, t, n, ws)
+    nuclear = _coarse_tiles(cv2.add(stacked[0], stacked[1], dst=ws.get("nuclear", (n * h, w))), n, f)
+    idx, neighbours = _seeds(nuclear, t, plan, ws)
+    return _ChunkEvidence(stats, idx, neighbours, _ray_maxima(dab.reshape(n, h, w), idx, w // f, plan, ws))
 
 
-def _area_fraction(idx: np.ndarray, keep: np.ndarray, shape: tuple[int, int], plan: _Plan) -> float:
-    """Fraction of the cell grid within the area window of a kept nucleus."""
-    if not keep.any():
-        return 0.0
-    grid = np.zeros(shape, np.uint8)
-    grid.ravel()[idx[keep]] = 1
-    covered = cv2.dilate(grid, plan.area_window, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return cv2.countNonZero(covered) / float(shape[0] * shape[1])
+def _area_fractions(idx: np.ndarray, n: int, plan: _Plan) -> np.ndarray:
+    """``(n,)`` fraction of each tile's cell grid within the area window of a kept nucleus.
+
+    ``idx``: the kept nuclei's flat indices into the ``(n, hc, wc)`` grids. The grids are dilated
+    in one call, stacked with zero rows between them (as wide as the window's reach), which
+    gives each grid its own zero border.
+    """
+    hc, wc, gap = plan.h // plan.f, plan.w // plan.f, plan.area_window.shape[0] // 2
+    grid = np.zeros((n, hc + gap, wc), np.uint8)
+    tile, cell = np.divmod(idx, hc * wc)
+    grid[tile, cell // wc, cell % wc] = 1
+    covered = cv2.dilate(grid.reshape(n * (hc + gap), wc), plan.area_window, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return np.count_nonzero(covered.reshape(n, hc + gap, wc)[:, :hc], axis=(1, 2)) / float(hc * wc)
 
 
 def available_cpus() -> int:
@@ -348,9 +456,12 @@ def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int 
     if rgb.dtype != np.uint8:
         rgb = rgb.astype(np.float32, copy=False)
 
-    def run(tiles: range) -> list:
+    def run(tiles: range) -> list[_ChunkEvidence]:
+        share = rgb[tiles.start: tiles.stop]
+        tables = _glass_tables(share, scorer)
         with _workspaces(plan) as ws:
-            return [_tile(rgb[i], scorer, plan, ws) for i in tiles]
+            return [_chunk(share[i: i + _CHUNK_TILES], tables[i: i + _CHUNK_TILES], scorer, plan, ws)
+                    for i in range(0, len(tiles), _CHUNK_TILES)]
 
     # One contiguous share of the batch per thread; the calling thread takes the first share itself.
     bounds = np.linspace(0, b, max(1, threads) + 1).astype(int)
@@ -358,24 +469,27 @@ def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int 
     if len(shares) > 1:
         with ThreadPoolExecutor(len(shares) - 1) as pool:
             helpers = pool.map(run, shares[1:])
-            per_tile = run(shares[0]) + [r for share in helpers for r in share]
+            chunks = run(shares[0]) + [c for share in helpers for c in share]
     else:
-        per_tile = run(shares[0])
+        chunks = run(shares[0])
+    return _evidence(chunks, scorer, plan, b)
 
-    counts = [len(p[1]) for p in per_tile]
-    seed_tile = torch.from_numpy(np.repeat(np.arange(b, dtype=np.int64), counts))
-    neighbours = torch.from_numpy(np.concatenate([p[2] for p in per_tile]).astype(np.float32))
-    idx = torch.from_numpy(np.concatenate([p[1] for p in per_tile]).astype(np.int64))
-    grid_hw = per_tile[0][3]
-    neighbours = scorer.edge_corrected_neighbours(neighbours, idx // grid_hw[1], idx % grid_hw[1], grid_hw)
+
+def _evidence(chunks: list[_ChunkEvidence], scorer: IhcDabScorer, plan: _Plan, b: int) -> CellEvidence:
+    """The batch's :class:`CellEvidence` from its chunks, in order: cohesion weights, tumour area."""
+    grid_hw = (plan.h // plan.f, plan.w // plan.f)
+    offsets = np.cumsum([0] + [c.stats.shape[0] for c in chunks[:-1]]) * (grid_hw[0] * grid_hw[1])
+    idx_np = np.concatenate([c.idx + o for c, o in zip(chunks, offsets)]).astype(np.int64)
+    tile_np, cell = np.divmod(idx_np, grid_hw[0] * grid_hw[1])
+    neighbours = torch.from_numpy(np.concatenate([c.neighbours for c in chunks]).astype(np.float32))
+    cell_t = torch.from_numpy(cell)
+    neighbours = scorer.edge_corrected_neighbours(neighbours, cell_t // grid_hw[1], cell_t % grid_hw[1], grid_hw)
     weights = scorer._cohesion_weight(neighbours)
-    keep = (weights > 0.5).numpy()
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    area = [_area_fraction(p[1], keep[starts[i]: starts[i + 1]], p[3], plan) for i, p in enumerate(per_tile)]
-    stats = torch.tensor([p[0] for p in per_tile], dtype=torch.float32).reshape(b, len(STAT_NAMES))
-    ray_max = np.concatenate([p[4] for p in per_tile]).reshape(-1, plan.ray_offsets.shape[0])
+    area = _area_fractions(idx_np[(weights > 0.5).numpy()], b, plan)
+    stats = torch.from_numpy(np.concatenate([c.stats for c in chunks]).astype(np.float32))
+    ray_max = np.concatenate([c.ray_max for c in chunks]).reshape(-1, plan.ray_offsets.shape[0])
     return CellEvidence(
-        stats={name: stats[:, j] for j, name in enumerate(STAT_NAMES)}, seed_tile=seed_tile,
+        stats={name: stats[:, j] for j, name in enumerate(STAT_NAMES)}, seed_tile=torch.from_numpy(tile_np),
         ray_max=torch.from_numpy(ray_max.astype(np.float32, copy=False)),
-        tumour_weight=weights, tumour_area_fraction=torch.tensor(area, dtype=torch.float32),
+        tumour_weight=weights, tumour_area_fraction=torch.from_numpy(area.astype(np.float32)),
     )
