@@ -195,7 +195,9 @@ class IhcThresholds:
     Background (glass) estimate (see :func:`wsi_her2.stain.od.estimate_background`):
     ``background_quantile = 0.99``, ``background_min_intensity = 0.65`` (real scanners render
     glass as dark as ~0.68; below 0.65 the "background" must be tissue), ``background_max_cast
-    = 0.06`` (glass tints seen in practice are <3 %).
+    = 0.06``: a tile's glass may be tinted by at most 6 % against the slide's glass colour
+    (grey when unknown; the score stage passes the colour the tile stage measured on the slide's
+    glass, so lavender or yellowish glass is not read as a cast, and a yellow cast never as DAB).
 
     Tumour, not everything (ASCO/CAP percentages are over invasive tumour cells): each nucleus
     is weighted by how much it looks like part of a cohesive epithelial sheet, counted as the
@@ -365,12 +367,13 @@ class IhcDabScorer(torch.nn.Module):
     _ray_table: torch.Tensor
 
     def __init__(self, *, mpp_um: float = 0.5, thresholds: IhcThresholds | None = None, kernel: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, glass_rgb: tuple[float, float, float] | None = None) -> None:
         super().__init__()
         if kernel not in KERNELS:
             raise ConfigError(f"IhcDabScorer kernel must be one of {KERNELS}, got {kernel!r}.")
         self.kernel = kernel
         self.threads = threads  # tile threads of the OpenCV kernel (None: the CPU count, at most 8)
+        self.glass_rgb = glass_rgb  # the slide's glass colour, when the slide shows glass (see glass_chroma)
         if not (0.05 <= mpp_um <= 4.0):
             raise ConfigError(
                 f"IhcDabScorer got mpp_um={mpp_um}, outside 0.05-4 µm/px; pass the tile pixel "
@@ -391,6 +394,22 @@ class IhcDabScorer(torch.nn.Module):
             mpp_um, t.nucleus_diameter_um / mpp_um, t.ray_start_um / mpp_um, t.ray_stop_um / mpp_um,
             t.n_directions,
         )
+
+    @property
+    def glass_chroma(self) -> torch.Tensor | None:
+        """``(3,)`` the slide's glass colour over its brightest channel, or None (grey glass assumed).
+
+        Set ``glass_rgb`` (the score stage does, from the tile stage's glass estimate) and a tile's
+        glass ``I0`` keeps the glass's tint: on yellowish glass a tile of tissue only would
+        otherwise have its blue ``I0`` raised to within ``background_max_cast`` of grey, and the
+        missing blue would read as DAB (a yellow cast is DAB-coloured).
+        """
+        if self.glass_rgb is None:
+            return None
+        rgb = torch.tensor([float(v) for v in self.glass_rgb], dtype=torch.float32)
+        if rgb.numel() != 3 or not bool((rgb > 0).all()):
+            raise ConfigError(f"IhcDabScorer.glass_rgb must be three positive values, got {self.glass_rgb!r}.")
+        return rgb / rgb.max()
 
     def _brown_share(self, dab_hed: torch.Tensor, dab_hnd: torch.Tensor, mpp_um: float) -> torch.Tensor:
         """Brown share of the DAB OD (1: all brown, 0: all grey), from ``(B, 1, h, w)`` clamped OD.
@@ -505,7 +524,7 @@ class IhcDabScorer(torch.nn.Module):
         # 1. Optical density against this tile's glass, then stain unmixing (full resolution).
         i0 = estimate_background(
             x, quantile=t.background_quantile, min_intensity=t.background_min_intensity,
-            max_cast=t.background_max_cast,
+            max_cast=t.background_max_cast, glass_chroma=self.glass_chroma,
         )
         od = rgb_to_od(x, i0).clamp(min=0.0)  # brighter than glass is glass
         hnd = od_to_hnd(od)  # grey absorbance goes to its own channel, not to DAB

@@ -198,17 +198,31 @@ def _chunk_planes(rgb: np.ndarray) -> list[list[np.ndarray] | None]:
     return out
 
 
-def _glass_log10(hist: np.ndarray, t, n_px: int) -> np.ndarray:
+def _chroma(scorer: IhcDabScorer) -> np.ndarray | None:
+    chroma = scorer.glass_chroma
+    return None if chroma is None else chroma.numpy().astype(np.float32)
+
+
+def _glass_log10(hist: np.ndarray, t, n_px: int, chroma: np.ndarray | None) -> np.ndarray:
     """``(T, 3)`` log10 of each tile's glass intensity ``I0`` from its ``(T, 3, 256)`` channel histograms.
 
     As ``estimate_background``: the per-channel quantile (the k-th smallest level: the number of
-    levels whose cumulative count is still below k), raised to within ``background_max_cast`` of
-    the brightest channel and clipped to ``[background_min_intensity, 1]``.
+    levels whose cumulative count is still below k), then :func:`_cast_limited`.
     """
     k = min(n_px, max(1, int(round(t.background_quantile * n_px))))
     i0 = np.count_nonzero(np.cumsum(hist, axis=2) < k - 0.5, axis=2).astype(np.float32) / np.float32(255.0)
-    i0 = np.maximum(i0, i0.max(axis=1, keepdims=True) * np.float32(1.0 - t.background_max_cast))
-    return np.log10(np.clip(i0, t.background_min_intensity, 1.0).astype(np.float32))
+    return np.log10(_cast_limited(i0, t, chroma))
+
+
+def _cast_limited(i0: np.ndarray, t, chroma: np.ndarray | None) -> np.ndarray:
+    """``(..., 3)`` glass intensities raised to within ``background_max_cast`` of the brightest channel,
+    measured in units of the slide's glass colour ``chroma`` (None: grey), clipped to [min, 1]."""
+    if chroma is not None:
+        i0 = i0 / chroma
+    i0 = np.maximum(i0, i0.max(axis=-1, keepdims=True) * np.float32(1.0 - t.background_max_cast))
+    if chroma is not None:
+        i0 = i0 * chroma
+    return np.clip(i0, t.background_min_intensity, 1.0).astype(np.float32)
 
 
 def _optical_density_float(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
@@ -217,8 +231,7 @@ def _optical_density_float(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
     _, h, w = rgb.shape
     flat = np.ascontiguousarray(rgb, dtype=np.float32).reshape(3, h * w)
     k = min(h * w, max(1, int(round(t.background_quantile * h * w))))
-    i0 = np.partition(flat, k - 1, axis=1)[:, k - 1]
-    i0 = np.clip(np.maximum(i0, i0.max() * np.float32(1.0 - t.background_max_cast)), t.background_min_intensity, 1.0)
+    i0 = _cast_limited(np.partition(flat, k - 1, axis=1)[:, k - 1], t, _chroma(scorer))
     od = np.log10(i0.astype(np.float32)).reshape(3, 1) - np.log10(np.maximum(flat, np.float32(MIN_INTENSITY)))
     return np.maximum(od, np.float32(0.0), out=od)
 
@@ -236,7 +249,8 @@ def _glass_tables(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
     for i, tile_planes in enumerate([[hwc[i]] * 3 for i in range(n)] if stored else _chunk_planes(rgb)):
         for c, p in enumerate(tile_planes or ()):
             hist[i, c] = cv2.calcHist([p], [c if stored else 0], None, [256], [0, 256]).ravel()
-    return np.maximum(_glass_log10(hist, scorer.thresholds, h * w)[:, :, None] - _LOG10_LEVELS, np.float32(0.0))
+    log_i0 = _glass_log10(hist, scorer.thresholds, h * w, _chroma(scorer))
+    return np.maximum(log_i0[:, :, None] - _LOG10_LEVELS, np.float32(0.0))
 
 
 def _chunk_od(rgb: np.ndarray, tables: np.ndarray, scorer: IhcDabScorer, ws: _Workspace) -> np.ndarray:

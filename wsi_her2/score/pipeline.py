@@ -238,6 +238,8 @@ def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None,
     """The model to score ``store`` with, calibrated, after the checks that it fits the store's tiles."""
     if model is None:
         model = load_scoring_model(config, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
+    if hasattr(model, "glass_rgb") and (glass := measured_glass_rgb(store)) is not None:
+        model.glass_rgb = glass  # the rule-based scorer measures OD against the slide's own glass colour
     if calibration is not None:
         from wsi_her2.score.calibrate import Calibration
 
@@ -245,6 +247,15 @@ def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None,
     check_model_matches_store(model.wsi_her2_config, store)
     check_stain_for_model(store, model.wsi_her2_config, force=config.force)  # H&E given to the DAB scorer is refused
     return model
+
+
+def measured_glass_rgb(store: PatchStore) -> tuple[float, float, float] | None:
+    """The glass colour the tile stage measured on the slide's glass, or None (no glass in view,
+    or a store written before the tile stage recorded it)."""
+    tissue = store.attrs.get("tissue", {})
+    if not tissue.get("glass_measured"):
+        return None
+    return tuple(float(v) for v in tissue["glass_rgb"])
 
 
 def _tile_measurements(store: PatchStore, pred, classes: list[str]) -> dict[str, np.ndarray]:

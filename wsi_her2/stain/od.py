@@ -63,6 +63,7 @@ def estimate_background(
     quantile: float = 0.99,
     min_intensity: float = 0.65,
     max_cast: float = 0.06,
+    glass_chroma: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Estimate each tile's glass intensity ``I0`` per channel from its brightest pixels.
 
@@ -84,6 +85,11 @@ def estimate_background(
         Largest colour cast allowed in the estimate, as a fraction of the brightest channel.
         Glass is near-neutral; a strongly tinted "background" is stained tissue, and letting
         it through would white-balance the stain away.
+    glass_chroma
+        ``(3,)`` colour of the slide's glass, each channel over the brightest (e.g. ``(1, 0.98,
+        0.88)`` for yellowish glass), when the slide shows glass. The cast is then measured from
+        the glass colour rather than from grey: a tile of tissue only keeps the glass's tint in
+        ``I0`` instead of having it read as stain (a yellow cast is DAB-coloured). None: grey.
 
     Returns
     -------
@@ -94,8 +100,13 @@ def estimate_background(
     flat = x.detach().float().reshape(b, c, h * w)
     k = min(h * w, max(1, int(round(quantile * h * w))))
     i0 = flat.kthvalue(k, dim=2).values  # (B, C)
+    chroma = None if glass_chroma is None else glass_chroma.to(i0.device, torch.float32).reshape(1, c)
+    if chroma is not None:
+        i0 = i0 / chroma  # in units of the glass colour: its own tint is no cast
     brightest = i0.amax(dim=1, keepdim=True)
     i0 = torch.maximum(i0, brightest * (1.0 - max_cast))
+    if chroma is not None:
+        i0 = i0 * chroma
     return i0.clamp(min_intensity, 1.0).reshape(b, c, 1, 1)
 
 

@@ -420,6 +420,7 @@ def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, p
         "thumbnail": {"mpp_um": mpp.mpp_um / thumb_scale, "px_per_level0_px": thumb_scale},
         "tissue": {
             "params": config.tissue.to_dict(), "glass_rgb": [float(v) for v in tissue.glass_rgb],
+            "glass_measured": bool(tissue.glass.n_pixels > 0),  # False: no glass in view, glass_rgb is a guess
             "od_threshold": round(tissue.glass.od_threshold, 4), "texture_threshold": round(tissue.glass.texture_threshold, 3),
             "tissue_area_mm2": round(tissue.tissue_area_mm2, 4), "tissue_fraction_of_slide": round(tissue.tissue_fraction, 4),
         },
