@@ -25,7 +25,8 @@ import numpy as np
 from wsi_her2.score.aggregate import SlideCall
 from wsi_her2.models.ihc_score import MEASUREMENT_NAMES
 from wsi_her2.tile.qc import QC_FLAGS, reject_reason
-from wsi_her2.score.pipeline import _write_geojson, _write_heatmap, _write_tiles_parquet
+from wsi_her2.outputs.slide_outputs import write_slide_geojson, write_slide_heatmap
+from wsi_her2.outputs.tables import write_tiles_parquet
 
 CLASSES = ("0", "1+", "2+", "3+")
 TILE_LEVEL0_PX = 224  # 224 px tiles at 0.5 µm/px on a 0.5 µm/px slide
@@ -68,13 +69,13 @@ def time_writers(n: int, out: Path) -> dict[str, float]:
                            n_tiles_used=int(store.qc_pass.sum()), method="vote").to_dict()
     seconds = {}
     t0 = time.perf_counter()
-    _write_tiles_parquet(out / f"{n}.tiles.parquet", store, calls, CLASSES, reasons, measurements)
+    write_tiles_parquet(out / f"{n}.tiles.parquet", store, calls, CLASSES, reasons, measurements)
     seconds["parquet"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _write_geojson(out, store.slide_id, store, calls, CLASSES, reasons, measurements, slide_call, gz=False)
+    write_slide_geojson(out, store.slide_id, store, calls, CLASSES, reasons, measurements, slide_call, gz=False)
     seconds["geojson"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _write_heatmap(out / f"{n}.heatmap.png", store, calls, CLASSES, slide_call)
+    write_slide_heatmap(out / f"{n}.heatmap.png", store, calls, CLASSES, slide_call)
     seconds["heatmap"] = time.perf_counter() - t0
     return seconds
 

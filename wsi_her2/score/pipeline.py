@@ -13,8 +13,6 @@ to the store unless ``out_dir`` is given::
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import time
@@ -27,7 +25,9 @@ import numpy as np
 from wsi_her2 import __version__
 from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 from wsi_her2.errors import ConfigError, StoreError
-from wsi_her2.files import atomic_target, atomic_write_text, clean_stale_tmp, prepare_output_dir
+from wsi_her2.files import atomic_write_text, clean_stale_tmp, prepare_output_dir
+from wsi_her2.outputs.slide_outputs import write_measure_heatmaps, write_slide_geojson, write_slide_heatmap
+from wsi_her2.outputs.tables import SLIDES_CSV_COLUMNS, ensure_slides_csv_row, upsert_slides_csv, write_tiles_parquet  # noqa: F401 (SLIDES_CSV_COLUMNS re-exported)
 from wsi_her2.tile.qc import reject_reason
 from wsi_her2.stain.check import check_stain_for_model
 from wsi_her2.store.no_tissue import SUFFIX as NO_TISSUE_SUFFIX
@@ -38,10 +38,6 @@ from wsi_her2.store.verify import verify_store
 
 log = logging.getLogger(__name__)
 
-SLIDES_CSV_COLUMNS = [
-    "slide", "her2_score", "confidence", "frac_0", "frac_1+", "frac_2+", "frac_3+",
-    "tiles_used", "tiles_rejected", "model", "aggregation", "her2_category", "tumour_cells", "tumour_area_mm2",
-]
 # Physical field of view must match what the model was trained on (tile px x µm/px).
 MPP_MATCH_TOLERANCE = 0.10
 
@@ -162,11 +158,11 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     extra_outputs = _explain(out, store, model, pred.scored, measurements, config) if config.explain else {}
     sid = store.slide_id
     outputs = {
-        "tiles_parquet": str(_write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
-        "geojson": str(_write_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz,
+        "tiles_parquet": str(write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
+        "geojson": str(write_slide_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz,
                                       extra_features=group_part["features"], slide_name_suffix=group_part["slide_name"])),
-        "heatmap_png": str(_write_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
-        **_write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
+        "heatmap_png": str(write_slide_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
+        **write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
         **group_part["outputs"],
         **extra_outputs,
     }
@@ -396,116 +392,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj)}")
-
-
-def _write_tiles_parquet(path: Path, store: PatchStore, calls, classes, reasons, measurements) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    coords = store.coords_level0
-    grid = store.grid_rc
-    cols: dict[str, Any] = {
-        "tile": np.arange(store.n_tiles, dtype=np.int64),
-        "x_level0": coords[:, 0],
-        "y_level0": coords[:, 1],
-        "row": grid[:, 0],
-        "col": grid[:, 1],
-        "qc_pass": store.qc_pass,
-        "qc_reason": pa.array(reasons, type=pa.string()),
-        "call": pa.array([classes[c] if c >= 0 else None for c in calls], type=pa.string()),
-    }
-    for name, values in measurements.items():
-        cols[name] = np.asarray(values, dtype=np.float32)
-    table = pa.table(cols)
-    table = table.replace_schema_metadata({"tile_size_level0": str(store.tile_size_level0), "slide": store.slide_id})
-    with atomic_target(path) as tmp:
-        pq.write_table(table, tmp)
-    return path
-
-
-def _write_geojson(out: Path, sid: str, store: PatchStore, calls, classes, reasons, measurements, slide_call, *, gz: bool,
-                   extra_features: list[dict] = (), slide_name_suffix: str = "") -> Path:
-    from wsi_her2.outputs.geojson import build_feature_collection, slide_feature, tile_features, write_geojson
-
-    bounds = tuple(store.attrs["slide"].get("bounds_offset_px", (0, 0)))
-    namespace = store.attrs["slide"]["sha256"]
-    tiles = tile_features(
-        coords_level0=store.coords_level0, tile_size_level0=store.tile_size_level0, class_names=classes, calls=calls,
-        measurements=measurements, reject_reasons=reasons, bounds_offset_px=bounds, id_namespace=namespace,
-    )
-    coords = store.coords_level0
-    size = store.tile_size_level0
-    bbox = (float(coords[:, 0].min()), float(coords[:, 1].min()), float(coords[:, 0].max() + size), float(coords[:, 1].max() + size))
-    slide = slide_feature(slide_call=slide_call, bbox=bbox, bounds_offset_px=bounds, id_namespace=namespace)
-    slide["properties"]["name"] += slide_name_suffix
-    fc = build_feature_collection(list(extra_features) + tiles, slide)
-    name = f"{sid}.geojson.gz" if gz else f"{sid}.geojson"
-    return write_geojson(fc, out / name, gzip=gz)
-
-
-def _write_heatmap(path: Path, store: PatchStore, calls, classes, slide_call) -> Path:
-    from wsi_her2.outputs.heatmap import write_call_heatmap
-
-    return write_call_heatmap(
-        path, thumbnail=store.array("thumbnail"), thumb_px_per_level0_px=float(store.attrs["thumbnail"]["px_per_level0_px"]),
-        coords_level0=store.coords_level0, tile_size_level0=store.tile_size_level0, calls=calls, class_names=classes,
-        slide_call=slide_call, slide_id=store.slide_id,
-    )
-
-
-def _write_measure_heatmaps(out: Path, store: PatchStore, measures: list[str], measurements: dict, slide_call) -> dict[str, str]:
-    """``--heatmap MEASURE``: one continuous map per named tile measurement, ``<id>.heatmap.<measure>.png``."""
-    from wsi_her2.outputs.heatmap import write_measure_heatmap
-
-    unknown = [m for m in measures if m not in measurements]
-    if unknown:
-        raise ConfigError(f"--heatmap {', '.join(unknown)}: no such tile measurement; choose from {', '.join(sorted(measurements))}")
-    written = {}
-    for m in measures:
-        path = write_measure_heatmap(
-            out / f"{store.slide_id}.heatmap.{m}.png", thumbnail=store.array("thumbnail"),
-            thumb_px_per_level0_px=float(store.attrs["thumbnail"]["px_per_level0_px"]), coords_level0=store.coords_level0,
-            tile_size_level0=store.tile_size_level0, values=np.where(store.qc_pass, measurements[m], np.nan),
-            measure=m, slide_call=slide_call, slide_id=store.slide_id,
-        )
-        written[f"heatmap_{m}_png"] = str(path)
-    return written
-
-
-def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
-    """Insert or replace rows (keyed by slide) in ``slides.csv``, sorted by slide id, atomically,
-    under ``slides.csv.lock``: concurrent writers (cohort workers) never lose each other's rows."""
-    from wsi_her2.locks import held
-
-    with held(path.with_name(path.name + ".lock")):
-        return _upsert_slides_csv_unlocked(path, rows)
-
-
-def _upsert_slides_csv_unlocked(path: Path, rows: list[dict]) -> Path:
-    existing: dict[str, dict] = {}
-    if path.exists():
-        with path.open(newline="") as fh:
-            for r in csv.DictReader(fh):
-                existing[r["slide"]] = r
-    for r in rows:
-        existing[str(r["slide"])] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=SLIDES_CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for key in sorted(existing):
-        writer.writerow(existing[key])
-    atomic_write_text(path, text.getvalue())
-    return path
-
-
-def ensure_slides_csv_row(path: Path, row: dict) -> None:
-    """Put ``row`` back into ``slides.csv`` if it is missing (a run killed after ``<id>.json``)."""
-    if path.exists():
-        with path.open(newline="") as fh:
-            if any(r.get("slide") == str(row["slide"]) for r in csv.DictReader(fh)):
-                return
-    log.info("%s: row of %s missing; restored from its result JSON", path, row["slide"])
-    upsert_slides_csv(path, [row])
 
 
 def find_stores(root: str | Path) -> list[Path]:
