@@ -1,0 +1,168 @@
+"""The cut-points of the rule-based HER2 IHC scorer (:class:`wsi_her2.models.ihc_score.IhcDabScorer`),
+each with its reason: stain physics, cytology and the ASCO/CAP wording, not fitted to images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wsi_her2.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class IhcThresholds:
+    """Every cut-point of :class:`IhcDabScorer`, in one place, with its reason.
+
+    Optical densities are decimal (log10), relative to the tile's glass intensity, in the
+    Ruifrok & Johnston DAB channel. Sizes are micrometres (converted with ``mpp_um``).
+
+    **Why these DAB OD cut-points.** DAB is a broad-band absorber; by Beer-Lambert a layer of
+    OD ``d`` transmits ``10**-d`` of the light. Intense (3+) membranes are chocolate-brown
+    to black, transmitting ~5-10 % (OD ~1.0-1.4); weak-moderate (2+) rings are clearly brown
+    yet translucent, ~25-40 % transmission (OD ~0.4-0.6); faint, barely perceptible (1+)
+    staining transmits ~55-70 % (OD ~0.15-0.25), near the eye's contrast threshold for a thin
+    line on a bright field. QuPath's positive-cell detection uses mean DAB OD bands of
+    0.2 / 0.4 / 0.6 for 1+/2+/3+ on whole-cell compartments, which dilute the membrane signal
+    over cytoplasm, so membrane maxima sit higher. Each cut-point is put at the geometric
+    mean (midpoint on the log scale the eye works on) between neighbouring grade ranges:
+
+    - ``dab_faint_od = 0.10``: unstained cytoplasm/stroma DAB after deconvolution is
+      ~0.00-0.05 (residual crosstalk plus JPEG noise); faint staining starts ~0.15. 0.10 sits
+      between, ~2 noise standard deviations above clean background.
+    - ``dab_weak_od = 0.30``: sqrt(0.2 * 0.5) ~ 0.32, between faint (1+) and weak-moderate (2+).
+    - ``dab_strong_od = 0.75``: sqrt(0.5 * 1.2) ~ 0.77, between weak-moderate (2+) and intense.
+    - ``od_log_softness = 0.15``: width of the logistic edges in natural-log OD, i.e. ±15 % of
+      the cut-point changes a membership by ~0.46 -> ~0.73; graded rather than one-hot, as the
+      grades are themselves visual judgements with known inter-observer spread.
+
+    Completeness (ASCO/CAP: "complete, circumferential" vs "incomplete"):
+
+    - ``complete_fraction = 0.75``: a ring is "complete" when >=75 % of rays meet membrane
+      DAB. Real rings show gaps where a neighbour's nucleus or tangential section interrupts
+      them; 12 of 16 rays tolerates that and still excludes half-rings (basolateral, U-shaped
+      patterns hit ~40-60 %).
+    - ``partial_min_fraction = 0.20``: at least ~3 of 16 rays must hit before a cell counts as
+      having (incomplete) membrane staining, so an isolated DAB speck does not.
+    - ``completeness_softness = 0.06``: logistic width in ray-fraction units (about one ray of 16).
+
+    Percentage rule (ASCO/CAP 2018, breast): a grade applies when ">10 % of tumour cells" show
+    its pattern: ``cell_fraction_cut = 0.10``; ``fraction_softness = 0.025`` makes 5 % -> 0.12
+    and 20 % -> 0.98 membership.
+
+    Geometry (breast carcinoma cytology):
+
+    - ``nucleus_diameter_um = 7.0``: tumour nuclei are ~6-12 µm, lymphocytes ~5-7 µm; blob
+      detection at 7 µm picks up both, smaller blobs are suppressed by the DoG contrast.
+    - ``seed_min_distance_um = 5.0``: two nuclei cannot sit closer than ~a nucleus radius plus
+      a membrane; local maxima closer than this are one nucleus.
+    - ``ray_start_um = 3.0``: rays start just inside the nuclear rim (~3.5 µm radius) so the
+      nucleus itself (where DAB crosstalk from dark hematoxylin is largest) is not counted.
+    - ``ray_stop_um = 9.0``: tumour cells are ~12-20 µm across, so the membrane is 6-10 µm from
+      the nucleus centre; 9 µm reaches it in most cells without reaching far into neighbours.
+    - ``n_directions = 16``: 22.5° sectors; 8 would make completeness too coarse (12.5 % steps).
+    - ``dab_smooth_sigma_um = 0.5``: suppresses single-pixel JPEG noise before ray maxima (a max
+      over many noisy samples is biased upward) while keeping a ~1 µm membrane.
+
+    Nuclei and tissue:
+
+    - ``hema_od_min = 0.05``: non-DAB (hematoxylin + neutral) OD of a nucleus, smoothed at the
+      nucleus scale. HER2 kits keep the counterstain light so membranes stay visible, and
+      nuclei of pale HER2 0/1+ carcinoma measure only ~0.05-0.15; 0.05 is ~25x the JPEG noise
+      left after that smoothing (< 0.002 OD).
+    - ``dog_contrast_min = 0.012``: a nucleus must stand out from its ~10 µm surroundings by
+      this much OD (a blob, not a smear): 6x the smoothed noise, so pale nuclei count while
+      smooth stroma and fat, which make no blobs, do not.
+    - ``tissue_od_sum = 0.08``: summed RGB OD. After background correction glass and fat read
+      <= ~0.04 in 90 % of pixels even in JPEG-compressed scans; a pale HER2-kit counterstain
+      alone (cytoplasm hematoxylin OD ~0.07) sums to ~0.11. Pixels below count as glass/fat.
+
+    Background (glass) estimate (see :func:`wsi_her2.stain.od.estimate_background`):
+    ``background_quantile = 0.99``, ``background_min_intensity = 0.65`` (real scanners render
+    glass as dark as ~0.68; below 0.65 the "background" must be tissue), ``background_max_cast
+    = 0.06``: a tile's glass may be tinted by at most 6 % against the slide's glass colour
+    (grey when unknown; the score stage passes the colour the tile stage measured on the slide's
+    glass, so lavender or yellowish glass is not read as a cast, and a yellow cast never as DAB).
+
+    Tumour, not everything (ASCO/CAP percentages are over invasive tumour cells): each nucleus
+    is weighted by how much it looks like part of a cohesive epithelial sheet, counted as the
+    other nuclei in a ``cohesion_window_um = 40`` µm square around it. Carcinoma cells are
+    12-20 µm across, so such a square holds 5-14 of them (4-13 neighbours); fibroblasts, smooth
+    muscle and fat in stroma leave 0-3. The weight is a logistic in the neighbour count,
+    centred on ``min_neighbours = 4`` (``neighbours_softness = 1``), times one falling at
+    ``max_neighbours = 24``: cells over ~8 µm cannot pack more densely, so denser blobs are
+    lymphocyte aggregates. Where the tile edge cuts the window, the count inside the tile is
+    scaled up to the whole window (:meth:`IhcDabScorer.edge_corrected_neighbours`), so the weight
+    does not depend on the tile size. ``cell_radius_um = 8`` turns tumour nuclei into tumour area. Limits:
+    in situ carcinoma and dense benign epithelium count as tumour; single infiltrating tumour
+    cells in stroma count little.
+
+    Brown, not merely dark: DAB is read from the Ruifrok-Johnston channel, then multiplied by
+    its brown share: the fraction of it that stays DAB when a neutral (grey) vector is added to
+    the basis, measured on OD smoothed over ``chroma_sigma_um = 1.5`` µm (JPEG 4:2:0 stores
+    colour at half resolution, so a membrane's hue must be read over its neighbourhood) and
+    over at least ``chroma_min_od = 0.03`` DAB OD (below it the share is noise). A share of
+    ``brown_full_share = 0.5`` or more keeps the full OD (JPEG chroma loss and a real DAB hue a
+    little greyer than Ruifrok's lower the share of real membranes to ~0.5-0.9); grey tissue's
+    share is ~0, so it is scaled to ~0 in proportion. Neutral
+    absorbance (thick sections, dense stroma, muscle, a grey cast) thus reads as no DAB, while a
+    faint but brown membrane keeps its full OD.
+
+    Lab calibration: ``dab_gain`` multiplies the DAB optical density before every cut-point
+    (equivalently divides all three cut-points), the one intensity factor that differs between
+    labs (DAB development time, scanner); 1.0 unless ``wsi-her2 calibrate`` fitted another.
+
+    Low-information tiles: ``min_cells = 8`` tumour cells (fewer and one cell moves the percentage
+    past 10 %), ``cells_softness = 2``; ``min_tissue_fraction = 0.10``,
+    ``tissue_softness = 0.03``; below these the output approaches ``prior`` =
+    (0.4, 0.2, 0.2, 0.2): argmax 0, low confidence.
+    """
+
+    dab_faint_od: float = 0.10
+    dab_weak_od: float = 0.30
+    dab_strong_od: float = 0.75
+    od_log_softness: float = 0.15
+    complete_fraction: float = 0.75
+    partial_min_fraction: float = 0.20
+    completeness_softness: float = 0.06
+    cell_fraction_cut: float = 0.10
+    fraction_softness: float = 0.025
+    nucleus_diameter_um: float = 7.0
+    seed_min_distance_um: float = 5.0
+    ray_start_um: float = 3.0
+    ray_stop_um: float = 9.0
+    n_directions: int = 16
+    dab_smooth_sigma_um: float = 0.5
+    hema_od_min: float = 0.05
+    dog_contrast_min: float = 0.012
+    tissue_od_sum: float = 0.08
+    background_quantile: float = 0.99
+    background_min_intensity: float = 0.65
+    background_max_cast: float = 0.06
+    cohesion_window_um: float = 40.0
+    min_neighbours: float = 4.0
+    max_neighbours: float = 24.0
+    neighbours_softness: float = 1.0
+    cell_radius_um: float = 8.0
+    dab_gain: float = 1.0
+    chroma_sigma_um: float = 1.5
+    chroma_min_od: float = 0.03
+    brown_full_share: float = 0.5
+    min_cells: float = 8.0
+    cells_softness: float = 2.0
+    min_tissue_fraction: float = 0.10
+    tissue_softness: float = 0.03
+    prior: tuple[float, float, float, float] = (0.4, 0.2, 0.2, 0.2)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.dab_faint_od < self.dab_weak_od < self.dab_strong_od:
+            raise ConfigError(
+                "IhcThresholds DAB cut-points must satisfy 0 < faint < weak < strong, got "
+                f"{self.dab_faint_od}, {self.dab_weak_od}, {self.dab_strong_od}; fix the order."
+            )
+        if not 0.0 < self.ray_start_um < self.ray_stop_um:
+            raise ConfigError(
+                f"IhcThresholds needs 0 < ray_start_um < ray_stop_um, got {self.ray_start_um}, "
+                f"{self.ray_stop_um}."
+            )
+        if self.n_directions < 4:
+            raise ConfigError(f"IhcThresholds.n_directions must be >= 4, got {self.n_directions}.")
+        if len(self.prior) != 4 or abs(sum(self.prior) - 1.0) > 1e-6 or min(self.prior) <= 0:
+            raise ConfigError(f"IhcThresholds.prior must be 4 positive numbers summing to 1, got {self.prior}.")
