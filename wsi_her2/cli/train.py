@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from wsi_her2.train.data import discover_dataset
     from wsi_her2.train.evaluate import format_table
     from wsi_her2.train.recipes import describe, get_recipe, parse_overrides
-    from wsi_her2.train.trainer import train_model
+    from wsi_her2.train.run import train_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
