@@ -51,3 +51,16 @@ def test_record_goes_when_the_slide_is_tiled_after_all(tmp_path):
     assert main(["score", str(out), "-o", str(out), "-q"]) == 0
     result = json.loads((out / "core.json").read_text())
     assert result["store"] and np.isfinite(result["call"]["confidence"])
+
+
+def test_overwrite_that_finds_no_tissue_leaves_no_old_store_behind(tmp_path):
+    """A complete store from before must not be scored in place of the no-tissue record."""
+    out = tmp_path / "out"
+    rgb, _ = pale_core(size_px=1200, mpp_um=1.0, core_diameter_um=1000.0, stain_od=1.0, seed=2)
+    slide = write_image_slide(rgb, tmp_path / "core.svs", mpp_um=1.0)
+    assert main(["tile", str(slide), "-o", str(out), "--mpp", "1.0", "-q"]) == 0
+    _unstained_core_slide(tmp_path, "core")  # the same name, now a blank core
+    assert main(["tile", str(slide), "-o", str(out), "--mpp", "1.0", "-q", "--overwrite"]) != 0
+    assert not (out / "core.zarr").exists() and record_path(out / "core.zarr").is_file()
+    assert main(["score", str(out), "-o", str(out), "-q"]) == 0
+    assert json.loads((out / "core.json").read_text())["call"]["her2_score"] == "indeterminate"

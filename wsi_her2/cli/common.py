@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from typing import Iterator
 
-from wsi_her2.errors import ConfigError
+from wsi_her2.errors import ConfigError, WsiHer2Error
 from wsi_her2.tile.qc import BLUR_METRICS, QcParams
 from wsi_her2.tile.tissue import THUMB_MAX_MPP_UM, THUMB_MPP_UM, TissueParams
 from wsi_her2.store.codecs import DEFAULT_TILE_CODEC, TILE_CODECS
@@ -130,10 +131,6 @@ class EachItem:
         self.failed = 0
 
     def __iter__(self):
-        import sys
-
-        from wsi_her2.errors import WsiHer2Error
-
         for item in self.items:
             try:
                 result = self.work(item)
@@ -148,8 +145,6 @@ class EachItem:
             yield item, result
 
     def exit_code(self) -> int:
-        import sys
-
         if not self.failed:
             return 0
         print(f"wsi-her2 {self.command}: {self.failed} of {len(self.items)} {self.noun} failed", file=sys.stderr)

@@ -236,20 +236,27 @@ class IhcDabScorer(torch.nn.Module):
         )
 
     @property
-    def glass_chroma(self) -> torch.Tensor | None:
-        """``(3,)`` the slide's glass colour over its brightest channel, or None (grey glass assumed).
+    def glass_rgb(self) -> tuple[float, float, float] | None:
+        """The slide's glass colour (RGB, 0-255), or None (grey glass assumed).
 
-        Set ``glass_rgb`` (the score stage does, from the tile stage's glass estimate) and a tile's
-        glass ``I0`` keeps the glass's tint: on yellowish glass a tile of tissue only would
-        otherwise have its blue ``I0`` raised to within ``background_max_cast`` of grey, and the
-        missing blue would read as DAB (a yellow cast is DAB-coloured).
+        Set it (the score stage does, from the tile stage's glass estimate) and a tile's glass
+        ``I0`` keeps the glass's tint: on yellowish glass a tile of tissue only would otherwise
+        have its blue ``I0`` raised to within ``background_max_cast`` of grey, and the missing
+        blue would read as DAB (a yellow cast is DAB-coloured).
         """
-        if self.glass_rgb is None:
-            return None
-        rgb = torch.tensor([float(v) for v in self.glass_rgb], dtype=torch.float32)
-        if rgb.numel() != 3 or not bool((rgb > 0).all()):
-            raise ConfigError(f"IhcDabScorer.glass_rgb must be three positive values, got {self.glass_rgb!r}.")
-        return rgb / rgb.max()
+        return self._glass_rgb
+
+    @glass_rgb.setter
+    def glass_rgb(self, rgb) -> None:
+        if rgb is None:
+            self._glass_rgb, self.glass_chroma = None, None
+            return
+        values = tuple(float(v) for v in rgb)
+        if len(values) != 3 or min(values) <= 0:
+            raise ConfigError(f"IhcDabScorer.glass_rgb must be three positive values, got {rgb!r}.")
+        self._glass_rgb = values
+        #: ``(3,)`` the glass colour over its brightest channel (what the cast limit is measured in).
+        self.glass_chroma = torch.tensor(values, dtype=torch.float32) / max(values)
 
     def _brown_share(self, dab_hed: torch.Tensor, dab_hnd: torch.Tensor, mpp_um: float) -> torch.Tensor:
         """Brown share of the DAB OD (1: all brown, 0: all grey), from ``(B, 1, h, w)`` clamped OD.

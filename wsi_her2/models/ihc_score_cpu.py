@@ -199,8 +199,7 @@ def _chunk_planes(rgb: np.ndarray) -> list[list[np.ndarray] | None]:
 
 
 def _chroma(scorer: IhcDabScorer) -> np.ndarray | None:
-    chroma = scorer.glass_chroma
-    return None if chroma is None else chroma.numpy().astype(np.float32)
+    return None if scorer.glass_chroma is None else scorer.glass_chroma.numpy()
 
 
 def _glass_log10(hist: np.ndarray, t, n_px: int, chroma: np.ndarray | None) -> np.ndarray:

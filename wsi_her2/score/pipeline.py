@@ -167,7 +167,8 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         **extra_outputs,
     }
     tumour = tumour_summary(pred.measurements, pred.scored)
-    row = _slides_csv_row(store, config, slide_call, tumour, pred.scored)
+    n_used = int(pred.scored.sum())
+    row = _slides_csv_row(sid, config, slide_call, tumour, n_used=n_used, n_rejected=store.n_tiles - n_used)
     result = {
         "slide": sid,
         "store": str(store.path),
@@ -196,18 +197,15 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
 
 def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | None, config: ScoreConfig) -> SlideScore:
     """``<id>.json`` and the ``slides.csv`` row of a slide where ``tile`` found no tissue."""
-    from wsi_her2.score.aggregate import HER2_CATEGORIES
+    from wsi_her2.score.aggregate import HER2_CATEGORIES, her2_category
 
     sid = store_path.name.removesuffix(".zarr")
     out = prepare_output_dir(Path(out_dir) if out_dir else store_path.parent)
-    reason = record["reason"]
+    category = her2_category(INDETERMINATE, None)
     call = {"her2_score": INDETERMINATE, "confidence": 0.0, "class_fractions": dict.fromkeys(HER2_CLASSES, 0.0),
-            "n_tiles_used": 0, "method": config.agg, "details": {"reason": reason}}
-    call.update(her2_category="indeterminate", her2_category_text=HER2_CATEGORIES["indeterminate"])
-    row = {"slide": sid, "her2_score": INDETERMINATE, "confidence": 0.0,
-           **{f"frac_{c}": 0.0 for c in HER2_CLASSES}, "tiles_used": 0, "tiles_rejected": 0,
-           "model": _model_label(config), "aggregation": config.agg, "her2_category": call["her2_category"],
-           "tumour_cells": "", "tumour_area_mm2": ""}
+            "n_tiles_used": 0, "method": config.agg, "details": {"reason": record["reason"]},
+            "her2_category": category, "her2_category_text": HER2_CATEGORIES[category]}
+    row = _slides_csv_row(sid, config, call, {}, n_used=0, n_rejected=0)
     result = {"slide": sid, "store": None, "slide_path": record.get("slide"), "call": call, "row": row,
               "aggregation": config.agg, "model": {"name": _model_label(config)}, "package_version": __version__,
               "no_tissue": record, "outputs": {}}
@@ -279,15 +277,16 @@ def _explain(out: Path, store: PatchStore, model, scored, measurements: dict, co
     return {"saliency_png": str(png)}
 
 
-def _slides_csv_row(store: PatchStore, config: ScoreConfig, slide_call: dict, tumour: dict, scored) -> dict:
+def _slides_csv_row(slide_id: str, config: ScoreConfig, slide_call: dict, tumour: dict, *, n_used: int,
+                    n_rejected: int) -> dict:
     fractions = slide_call.get("class_fractions", {})
     return {
-        "slide": store.slide_id,
+        "slide": slide_id,
         "her2_score": slide_call["her2_score"],
         "confidence": round(float(slide_call["confidence"]), 4),
         **{f"frac_{c}": round(float(fractions.get(c, 0.0)), 4) for c in HER2_CLASSES},
-        "tiles_used": int(scored.sum()),
-        "tiles_rejected": int(store.n_tiles - scored.sum()),
+        "tiles_used": n_used,
+        "tiles_rejected": n_rejected,
         "model": _model_label(config),
         "aggregation": config.agg,
         "her2_category": slide_call["her2_category"],

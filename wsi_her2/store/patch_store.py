@@ -115,9 +115,7 @@ class PatchStore:
         import zarr
 
         path = Path(path)
-        check_store_slot(path, known_entries=STORE_ENTRIES)  # a user's directory or file in the store's place is refused, never removed
-        if path.exists():
-            shutil.rmtree(path)
+        remove_store(path)
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         try:
             codec_kwargs = zarr_codecs(codec, jpeg_quality=jpeg_quality)
@@ -294,6 +292,15 @@ class TileChunkWriter:
             # (benchmarks/README.md, "writing chunks"), pieces keep the page-cache copy cheap
             for i in range(0, len(view), WRITE_PIECE_BYTES):
                 fh.write(view[i : i + WRITE_PIECE_BYTES])
+
+
+def remove_store(path: str | Path) -> None:
+    """Remove the wsi-her2 store (or a creation of one cut short) at ``path``; anything else there
+    (a user's directory or file) is refused with an error, never removed."""
+    path = Path(path)
+    check_store_slot(path, known_entries=STORE_ENTRIES)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def open_store(path: str | Path) -> PatchStore:

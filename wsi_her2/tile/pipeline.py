@@ -32,7 +32,7 @@ from wsi_her2.tile.qc import QC_FLAGS, QcParams, TileQc, slide_qc_summary, tile_
 from wsi_her2.tile.qc_picture import render_qc_picture, save_qc_picture
 from wsi_her2.slide import open_slide
 from wsi_her2.slide.mpp import read_mpp_csv, resolve_mpp
-from wsi_her2.store.patch_store import QC_ARRAYS, STORE_ENTRIES, PatchStore, TileChunkWriter
+from wsi_her2.store.patch_store import QC_ARRAYS, STORE_ENTRIES, PatchStore, TileChunkWriter, remove_store
 from wsi_her2.store.codecs import DEFAULT_TILE_CODEC, JPEG_MAX_SIDE_PX, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
 from wsi_her2.tile.geometry import TileGeometry, choose_geometry, mask_coverage, plan_tiles
 from wsi_her2.tile.tissue import TissueParams, detect_tissue
@@ -335,6 +335,9 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
                                  flags=np.zeros(0, np.uint8), title="no tissue found")
             reason = (f"no tissue found (tissue area {tissue.tissue_area_mm2:.3f} mm², grid {geometry.grid_cols}x"
                       f"{geometry.grid_rows} tiles)")
+            # an earlier store here (an --overwrite of a complete one, or an interrupted run) would
+            # otherwise be scored in place of the record
+            remove_store(store_path)
             write_no_tissue_record(store_path, slide=slide, reason=reason, tissue_area_mm2=tissue.tissue_area_mm2)
             raise NoTissueError(
                 f"{slide}: {reason}; check the slide, or lower --min-od / raise --max-gray if the stain is very pale"
