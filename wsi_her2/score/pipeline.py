@@ -119,9 +119,8 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     config = config or ScoreConfig()
     calibration = validate_score_config(config)
     t_start = time.perf_counter()
-    no_tissue = None if Path(store_path).exists() else read_no_tissue_record(store_path)
-    if no_tissue is not None:  # `tile` found nothing to tile: indeterminate, with its reason
-        return _score_no_tissue(Path(store_path), no_tissue, out_dir=out_dir, config=config)
+    if not Path(store_path).exists() and (record := read_no_tissue_record(store_path)) is not None:
+        return _score_no_tissue(Path(store_path), record, out_dir=out_dir, config=config)  # `tile` found no tissue
     store = open_store(store_path)
     out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
     clean_stale_tmp(out)  # temporary files of a killed run
@@ -167,8 +166,8 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         **extra_outputs,
     }
     tumour = tumour_summary(pred.measurements, pred.scored)
-    n_used = int(pred.scored.sum())
-    row = _slides_csv_row(sid, config, slide_call, tumour, n_used=n_used, n_rejected=store.n_tiles - n_used)
+    row = _slides_csv_row(sid, config, slide_call, tumour, n_used=int(pred.scored.sum()),
+                          n_rejected=int(store.n_tiles - pred.scored.sum()))
     result = {
         "slide": sid,
         "store": str(store.path),
