@@ -211,17 +211,18 @@ def test_two_kernel_threads_give_the_one_thread_numbers(graded):
 
 def test_blas_pieces_give_the_whole_products():
     """The kernel's products in single-threaded BLAS pieces equal the one-call products."""
-    from wsi_her2.models import ihc_score_cpu as k
+    from wsi_her2.models import ihc_cpu_kernel as k
+    from wsi_her2.models.ihc_score_cpu import _UNMIX
 
     rng = np.random.default_rng(1)
     od = rng.random((3, 224 * 225), dtype=np.float32)  # not a multiple of the piece size
-    assert np.array_equal(k._unmix(od, np.empty((5, od.shape[1]), np.float32)), k._UNMIX @ od)
+    assert np.array_equal(k._unmix(_UNMIX, od, np.empty((5, od.shape[1]), np.float32)), _UNMIX @ od)
 
 
 @pytest.mark.parametrize("chunk_tiles", [1, 3, 8])
 def test_stacked_chunks_give_the_per_tile_numbers(graded, monkeypatch, chunk_tiles):
     """Tiles stacked into one image per step (any chunk size, a short last chunk) change no number."""
-    from wsi_her2.models import ihc_score_cpu as k
+    from wsi_her2.models import ihc_cpu_kernel as k
 
     u8 = torch.from_numpy(graded[:7])
     monkeypatch.setattr(k, "_CHUNK_TILES", 1)
@@ -236,7 +237,8 @@ def test_neighbour_counts_and_tumour_area_equal_the_filters_they_replace():
     """Integral-image window counts = a zero-bordered box filter; the stacked dilation = one per tile."""
     import cv2
 
-    from wsi_her2.models import ihc_score_cpu as k
+    from wsi_her2.models import ihc_cpu_kernel as k
+    from wsi_her2.models.ihc_score_cpu import kernel_plan
 
     rng = np.random.default_rng(2)
     seeds = rng.random((3, 112, 112)) > 0.985
@@ -245,7 +247,7 @@ def test_neighbour_counts_and_tumour_area_equal_the_filters_they_replace():
     box = np.stack([cv2.boxFilter(m.view(np.uint8), cv2.CV_32F, (41, 41), normalize=False,
                                   borderType=cv2.BORDER_CONSTANT) for m in seeds])
     assert np.array_equal(counts, box.ravel()[idx])
-    plan = k._cached_plan(IhcDabScorer(mpp_um=0.5), 224, 224)
+    plan = kernel_plan(IhcDabScorer(mpp_um=0.5), 224, 224)
     area = k._area_fractions(idx, 3, plan)
     per_tile = [cv2.countNonZero(cv2.dilate(m.view(np.uint8), plan.area_window, borderType=cv2.BORDER_CONSTANT,
                                             borderValue=0)) / m.size for m in seeds]

@@ -9,21 +9,34 @@ Only this package imports timm.
 """
 from __future__ import annotations
 
-from wsi_her2.models.config import HEAD_NAMES, HER2_CLASSES, IMAGENET_MEAN, IMAGENET_STD, ModelConfig
-from wsi_her2.models.heads import FeatureClassifier, gradcam_layer, parameter_groups
-from wsi_her2.models.registry import (
-    build_model,
-    count_parameters,
-    create_model,
-    get_config,
-    list_models,
-    register_model,
-)
-from wsi_her2.models.weights import load_model, read_checkpoint, read_config, save_model
+import importlib
+from typing import Any
 
-# Importing these modules fills the registry.
-from wsi_her2.models import archs as _archs  # noqa: E402,F401  isort: skip
-from wsi_her2.models import hybrids as _hybrids  # noqa: E402,F401  isort: skip
+#: Public name -> the submodule defining it. Loaded on first use (PEP 562), so that importing a
+#: torch-free submodule (``ihc_thresholds``, ``ihc_cpu_kernel``: what CPU scoring workers need)
+#: does not import torch and timm (~2 s).
+_EXPORTS = {
+    "HEAD_NAMES": "config", "HER2_CLASSES": "config", "IMAGENET_MEAN": "config", "IMAGENET_STD": "config",
+    "ModelConfig": "config",
+    "FeatureClassifier": "heads", "gradcam_layer": "heads", "parameter_groups": "heads",
+    "build_model": "registry", "count_parameters": "registry", "create_model": "registry",
+    "get_config": "registry", "list_models": "registry", "register_model": "registry",
+    "load_model": "weights", "read_checkpoint": "weights", "read_config": "weights", "save_model": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "HEAD_NAMES",

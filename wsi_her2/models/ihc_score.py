@@ -29,7 +29,7 @@ pattern. Steps, all per tile:
 Every cut-point lives in :class:`IhcThresholds` (:mod:`wsi_her2.models.ihc_thresholds`) with its reason.
 
 Two kernels compute steps 1-3 and the ray maxima (:class:`CellEvidence`): batched torch ops
-(any device; the GPU path) and OpenCV per tile (:mod:`wsi_her2.models.ihc_score_cpu`, the CPU default,
+(any device; the GPU path) and OpenCV per tile (:mod:`wsi_her2.models.ihc_cpu_kernel`, the CPU default,
 ~1 ms per 224 px tile). Steps 4-6 are one torch implementation shared by both.
 
 Limits

@@ -1,101 +1,56 @@
-"""The CPU kernel of :class:`wsi_her2.models.ihc_score.IhcDabScorer`: steps 1-3 per tile with OpenCV.
+"""The torch side of :class:`wsi_her2.models.ihc_score.IhcDabScorer`'s CPU kernel.
 
-Same definitions as the torch kernel (``IhcDabScorer._cell_evidence_torch``), computed on planar
-float32 numpy arrays (per-pixel steps on ``_CHUNK_TILES`` tiles stacked as one image, filters
-with a border per tile: the same numbers as tile by tile), where OpenCV's separable filters and morphology run 10-50x
-faster than torch's CPU convolutions and pooling on 224 px images:
-
-- background ``I0``: the per-channel quantile read from an 8-bit histogram (exact for 8-bit
-  input, which is what the tile store holds; within 1/510 of the intensity otherwise);
-- optical density and unmixing: one ``(5, 3) @ (3, H*W)`` product (in single-threaded BLAS pieces) for hematoxylin, neutral,
-  DAB (neutral basis), DAB (Ruifrok) and the summed OD;
-- Gaussian blurs with the same taps (:func:`wsi_her2.models.ihc_score._gaussian_taps`) and the same
-  reflect border (``BORDER_REFLECT_101``), block means by ``INTER_AREA`` at integer factors,
-  bilinear upsampling with half-pixel centres (as ``F.interpolate(align_corners=False)``),
-  local maxima by a rectangular dilation with the border ignored (as ``max_pool2d``),
-  neighbour counts by an unnormalised box filter with a zero border.
-
-Tiles of a batch are spread over ``torch.get_num_threads()`` threads (OpenCV and numpy release
-the GIL); nothing process-wide is changed. ``tests/test_ihc_kernels.py`` holds this kernel and
-the torch one to the same calls and measurements on real and synthetic tiles.
+The kernel itself (numpy and OpenCV, no torch) is :mod:`wsi_her2.models.ihc_cpu_kernel`. Here:
+its :class:`~wsi_her2.models.ihc_cpu_kernel.KernelPlan` built from a scorer (once per scorer and
+tile size), a batch spread over ``threads`` tile threads (OpenCV and numpy release the GIL;
+nothing process-wide is changed), and the chunks' numbers turned into the :class:`CellEvidence`
+that the scorer's shared steps 4-6 take.
 """
 from __future__ import annotations
 
 import math
-import os
-import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 import torch
 
+from wsi_her2.models.ihc_cpu_kernel import (
+    STAT_NAMES,
+    ChunkEvidence,
+    KernelPlan,
+    _area_fractions,
+    available_cpus,
+    chunk_evidence,
+    tile_threads,
+)
 from wsi_her2.models.ihc_score import CellEvidence, IhcDabScorer, _gaussian_taps, _odd
 from wsi_her2.stain.od import HED_FROM_RGB, HND_FROM_RGB, MIN_INTENSITY
 
-__all__ = ["cell_evidence_opencv"]
+__all__ = ["available_cpus", "cell_evidence_opencv", "evidence_from_chunks", "kernel_plan", "tile_threads"]
 
-STAT_NAMES = ("tissue_fraction", "hematoxylin_od_mean", "neutral_od_mean", "dab_od_mean", "stained_fraction")
 #: Rows: hematoxylin, neutral, DAB (neutral basis), DAB (Ruifrok), summed OD; columns R, G, B.
 _UNMIX = np.concatenate([
     HND_FROM_RGB.T.numpy(), HED_FROM_RGB.T.numpy()[2:3], np.ones((1, 3)),
 ]).astype(np.float32)
-_MIN_TILES_PER_THREAD = 4
-#: Tiles whose per-pixel steps run as one stacked image (one call instead of one per tile).
-#: Measured at 224 px (~1.7 MB of float planes a tile): 2 is fastest; 4-8 lose more to cache
-#: misses than they save in calls.
-_CHUNK_TILES = 2
-#: Columns per BLAS call. numpy's BLAS (OpenBLAS) wakes its own thread pool for larger products
-#: and dot products (~16k+ and 10k+ elements), whose workers then spin beside the kernel's tile
-#: threads: measured here, two tile threads cost 2x the CPU of one. Below these sizes every call
-#: stays on the calling thread, with the same per-element arithmetic (so the same numbers).
-_BLAS_COLUMNS = 8192
-#: The 256 intensity levels as float32 (``k / 255``, as ``uint8 tensor / 255`` gives them).
-_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
 #: log10 of the 256 intensity levels, the darkest clamped to one grey level (``MIN_INTENSITY``).
 _LOG10_LEVELS = np.log10(np.maximum(np.arange(256, dtype=np.float32) / np.float32(255.0), np.float32(MIN_INTENSITY)))
 
-
-@dataclass(frozen=True)
-class _Plan:
-    """Per-scorer, per-tile-size constants: taps and window sizes in pixels."""
-
-    h: int
-    w: int
-    f: int
-    chroma: np.ndarray | None
-    nucleus: np.ndarray | None
-    surround: np.ndarray | None
-    smooth: np.ndarray | None
-    seed_window: np.ndarray
-    cohesion_px: int
-    area_window: np.ndarray
-    pad: int
-    ray_offsets: np.ndarray
-    #: ``ray_offsets`` as ``(L, 1, n_directions)``: gathered samples reduce over the outer axis (one SIMD pass).
-    ray_offsets_t: np.ndarray
-    #: Idle per-share buffer sets (see :func:`_workspaces`), reused batch after batch.
-    idle: list = field(default_factory=list, compare=False, repr=False)
-    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
-
-
-#: Plans per scorer, by (thresholds, µm/px, tile size); weak keys: a plan lives as long as its scorer.
+#: Plans per scorer, by (thresholds, glass, µm/px, tile size); weak keys: a plan lives as long as its scorer.
 _PLANS: "weakref.WeakKeyDictionary[IhcDabScorer, dict]" = weakref.WeakKeyDictionary()
 
 
-def _cached_plan(scorer: IhcDabScorer, h: int, w: int) -> _Plan:
+def kernel_plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
     """The scorer's plan for ``h x w`` tiles, built once (taps and ray offsets cost ~0.1 ms)."""
     plans = _PLANS.setdefault(scorer, {})
-    key = (scorer.thresholds, scorer.mpp_um, scorer.cell_grid_factor, h, w)
+    key = (scorer.thresholds, scorer.glass_rgb, scorer.mpp_um, scorer.cell_grid_factor, h, w)
     plan = plans.get(key)
     if plan is None:
         plan = plans[key] = _plan(scorer, h, w)
     return plan
 
 
-def _plan(scorer: IhcDabScorer, h: int, w: int) -> _Plan:
+def _plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
     t, f = scorer.thresholds, scorer.cell_grid_factor
     mpp_c = scorer.mpp_um * f
     hc, wc = h // f, w // f
@@ -109,7 +64,10 @@ def _plan(scorer: IhcDabScorer, h: int, w: int) -> _Plan:
     area_win = _odd(2 * t.cell_radius_um / mpp_c)
     pad = scorer.ray_pad_px(h, w)
     offsets = scorer.ray_offsets_flat(w + 2 * pad, pad).numpy().astype(np.int32)
-    return _Plan(
+    return KernelPlan(
+        thresholds=t,
+        glass_chroma=None if scorer.glass_chroma is None else scorer.glass_chroma.numpy(),
+        unmix=_UNMIX, min_intensity=MIN_INTENSITY, log10_levels=_LOG10_LEVELS,
         h=h, w=w, f=f,
         chroma=taps(t.chroma_sigma_um / mpp_c, hc, wc),
         nucleus=taps(sigma1, hc, wc),
@@ -124,372 +82,28 @@ def _plan(scorer: IhcDabScorer, h: int, w: int) -> _Plan:
     )
 
 
-class _Workspace:
-    """float32 buffers of one share of a batch, reused tile after tile and batch after batch.
-
-    Fresh 0.2-1 MB temporaries per tile are mapped, zero-filled and unmapped by the allocator
-    each time, which costs as much CPU as the arithmetic and serialises threads on the kernel.
-    A share takes an idle set from its plan (:func:`_workspaces`) and gives it back after.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape:
-            buf = self._buffers[name] = np.empty(shape, np.float32)
-        return buf
-
-
-class _workspaces:
-    """``with _workspaces(plan) as ws``: an idle buffer set of ``plan`` (a new one when all are busy)."""
-
-    def __init__(self, plan: _Plan) -> None:
-        self._plan = plan
-
-    def __enter__(self) -> _Workspace:
-        with self._plan.lock:
-            self._ws = self._plan.idle.pop() if self._plan.idle else _Workspace()
-        return self._ws
-
-    def __exit__(self, *exc: object) -> None:
-        with self._plan.lock:
-            self._plan.idle.append(self._ws)
-
-
-def _blur_into(src: np.ndarray, taps: np.ndarray | None, dst: np.ndarray) -> np.ndarray:
-    """Gaussian blur of one 2-D map into ``dst`` (reflect border); a copy when ``taps`` is None."""
-    if taps is None:
-        np.copyto(dst, src)
-        return dst
-    return cv2.sepFilter2D(src, cv2.CV_32F, taps, taps, dst=dst, borderType=cv2.BORDER_REFLECT_101)
-
-
-def _planes_u8(rgb: np.ndarray) -> list[np.ndarray]:
-    """Three ``(H, W)`` uint8 planes of one ``(3, H, W)`` tile: uint8, or float in [0, 1], any strides."""
-    _, h, w = rgb.shape
-    hwc = np.moveaxis(rgb, 0, -1)  # a view; contiguous for channels-last memory
-    if hwc.flags.c_contiguous:
-        u8 = hwc if rgb.dtype == np.uint8 else cv2.convertScaleAbs(hwc.reshape(h, w * 3), alpha=255.0).reshape(h, w, 3)
-        return list(cv2.split(u8))
-    if rgb.dtype == np.uint8:
-        return [np.ascontiguousarray(rgb[c]) for c in range(3)]
-    u8 = cv2.convertScaleAbs(np.ascontiguousarray(rgb).reshape(3 * h, w), alpha=255.0)
-    return [u8[c * h: (c + 1) * h] for c in range(3)]
-
-
-def _chunk_planes(rgb: np.ndarray) -> list[list[np.ndarray] | None]:
-    """Per tile of ``(T, 3, H, W)``: its three uint8 planes, or None when its values are not 8-bit levels.
-
-    Stored tiles (uint8, channels-last memory: what the loader hands over) are split in one call.
-    """
-    n, _, h, w = rgb.shape
-    hwc = np.moveaxis(rgb, 1, -1)
-    if rgb.dtype == np.uint8 and hwc.flags.c_contiguous:
-        split = cv2.split(hwc.reshape(n * h, w, 3))
-        return [[p[i * h: (i + 1) * h] for p in split] for i in range(n)]
-    out: list[list[np.ndarray] | None] = []
-    for tile in rgb:
-        planes = _planes_u8(tile)
-        exact = tile.dtype == np.uint8 or all(
-            cv2.norm(cv2.LUT(p, _LEVELS), np.ascontiguousarray(tile[c]), cv2.NORM_INF) == 0 for c, p in enumerate(planes))
-        out.append(planes if exact else None)
-    return out
-
-
-def _chroma(scorer: IhcDabScorer) -> np.ndarray | None:
-    return None if scorer.glass_chroma is None else scorer.glass_chroma.numpy()
-
-
-def _glass_log10(hist: np.ndarray, t, n_px: int, chroma: np.ndarray | None) -> np.ndarray:
-    """``(T, 3)`` log10 of each tile's glass intensity ``I0`` from its ``(T, 3, 256)`` channel histograms.
-
-    As ``estimate_background``: the per-channel quantile (the k-th smallest level: the number of
-    levels whose cumulative count is still below k), then :func:`_cast_limited`.
-    """
-    k = min(n_px, max(1, int(round(t.background_quantile * n_px))))
-    i0 = np.count_nonzero(np.cumsum(hist, axis=2) < k - 0.5, axis=2).astype(np.float32) / np.float32(255.0)
-    return np.log10(_cast_limited(i0, t, chroma))
-
-
-def _cast_limited(i0: np.ndarray, t, chroma: np.ndarray | None) -> np.ndarray:
-    """``(..., 3)`` glass intensities raised to within ``background_max_cast`` of the brightest channel,
-    measured in units of the slide's glass colour ``chroma`` (None: grey), clipped to [min, 1]."""
-    if chroma is not None:
-        i0 = i0 / chroma
-    i0 = np.maximum(i0, i0.max(axis=-1, keepdims=True) * np.float32(1.0 - t.background_max_cast))
-    if chroma is not None:
-        i0 = i0 * chroma
-    return np.clip(i0, t.background_min_intensity, 1.0).astype(np.float32)
-
-
-def _optical_density_float(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
-    """``(3, H*W)`` OD of a float tile that is not 8-bit: exact quantile, per-pixel logs."""
-    t = scorer.thresholds
-    _, h, w = rgb.shape
-    flat = np.ascontiguousarray(rgb, dtype=np.float32).reshape(3, h * w)
-    k = min(h * w, max(1, int(round(t.background_quantile * h * w))))
-    i0 = _cast_limited(np.partition(flat, k - 1, axis=1)[:, k - 1], t, _chroma(scorer))
-    od = np.log10(i0.astype(np.float32)).reshape(3, 1) - np.log10(np.maximum(flat, np.float32(MIN_INTENSITY)))
-    return np.maximum(od, np.float32(0.0), out=od)
-
-
-def _glass_tables(rgb: np.ndarray, scorer: IhcDabScorer) -> np.ndarray:
-    """``(T, 3, 256)`` OD tables of 8-bit tiles: ``max(0, log10(I0) - log10(max(I, 1/255)))`` per level.
-
-    ``I0``, each tile's glass, from its channel histograms (exact at 8 bits; stored tiles are
-    read in place, channels-last); the small table arithmetic runs once for all ``T`` tiles.
-    """
-    n, _, h, w = rgb.shape
-    hwc = np.moveaxis(rgb, 1, -1)
-    stored = rgb.dtype == np.uint8 and hwc.flags.c_contiguous
-    hist = np.zeros((n, 3, 256), np.float32)
-    for i, tile_planes in enumerate([[hwc[i]] * 3 for i in range(n)] if stored else _chunk_planes(rgb)):
-        for c, p in enumerate(tile_planes or ()):
-            hist[i, c] = cv2.calcHist([p], [c if stored else 0], None, [256], [0, 256]).ravel()
-    log_i0 = _glass_log10(hist, scorer.thresholds, h * w, _chroma(scorer))
-    return np.maximum(log_i0[:, :, None] - _LOG10_LEVELS, np.float32(0.0))
-
-
-def _chunk_od(rgb: np.ndarray, tables: np.ndarray, scorer: IhcDabScorer, ws: _Workspace) -> np.ndarray:
-    """``(3, T, H*W)`` float32 OD of ``(T, 3, H, W)`` tiles against each tile's glass.
-
-    8-bit values (what the tile store holds) by the tables of :func:`_glass_tables`; other float
-    input by per-pixel logs.
-    """
-    n, _, h, w = rgb.shape
-    od = ws.get("od", (3, n, h * w))
-    for i, tile_planes in enumerate(_chunk_planes(rgb)):
-        if tile_planes is None:
-            od[:, i] = _optical_density_float(rgb[i], scorer)
-            continue
-        for c, p in enumerate(tile_planes):
-            cv2.LUT(p, tables[i, c], dst=od[c, i].reshape(h, w))
-    return od
-
-
-def _coarse_tiles(img: np.ndarray, n: int, f: int) -> np.ndarray:
-    """``(n, H // f, W // f)`` block means (``INTER_AREA``) of ``n`` tiles stacked as ``(n * H, W)``.
-
-    At an integer factor each output pixel is the mean of its own ``f x f`` block, so one call on
-    the stack gives each tile's own means (tiles whose height is not a multiple of ``f`` are
-    cropped first, as per tile).
-    """
-    h, w = img.shape[0] // n, img.shape[1]
-    if f == 1:
-        return img.reshape(n, h, w)
-    hc, wc = h // f, w // f
-    if h % f:
-        img = np.ascontiguousarray(img.reshape(n, h, w)[:, : hc * f]).reshape(n * hc * f, w)
-    return cv2.resize(img[:, : wc * f], (wc, n * hc), interpolation=cv2.INTER_AREA).reshape(n, hc, wc)
-
-
-def _clamp_low(img: np.ndarray) -> np.ndarray:
-    """``max(img, 0)`` in place (OpenCV's to-zero threshold: one SIMD pass)."""
-    cv2.threshold(img, 0.0, 0.0, cv2.THRESH_TOZERO, dst=img)
-    return img
-
-
-def _brown_dab(cells: np.ndarray, dab_hed: np.ndarray, t, plan: _Plan, ws: _Workspace) -> np.ndarray:
-    """``(T * H, W)`` brown DAB OD: Ruifrok DAB times its brown share, read on the cell grid.
-
-    ``cells``: ``(2, T, hc, wc)`` cell-grid DAB (neutral basis, Ruifrok); ``dab_hed``: ``(T * H, W)``.
-    """
-    f, h, w = plan.f, plan.h, plan.w
-    n, hc, wc = cells.shape[1:]
-    hnd_s, hed_s = ws.get("hnd_s", cells.shape[1:]), ws.get("hed_s", cells.shape[1:])
-    for i in range(n):
-        _blur_into(cells[0, i], plan.chroma, hnd_s[i])
-        _blur_into(cells[1, i], plan.chroma, hed_s[i])
-    share = np.divide(hnd_s, np.maximum(hed_s, np.float32(t.chroma_min_od), out=hed_s), out=hnd_s)
-    share *= np.float32(1.0 / t.brown_full_share)
-    brown = _clamp_low(cv2.threshold(share.reshape(n * hc, wc), 1.0, 0.0, cv2.THRESH_TRUNC, dst=share.reshape(n * hc, wc))[1])
-    brown = brown.reshape(n, hc, wc)  # clipped to [0, 1]
-    if f > 1:
-        brown_px = ws.get("brown", (n, h, w))
-        for i in range(n):
-            if (hc * f, wc * f) == (h, w):
-                cv2.resize(brown[i], (w, h), dst=brown_px[i], interpolation=cv2.INTER_LINEAR)
-            else:
-                up = cv2.resize(brown[i], (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)
-                cv2.copyMakeBorder(up, 0, h - hc * f, 0, w - wc * f, cv2.BORDER_REPLICATE, dst=brown_px[i])
-        brown = brown_px
-    dab = cv2.multiply(dab_hed, brown.reshape(n * h, w), dst=ws.get("dab", dab_hed.shape))
-    if t.dab_gain != 1.0:
-        dab *= np.float32(t.dab_gain)
-    return dab
-
-
-def _tissue_stats(unmixed: np.ndarray, dab: np.ndarray, t, n: int, ws: _Workspace) -> np.ndarray:
-    """``(T, 5)`` tissue statistics (:data:`STAT_NAMES`) from ``(5, T * H * W)`` unmixed OD and brown DAB.
-
-    Masked sums as a product and an OpenCV sum (double accumulators) per tile and plane.
-    """
-    px = unmixed.shape[1] // n
-    tissue = cv2.threshold(unmixed[4], t.tissue_od_sum, 1.0, cv2.THRESH_BINARY, dst=ws.get("tissue", unmixed[4].shape))[1]
-    stained = cv2.threshold(dab.ravel(), t.dab_faint_od, 1.0, cv2.THRESH_BINARY, dst=ws.get("stained", tissue.shape))[1]
-    product = ws.get("product", (px,))
-    out = np.zeros((n, 5), np.float64)
-    for i in range(n):
-        mask = tissue[i * px: (i + 1) * px]
-        out[i, 0] = cv2.sumElems(mask)[0]
-        for j, plane in enumerate((unmixed[0], unmixed[1], dab.ravel(), stained), start=1):
-            out[i, j] = cv2.sumElems(cv2.multiply(plane[i * px: (i + 1) * px], mask, dst=product))[0]
-    out[:, 1:] /= np.maximum(out[:, :1], 1.0)
-    out[:, 0] /= px
-    return out
-
-
-def _unmix(od: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``_UNMIX @ od`` into ``out`` (``(5, n)``), in single-threaded BLAS pieces (see ``_BLAS_COLUMNS``)."""
-    for i in range(0, od.shape[1], _BLAS_COLUMNS):
-        np.matmul(_UNMIX, od[:, i: i + _BLAS_COLUMNS], out=out[:, i: i + _BLAS_COLUMNS])
-    return out
-
-
-def _seeds(nuclear: np.ndarray, t, plan: _Plan, ws: _Workspace) -> tuple[np.ndarray, np.ndarray]:
-    """Nuclei on the ``(T, hc, wc)`` cell grids: flat indices of DoG maxima, and each one's count of other nuclei nearby."""
-    n = nuclear.shape[0]
-    h1, dog, local_max = (ws.get(name, nuclear.shape) for name in ("h1", "dog", "local_max"))
-    for i in range(n):
-        _blur_into(nuclear[i], plan.nucleus, h1[i])
-        _blur_into(nuclear[i], plan.surround, dog[i])
-    np.subtract(h1, dog, out=dog)
-    for i in range(n):
-        cv2.dilate(dog[i], plan.seed_window, dst=local_max[i], borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
-    seed_map = (dog >= local_max) & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)
-    idx = np.flatnonzero(seed_map)
-    return idx, _window_counts(seed_map, idx, plan.cohesion_px // 2, ws) - 1.0
-
-
-def _window_counts(seed_map: np.ndarray, idx: np.ndarray, half: int, ws: _Workspace) -> np.ndarray:
-    """Seeds of ``(T, hc, wc)`` maps within ``half`` cells (a square, cut at the tile edge) of each of ``idx``.
-
-    Four reads of each tile's integral image per seed: the box sum with a zero border, exact.
-    """
-    n, hc, wc = seed_map.shape
-    integral = ws.get("integral", (n, hc + 1, wc + 1)).view(np.int32)
-    for i in range(n):
-        cv2.integral(seed_map[i].view(np.uint8), sum=integral[i], sdepth=cv2.CV_32S)
-    tile, cell = np.divmod(idx, hc * wc)
-    y, x = np.divmod(cell, wc)
-    y0, y1 = np.maximum(y - half, 0), np.minimum(y + half + 1, hc)
-    x0, x1 = np.maximum(x - half, 0), np.minimum(x + half + 1, wc)
-    flat, row = integral.reshape(-1), wc + 1
-    base = tile * (hc + 1) * row
-    return (flat[base + y1 * row + x1] - flat[base + y0 * row + x1] - flat[base + y1 * row + x0]
-            + flat[base + y0 * row + x0]).astype(np.float32)
-
-
-def _ray_maxima(dab: np.ndarray, idx: np.ndarray, grid_w: int, plan: _Plan, ws: _Workspace) -> np.ndarray:
-    """``(N, n_directions)`` maxima of the smoothed DAB along each seed's rays (each tile's map reflect-padded).
-
-    ``dab``: ``(T, H, W)``; ``idx``: the seeds' flat indices into the ``(T, hc, wc)`` cell grids.
-    """
-    f, p, h, w = plan.f, plan.pad, plan.h, plan.w
-    n = dab.shape[0]
-    padded = ws.get("dab_padded", (n, h + 2 * p, w + 2 * p))
-    smooth = ws.get("dab_smooth", (h, w))
-    for i in range(n):
-        cv2.copyMakeBorder(_blur_into(dab[i], plan.smooth, smooth), p, p, p, p, cv2.BORDER_REFLECT_101, dst=padded[i])
-    tile, cell = np.divmod(idx, (h // f) * grid_w)
-    base = (tile * (h + 2 * p) + (cell // grid_w) * f + f // 2 + p) * (w + 2 * p) + (cell % grid_w) * f + f // 2 + p
-    # (L, N, n_directions) samples, the maximum over the outer axis: elementwise, not a reduction per ray
-    return np.take(padded.ravel(), plan.ray_offsets_t + base.astype(np.int32)[:, None]).max(axis=0)
-
-
-@dataclass
-class _ChunkEvidence:
-    """Steps 1-3 and the ray maxima of step 4 for ``T`` tiles (seed indices into the ``(T, hc, wc)`` grids)."""
-
-    stats: np.ndarray
-    idx: np.ndarray
-    neighbours: np.ndarray
-    ray_max: np.ndarray
-
-
-def _chunk(rgb: np.ndarray, tables: np.ndarray, scorer: IhcDabScorer, plan: _Plan, ws: _Workspace) -> _ChunkEvidence:
-    """Steps 1-3 and the ray maxima of step 4 for ``(T, 3, H, W)`` tiles (``tables``: their OD tables, see
-    :func:`_glass_tables`).
-
-    Per-pixel steps run once on the ``T`` tiles stacked as one ``(T * H, W)`` image (the same
-    numbers as per tile: nothing there reads a neighbour); filters with a border run per tile.
-    """
-    t, h, w, f = scorer.thresholds, plan.h, plan.w, plan.f
-    n = rgb.shape[0]
-    unmixed = _unmix(_chunk_od(rgb, tables, scorer, ws).reshape(3, -1), ws.get("unmixed", (5, n * h * w)))
-    _clamp_low(unmixed[:4])  # stain ODs clamped at 0 (the four rows in one pass); the summed OD is not
-    stacked = unmixed.reshape(5, n * h, w)
-    cells = _coarse_tiles(stacked[2:4].reshape(2 * n * h, w), 2 * n, f).reshape(2, n, h // f, w // f)
-    dab = _brown_dab(cells, stacked[3], t, plan, ws)
-    stats = _tissue_stats(unmixed, dab, t, n, ws)
-    nuclear = _coarse_tiles(cv2.add(stacked[0], stacked[1], dst=ws.get("nuclear", (n * h, w))), n, f)
-    idx, neighbours = _seeds(nuclear, t, plan, ws)
-    return _ChunkEvidence(stats, idx, neighbours, _ray_maxima(dab.reshape(n, h, w), idx, w // f, plan, ws))
-
-
-def _area_fractions(idx: np.ndarray, n: int, plan: _Plan) -> np.ndarray:
-    """``(n,)`` fraction of each tile's cell grid within the area window of a kept nucleus.
-
-    ``idx``: the kept nuclei's flat indices into the ``(n, hc, wc)`` grids. The grids are dilated
-    in one call, stacked with zero rows between them (as wide as the window's reach), which
-    gives each grid its own zero border.
-    """
-    hc, wc, gap = plan.h // plan.f, plan.w // plan.f, plan.area_window.shape[0] // 2
-    grid = np.zeros((n, hc + gap, wc), np.uint8)
-    tile, cell = np.divmod(idx, hc * wc)
-    grid[tile, cell // wc, cell % wc] = 1
-    covered = cv2.dilate(grid.reshape(n * (hc + gap), wc), plan.area_window, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return np.count_nonzero(covered.reshape(n, hc + gap, wc)[:, :hc], axis=(1, 2)) / float(hc * wc)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under ``taskset`` or a batch scheduler)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no affinity on this platform
-        return os.cpu_count() or 1
-
-
-def tile_threads(n_tiles: int, threads: int | None) -> int:
-    """Threads the kernel spreads a batch over: ``threads`` (default: the CPUs this process may
-    use, at most 8), with at least 4 tiles each."""
-    want = threads if threads is not None else min(available_cpus(), 8)
-    return max(1, min(int(want), n_tiles // _MIN_TILES_PER_THREAD))
-
-
 def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int = 1) -> CellEvidence:
     """Steps 1-3 of ``scorer`` for a CPU batch ``(B, 3, H, W)``: float RGB in [0, 1], or uint8."""
     b, _, h, w = x.shape
     if b == 0:
         return scorer._cell_evidence_torch(x)
-    plan = _cached_plan(scorer, h, w)
+    plan = kernel_plan(scorer, h, w)
     rgb = x.detach().numpy()
-    if rgb.dtype != np.uint8:
-        rgb = rgb.astype(np.float32, copy=False)
-
-    def run(tiles: range) -> list[_ChunkEvidence]:
-        share = rgb[tiles.start: tiles.stop]
-        tables = _glass_tables(share, scorer)
-        with _workspaces(plan) as ws:
-            return [_chunk(share[i: i + _CHUNK_TILES], tables[i: i + _CHUNK_TILES], scorer, plan, ws)
-                    for i in range(0, len(tiles), _CHUNK_TILES)]
 
     # One contiguous share of the batch per thread; the calling thread takes the first share itself.
     bounds = np.linspace(0, b, max(1, threads) + 1).astype(int)
-    shares = [range(bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)]
+    shares = [rgb[bounds[j]: bounds[j + 1]] for j in range(len(bounds) - 1)]
     if len(shares) > 1:
         with ThreadPoolExecutor(len(shares) - 1) as pool:
-            helpers = pool.map(run, shares[1:])
-            chunks = run(shares[0]) + [c for share in helpers for c in share]
+            helpers = pool.map(chunk_evidence, shares[1:], [plan] * (len(shares) - 1))
+            chunks = chunk_evidence(shares[0], plan) + [c for share in helpers for c in share]
     else:
-        chunks = run(shares[0])
-    return _evidence(chunks, scorer, plan, b)
+        chunks = chunk_evidence(shares[0], plan)
+    return evidence_from_chunks(chunks, scorer, plan, b)
 
 
-def _evidence(chunks: list[_ChunkEvidence], scorer: IhcDabScorer, plan: _Plan, b: int) -> CellEvidence:
-    """The batch's :class:`CellEvidence` from its chunks, in order: cohesion weights, tumour area."""
+def evidence_from_chunks(chunks: list[ChunkEvidence], scorer: IhcDabScorer, plan: KernelPlan, b: int) -> CellEvidence:
+    """The :class:`CellEvidence` of ``b`` tiles from their chunks, in order: cohesion weights, tumour area."""
     grid_hw = (plan.h // plan.f, plan.w // plan.f)
     offsets = np.cumsum([0] + [c.stats.shape[0] for c in chunks[:-1]]) * (grid_hw[0] * grid_hw[1])
     idx_np = np.concatenate([c.idx + o for c, o in zip(chunks, offsets)]).astype(np.int64)

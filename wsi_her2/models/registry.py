@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,22 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+_BUILTIN_LOADED = False
+
+
+def _load_builtin() -> None:
+    """Register the built-in architectures (importing their modules fills the registry), once."""
+    global _BUILTIN_LOADED
+    if not _BUILTIN_LOADED:
+        _BUILTIN_LOADED = True
+        importlib.import_module("wsi_her2.models.archs")
+        importlib.import_module("wsi_her2.models.hybrids")
+
+
+def registered(name: str) -> bool:
+    """Whether ``name`` is a registered model."""
+    _load_builtin()
+    return name in _REGISTRY
 
 
 def register_model(name: str, *, config: ModelConfig) -> Callable[[Factory], Factory]:
@@ -65,10 +82,12 @@ def _qualname(fn: Callable) -> str:
 
 def list_models() -> list[str]:
     """Registered model names, sorted."""
+    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def _entry(name: str) -> _Entry:
+    _load_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:

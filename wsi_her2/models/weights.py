@@ -22,7 +22,7 @@ from wsi_her2 import __version__
 from wsi_her2.files import atomic_target, atomic_write_text
 from wsi_her2.errors import ConfigError, WeightsError
 from wsi_her2.models.config import ModelConfig
-from wsi_her2.models.registry import _REGISTRY, build_model, get_config
+from wsi_her2.models.registry import build_model, get_config, registered
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _looks_like_path(name_or_path: str | Path) -> bool:
     if isinstance(name_or_path, Path):
         return True
     text = str(name_or_path)
-    if text in _REGISTRY:
+    if registered(text):
         return False
     return is_weights_path(text) or "/" in text or Path(text).expanduser().exists()
 
