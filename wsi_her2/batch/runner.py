@@ -67,7 +67,9 @@ def _score(store_path: Path, out_dir: Path, score_config: Any) -> dict:
     """Score one store with :func:`wsi_her2.score.pipeline.score_store`; the slides.csv row."""
     from wsi_her2.score.pipeline import ScoreConfig, score_store
 
-    result = score_store(store_path, out_dir=out_dir, config=score_config or ScoreConfig())
+    # cpu_workers=1: the cohort's parallelism is dask's (slides side by side), as for tiling.
+    config = replace(score_config or ScoreConfig(), cpu_workers=1)
+    result = score_store(store_path, out_dir=out_dir, config=config)
     return dict(result.row)
 
 

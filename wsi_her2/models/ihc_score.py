@@ -354,9 +354,13 @@ class IhcDabScorer(torch.nn.Module):
         from wsi_her2.models.ihc_score_cpu import cell_evidence_opencv, tile_threads
 
         threads = tile_threads(x.shape[0], self.threads)
-        ev = self._calls(cell_evidence_opencv(self, x, threads=threads), x.shape)
-        if not with_probs:
-            return ev
+        cells = cell_evidence_opencv(self, x, threads=threads)
+        return self.measure_evidence(cells, x.shape) if with_probs else self._calls(cells, x.shape)
+
+    def measure_evidence(self, cells: CellEvidence, shape: torch.Size | tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """:meth:`measure`'s dict (measurements and ``probs``) of ``shape``-d tiles from their cell
+        evidence, computed elsewhere (e.g. by the CPU kernel in worker processes)."""
+        ev = self._calls(cells, torch.Size(shape))
         out = {name: ev[name] for name in MEASUREMENT_NAMES}
         out["probs"] = ev["logits"].exp()
         return out

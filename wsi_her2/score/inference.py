@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 
 from wsi_her2.devices import DEVICES, resolve_device  # noqa: F401 (re-exported)
 from wsi_her2.errors import ConfigError
+from wsi_her2.score import cpu_pool
 from wsi_her2.score.loader import PREFETCH_BATCHES, TileLoader
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ class InferenceConfig:
         NHWC memory layout for model and input (CUDA only; convolutions run faster in it).
     loader_workers
         Threads decompressing zarr chunks in the background.
+    cpu_workers
+        Processes scoring the rule-based ``ihc_dab`` on CPU (:mod:`wsi_her2.score.cpu_pool`);
+        1 (the default): none, in this process; None: one per CPU this process may use (what
+        ``wsi-her2 score`` asks for). Stores of fewer than ``MIN_TILES_FOR_PROCESSES`` tiles, and
+        every other model, are scored in this process. Workers are spawned, so a script that asks
+        for them needs Python's ``if __name__ == "__main__":`` guard (as for any multiprocessing).
     pin_memory
         Page-locked host buffers so host-to-device copies are asynchronous (CUDA only).
     """
@@ -74,6 +81,7 @@ class InferenceConfig:
     channels_last: bool = True
     loader_workers: int = 2
     pin_memory: bool = True
+    cpu_workers: int | None = 1
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an out-of-range setting."""
@@ -81,6 +89,8 @@ class InferenceConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if int(self.loader_workers) < 1:
             raise ConfigError(f"--loader-workers must be >= 1, got {self.loader_workers}")
+        if self.cpu_workers is not None and int(self.cpu_workers) < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.cpu_workers}")
         if self.amp not in (True, False, "always"):
             raise ConfigError(f"amp must be True, False or 'always', got {self.amp!r}")
         tta_views(self.tta)  # raises on an unknown set
@@ -173,6 +183,16 @@ def preprocess_tiles(
     return x.contiguous(memory_format=fmt)
 
 
+def reads_stored_bytes(model: torch.nn.Module, cfg: Any, views: tuple[str, ...]) -> bool:
+    """Whether ``model`` scores stored 8-bit tiles as they are (``measure_u8``, e.g. ihc_dab's OpenCV
+    kernel), skipping the float conversion: when nothing else (TTA views, stain normalisation,
+    mean/std) needs the float tiles."""
+    return (
+        callable(getattr(model, "measure_u8", None)) and views == ("identity",) and not getattr(cfg, "stain_norm", None)
+        and tuple(cfg.mean) == (0.0, 0.0, 0.0) and tuple(cfg.std) == (1.0, 1.0, 1.0)
+    )
+
+
 def _make_step(
     model: torch.nn.Module,
     cfg: Any,
@@ -194,13 +214,8 @@ def _make_step(
             logits = model(x)
         return torch.softmax(logits.float(), dim=1)
 
-    # A scorer that reads 8-bit tiles itself (``measure_u8``, e.g. ihc_dab's OpenCV kernel) skips
-    # the float conversion when nothing else needs the float tiles.
     measure_u8 = getattr(model, "measure_u8", None)
-    direct_u8 = (
-        callable(measure_u8) and views == ("identity",) and not stain_norm
-        and tuple(cfg.mean) == (0.0, 0.0, 0.0) and tuple(cfg.std) == (1.0, 1.0, 1.0)
-    )
+    direct_u8 = reads_stored_bytes(model, cfg, views)
 
     def step(tiles_u8: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if direct_u8 and tiles_u8.shape[1] == tiles_u8.shape[2] == int(cfg.input_px):
@@ -341,6 +356,25 @@ def _ready_step(model: torch.nn.Module, cfg: Any, plan: _RunPlan, step_cache: St
                                device=plan.device, channels_last=plan.channels_last)
 
 
+def _process_workers(store: Any, model: torch.nn.Module, cfg: Any, plan: _RunPlan, config: InferenceConfig,
+                     n_tiles: int) -> int:
+    """Worker processes for :func:`wsi_her2.score.cpu_pool.score_in_processes` (0: the batch loop).
+
+    Only the rule-based ``ihc_dab`` with its OpenCV kernel, on CPU, on stored JPEG tiles of its
+    input size, without TTA: exactly the batches the loop would hand to ``measure_u8``.
+    """
+    from wsi_her2.models.ihc_score import IhcDabScorer
+    from wsi_her2.store.tile_reader import jpeg_chunk_reader
+
+    if plan.cuda or not isinstance(model, IhcDabScorer) or model.kernel == "torch":
+        return 0
+    if not reads_stored_bytes(model, cfg, plan.views) or int(store.tile_px) != int(cfg.input_px):
+        return 0
+    if jpeg_chunk_reader(store) is None:
+        return 0
+    return cpu_pool.workers_for(config.cpu_workers, n_tiles)
+
+
 def _assemble(host_parts: list, n_total: int, n_classes: int):
     """Per-batch host results -> ``(probs (N, C), scored (N,), measurements)`` indexed like the store."""
     probs = np.full((n_total, n_classes), np.nan, dtype=np.float32)
@@ -407,17 +441,13 @@ def predict_store(
 
     host_parts: list[tuple[NDArray[np.int64], torch.Tensor, dict[str, torch.Tensor]]] = []
     bar = _progress(idx.size, progress, getattr(store, "slide_id", None))
+    workers = _process_workers(store, model, cfg, plan, config, idx.size)
     try:
-        with torch.inference_mode(), TileLoader(
-            store, idx, batch_size=config.batch_size, workers=config.loader_workers, pin_memory=plan.pin_memory,
-            prefetch_batches=PREFETCH_BATCHES,
-        ) as loader:
-            _run_loop(
-                loader, step, device=plan.device, batch_size=config.batch_size, pad_batches=plan.compiled,
-                n_classes=n_classes, host_parts=host_parts, bar=bar,
-            )
-            if plan.cuda:
-                torch.cuda.synchronize(plan.device)  # the non-blocking copies back must have landed
+        if workers:
+            log.info("scoring in %d worker processes", workers)
+            host_parts = cpu_pool.score_in_processes(store, model, idx, workers=workers, bar=bar)
+        else:
+            _loop(store, idx, step, plan, config, n_classes, host_parts, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -427,6 +457,21 @@ def predict_store(
     rate = idx.size / seconds if idx.size and seconds > 0 else 0.0
     log.info("scored %d tiles in %.2f s (%.0f tiles/s)", idx.size, seconds, rate)
     return PredictResult(probs=probs, scored=scored, measurements=measurements, tiles_per_s=rate, device=str(plan.device))
+
+
+def _loop(store: Any, idx: NDArray[np.int64], step: Callable, plan: _RunPlan, config: InferenceConfig, n_classes: int,
+          host_parts: list, bar: Any) -> None:
+    """The batch loop: a :class:`TileLoader` feeding ``step`` (see :func:`_run_loop`)."""
+    with torch.inference_mode(), TileLoader(
+            store, idx, batch_size=config.batch_size, workers=config.loader_workers, pin_memory=plan.pin_memory,
+            prefetch_batches=PREFETCH_BATCHES,
+        ) as loader:
+        _run_loop(
+            loader, step, device=plan.device, batch_size=config.batch_size, pad_batches=plan.compiled,
+            n_classes=n_classes, host_parts=host_parts, bar=bar,
+        )
+        if plan.cuda:
+            torch.cuda.synchronize(plan.device)  # the non-blocking copies back must have landed
 
 
 def _run_loop(

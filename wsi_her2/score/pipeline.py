@@ -52,6 +52,7 @@ class ScoreConfig:
     tta: bool = False
     compile: bool = False
     loader_workers: int = 2
+    cpu_workers: int | None = 1  # --workers: processes scoring ihc_dab on CPU (1: in this process; None: one per CPU)
     min_tiles: int = 10
     geojson_gz: bool = False
     overwrite: bool = False
@@ -132,7 +133,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     model = _model_for(store, config, calibration, model)
     inf_cfg = InferenceConfig(
         batch_size=config.batch_size, device=config.device, tta=config.tta, compile=config.compile,
-        loader_workers=config.loader_workers,
+        loader_workers=config.loader_workers, cpu_workers=config.cpu_workers,
     )
     t0 = time.perf_counter()
     groups = _tile_groups(store, config)  # regions (--roi) or TMA cores (--tma); None: the whole slide

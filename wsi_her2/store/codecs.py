@@ -30,6 +30,8 @@ from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.registry import register_codec
 
+from wsi_her2.store.chunk_file import append_crc32c, crc32c_ok, crc32c_value  # noqa: F401 (re-exported)
+
 JPEG_CODEC_NAME = "wsi_her2.jpeg"
 JPEG_QUALITY = 90
 JPEG_MAX_SIDE_PX = 65_500  # the JPEG format's limit on the tall image's height
@@ -129,22 +131,6 @@ def small_array_codecs() -> dict[str, Any]:
     import zarr
 
     return {"compressors": [zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec()]}
-
-
-def crc32c_value(data: bytes) -> int:
-    import google_crc32c
-
-    return int(google_crc32c.value(data))
-
-
-def append_crc32c(data: bytes) -> bytes:
-    """What zarr's ``crc32c`` codec writes: the data, then its CRC32C as 4 little-endian bytes."""
-    return bytes(data) + crc32c_value(data).to_bytes(4, "little")
-
-
-def crc32c_ok(chunk: bytes) -> bool:
-    """True when a chunk file's trailing 4 bytes are the CRC32C of the rest."""
-    return len(chunk) >= 4 and crc32c_value(chunk[:-4]) == int.from_bytes(chunk[-4:], "little")
 
 
 def chunk_encoder(name: str, *, jpeg_quality: int = JPEG_QUALITY):

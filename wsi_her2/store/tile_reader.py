@@ -10,12 +10,14 @@ Stores of other codecs are read through zarr (:func:`jpeg_chunk_reader` returns 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_her2.store.codecs import JPEG_CODEC_NAME, crc32c_ok
+from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
+from wsi_her2.store.codecs import JPEG_CODEC_NAME
 
 __all__ = ["JpegChunkReader", "jpeg_chunk_reader"]
 
@@ -43,24 +45,19 @@ class JpegChunkReader:
         """A buffer of one chunk's tiles for :meth:`read`."""
         return np.empty(self.chunk_shape, np.uint8)
 
-    def read(self, chunk: int, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
-        import imagecodecs
+    def chunk_path(self, chunk: int) -> Path:
+        """The file of chunk ``chunk``."""
+        return self._root / self._key((chunk, 0, 0, 0))
 
-        n, h, w, c = self.chunk_shape
+    def read(self, chunk: int, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        n = self.chunk_shape[0]
         first, last = chunk * n, min((chunk + 1) * n, int(self._store.n_tiles)) - 1
         if out.shape != self.chunk_shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
             raise ValueError(f"out must be a contiguous {self.chunk_shape} uint8 buffer, got {out.shape} {out.dtype}")
-        image = out.reshape(n * h, w, c)  # a view of out
         try:
-            data = (self._root / self._key((chunk, 0, 0, 0))).read_bytes()
-            if not crc32c_ok(data):
-                raise ValueError("the chunk fails its CRC32C checksum (truncated or overwritten)")
-            imagecodecs.jpeg8_decode(memoryview(data)[:-4], out=image)
+            return decode_jpeg_chunk(self.chunk_path(chunk), out)
         except Exception as exc:  # missing file, checksum mismatch, undecodable or wrongly sized JPEG
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise self._store.damaged(f"tiles {first}-{last} unreadable ({type(exc).__name__}: {text})") from exc
-        return out
-
+            raise self._store.damaged(f"tiles {first}-{last} unreadable ({failure_text(exc)})") from exc
 
 def jpeg_chunk_reader(store: Any) -> JpegChunkReader | None:
     """A :class:`JpegChunkReader` for a patch store of JPEG tiles with checksummed chunks; else ``None``."""

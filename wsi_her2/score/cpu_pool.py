@@ -1,0 +1,132 @@
+"""The rule-based ``ihc_dab`` on CPU in worker processes, one per core.
+
+Why processes and not threads: the OpenCV kernel (:mod:`wsi_her2.models.ihc_cpu_kernel`) makes
+~100 small calls per tile with Python in between, and tile threads of one process queue for
+the GIL on that glue: measured on this project's 2-core machine, two kernel threads gave
+1.1-1.3x the rate of one, two processes 2x.
+
+A worker imports no torch (numpy, OpenCV, imagecodecs: it starts in ~0.1 s, not the ~2 s of
+torch). It reads a chunk file of the store, checks its CRC32C, decodes it and runs the kernel
+on the chunk's tiles to score, and sends back their evidence (per-tile statistics, per-nucleus
+ray maxima: ~5 KB a tile). The parent turns each chunk's evidence into measurements with the
+scorer's shared steps 4-6 (torch), in store order, while the workers go on. The numbers are
+those of the in-process kernel: the same functions on the same pixels
+(``tests/test_cpu_pool.py``).
+
+Used by :func:`wsi_her2.score.inference.predict_store` when it applies (:func:`workers_for`);
+everything else (GPU, trained networks, TTA, stores not of JPEG tiles) takes the batch loop.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_her2.models.ihc_cpu_kernel import ChunkEvidence, KernelPlan, available_cpus, chunk_evidence
+from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
+
+__all__ = ["MIN_TILES_FOR_PROCESSES", "ChunkUnreadable", "score_in_processes", "workers_for"]
+
+#: Fewer tiles than this are scored in-process: starting workers (~0.2-0.3 s of CPU each,
+#: spawned side by side) would cost more than it saves (~1 ms a tile, split over the workers).
+MIN_TILES_FOR_PROCESSES = 1024
+#: Chunks in flight per worker: enough that none waits for the parent, few enough that results
+#: waiting to be turned into measurements stay a few MB.
+_CHUNKS_AHEAD_PER_WORKER = 2
+
+_WORKER: dict[str, Any] = {}
+
+
+class ChunkUnreadable(Exception):
+    """A chunk file a worker could not read (missing, failing its checksum, not decodable)."""
+
+
+def _start_worker(plan: KernelPlan, chunk_shape: tuple[int, int, int, int]) -> None:
+    import cv2
+
+    # This process is the pool's own (spawned for it, gone with it), so setting its OpenCV pool
+    # is no side effect on the caller: the workers are the parallelism, OpenCV's threads would spin.
+    cv2.setNumThreads(1)
+    _WORKER.update(plan=plan, buffer=np.empty(chunk_shape, np.uint8))
+
+
+def _score_chunk(path: str, rows: NDArray[np.int64] | None) -> list[ChunkEvidence]:
+    """In a worker: the evidence of chunk file ``path``'s tiles ``rows`` (None: all of them)."""
+    buf = _WORKER["buffer"]
+    try:
+        decode_jpeg_chunk(path, buf)
+    except Exception as exc:  # missing file, checksum mismatch, undecodable or wrongly sized JPEG
+        raise ChunkUnreadable(failure_text(exc)) from None
+    tiles = buf if rows is None else buf[rows]
+    return chunk_evidence(np.moveaxis(tiles, -1, 1), _WORKER["plan"])  # (T, 3, H, W) view, channels-last memory
+
+
+def workers_for(requested: int | None, n_tiles: int) -> int:
+    """Worker processes for ``n_tiles`` tiles: ``requested`` (None: one per CPU this process may
+    use), and none (0: score in-process) for one CPU or fewer than :data:`MIN_TILES_FOR_PROCESSES` tiles."""
+    want = available_cpus() if requested is None else int(requested)
+    if want < 2 or n_tiles < MIN_TILES_FOR_PROCESSES:
+        return 0
+    return want
+
+
+def _tasks(reader: Any, idx: NDArray[np.int64]) -> Iterator[tuple[int, int, str, NDArray[np.int64] | None]]:
+    """``(lo, hi, chunk file, rows)`` per chunk: ``idx[lo:hi]`` are its tiles, ``rows`` their rows (None: all)."""
+    from wsi_her2.score.loader import chunk_groups
+
+    n = reader.chunk_shape[0]
+    for lo, hi in chunk_groups(idx, n):
+        chunk = int(idx[lo]) // n
+        rows = idx[lo:hi] - chunk * n
+        whole = rows.size == n and int(rows[-1]) == n - 1
+        yield lo, hi, str(reader.chunk_path(chunk)), None if whole else rows
+
+
+def _in_order(pool: ProcessPoolExecutor, tasks: Iterator[tuple], window: int) -> Iterator[tuple[int, int, Future]]:
+    """Submit ``tasks`` keeping at most ``window`` in flight; yield ``(lo, hi, future)`` in task order."""
+    pending: deque[tuple[int, int, Future]] = deque()
+    for lo, hi, path, rows in tasks:
+        pending.append((lo, hi, pool.submit(_score_chunk, path, rows)))
+        if len(pending) >= window:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+def score_in_processes(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: int, bar: Any = None) -> list[tuple]:
+    """Score tiles ``idx`` of a JPEG patch store with ``scorer`` (an ``IhcDabScorer``) in ``workers``
+    processes; :func:`predict_store`'s host parts ``(indices, probs, measurements)``, in order.
+
+    A chunk a worker cannot read raises the store's ``StoreError``, as the batch loop does.
+    """
+    import torch
+
+    from wsi_her2.models.ihc_score_cpu import evidence_from_chunks, kernel_plan
+    from wsi_her2.store.tile_reader import jpeg_chunk_reader
+
+    reader = jpeg_chunk_reader(store)
+    _, h, w, _ = reader.chunk_shape
+    plan = kernel_plan(scorer, h, w)
+    parts: list[tuple] = []
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(plan, reader.chunk_shape))
+    try:
+        for lo, hi, future in _in_order(pool, _tasks(reader, idx), workers * _CHUNKS_AHEAD_PER_WORKER):
+            try:
+                chunks = future.result()
+            except ChunkUnreadable as exc:
+                raise store.damaged(f"tiles {int(idx[lo])}-{int(idx[hi - 1])} unreadable ({exc})") from None
+            n = hi - lo
+            with torch.inference_mode():
+                meas = scorer.measure_evidence(evidence_from_chunks(chunks, scorer, plan, n), (n, 3, h, w))
+            probs = meas.pop("probs").float()
+            parts.append((idx[lo:hi], probs, {k: v.float() for k, v in meas.items()}))
+            if bar is not None:
+                bar.update(n)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return parts
