@@ -304,6 +304,8 @@ def validate_score_config(config: ScoreConfig) -> dict | None:
         raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
     if config.explain and config.model == "ihc_dab":
         raise ConfigError("--explain needs a trained model (Grad-CAM has no gradients to follow in the rule-based ihc_dab)")
+    if config.cpu_workers is not None and int(config.cpu_workers) < 1:
+        raise ConfigError(f"--workers must be >= 1, got {config.cpu_workers}")
     return _calibration_record(config)
 
 

@@ -1,0 +1,126 @@
+"""ihc_dab on CPU in worker processes (wsi_her2.score.cpu_pool) gives the in-process numbers."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from wsi_her2.errors import StoreError
+from wsi_her2.models.ihc_score import MEASUREMENT_NAMES, IhcDabScorer
+from wsi_her2.score import cpu_pool
+from wsi_her2.score.inference import InferenceConfig, predict_store
+from wsi_her2.store.patch_store import open_store
+from wsi_her2.tile.pipeline import TileConfig, tile_slide
+
+
+@pytest.fixture(scope="module")
+def graded_store(graded_slide, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pool")
+    return tile_slide(graded_slide, out, config=TileConfig(workers=1)).store
+
+
+def _scorer(store) -> IhcDabScorer:
+    from wsi_her2.score.pipeline import ScoreConfig, load_scoring_model
+
+    return load_scoring_model(ScoreConfig(), store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
+
+
+def test_worker_processes_give_the_in_process_numbers(graded_store):
+    store = open_store(graded_store)
+    model = _scorer(store)
+    one = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=1))
+    idx = np.flatnonzero(store.qc_pass)
+    parts = cpu_pool.score_in_processes(store, model, idx, workers=2)
+    assert np.array_equal(np.concatenate([p[0] for p in parts]), idx)  # every tile once, in store order
+    probs = np.concatenate([p[1].numpy() for p in parts])
+    assert np.array_equal(probs.argmax(1), one.probs[idx].argmax(1))
+    assert np.abs(probs - one.probs[idx]).max() < 1e-6
+    for name in MEASUREMENT_NAMES:
+        got = np.concatenate([p[2][name].numpy() for p in parts])
+        # steps 4-6 run on 64-tile chunks here and 64-tile batches there: float summation order only
+        assert np.allclose(got, one.measurements[name][idx], rtol=1e-6, atol=1e-6), name
+    assert len(set(one.measurements["cell_count"][idx])) > 3  # the slide has graded content, not blanks
+
+
+def test_predict_store_takes_the_workers_when_asked(graded_store, monkeypatch, caplog):
+    store = open_store(graded_store)
+    model = _scorer(store)
+    monkeypatch.setattr(cpu_pool, "MIN_TILES_FOR_PROCESSES", 1)
+    with caplog.at_level("INFO", logger="wsi_her2.score.inference"):
+        pooled = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=2))
+    assert "scoring in 2 worker processes" in caplog.text
+    alone = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=1))
+    assert np.array_equal(pooled.scored, alone.scored)
+    assert np.allclose(pooled.probs, alone.probs, atol=1e-6, equal_nan=True)
+
+
+def test_a_damaged_chunk_is_the_stores_one_line_error(graded_store, tmp_path):
+    copy = tmp_path / graded_store.name
+    shutil.copytree(graded_store, copy)
+    store = open_store(copy)
+    chunk = next(p for p in sorted((copy / "tiles").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:-100])
+    with pytest.raises(StoreError, match=r"tiles \d+-\d+ unreadable \(ValueError: the chunk fails its CRC32C checksum"):
+        cpu_pool.score_in_processes(store, _scorer(store), np.flatnonzero(store.qc_pass), workers=2)
+
+
+def test_worker_count(monkeypatch):
+    monkeypatch.setattr(cpu_pool, "available_cpus", lambda: 6)
+    big = cpu_pool.MIN_TILES_FOR_PROCESSES
+    assert cpu_pool.workers_for(None, big) == 6  # default: one per CPU this process may use
+    assert cpu_pool.workers_for(3, big) == 3
+    assert cpu_pool.workers_for(1, big) == 0  # one process: in-process
+    assert cpu_pool.workers_for(None, big - 1) == 0  # too few tiles to pay for starting workers
+    monkeypatch.setattr(cpu_pool, "available_cpus", lambda: 1)
+    assert cpu_pool.workers_for(None, 10 * big) == 0
+
+
+def test_the_worker_side_imports_no_torch():
+    """What a spawned worker imports to run its tasks: numpy, OpenCV, imagecodecs, not torch (~2 s)."""
+    code = "import sys, wsi_her2.score.cpu_pool; print(sorted(m for m in ('torch', 'timm', 'zarr') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_cohort_runs_score_each_slide_in_one_process(monkeypatch, tmp_path):
+    """dask runs slides side by side; a slide's scoring must not start a worker per CPU on top."""
+    from wsi_her2.batch import runner
+    from wsi_her2.score import pipeline
+    from wsi_her2.score.pipeline import ScoreConfig
+
+    seen = {}
+
+    class _Result:
+        row = {"slide": "x"}
+
+    def fake_score_store(store_path, out_dir=None, config=None):
+        seen["config"] = config
+        return _Result()
+
+    monkeypatch.setattr(pipeline, "score_store", fake_score_store)
+    runner._score(tmp_path / "x.zarr", tmp_path, ScoreConfig(cpu_workers=None))
+    assert seen["config"].cpu_workers == 1
+
+
+def test_cli_workers_option_reaches_the_score_config():
+    from wsi_her2.cli import build_parser
+    from wsi_her2.cli.score import score_config_from_args
+
+    args = build_parser().parse_args(["score", "x.zarr", "--workers", "3"])
+    assert score_config_from_args(args, progress=False).cpu_workers == 3
+    args = build_parser().parse_args(["score", "x.zarr"])
+    assert score_config_from_args(args, progress=False).cpu_workers is None  # the command: one per CPU
+    with pytest.raises(Exception, match="--workers must be >= 1"):
+        InferenceConfig(cpu_workers=0).validate()
+
+
+def test_zero_workers_is_a_one_line_usage_error(graded_store, tmp_path, capsys):
+    from wsi_her2.cli import main
+
+    assert main(["score", str(graded_store), "-o", str(tmp_path), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "wsi-her2 score: error: --workers must be >= 1, got 0"
+    assert not any(tmp_path.iterdir())  # nothing scored, nothing written
