@@ -28,12 +28,13 @@ def _scorer(store) -> IhcDabScorer:
     return load_scoring_model(ScoreConfig(), store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
 
 
-def test_worker_processes_give_the_in_process_numbers(graded_store):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_chunks_in_workers_or_in_process_give_the_batch_loop_numbers(graded_store, workers):
     store = open_store(graded_store)
     model = _scorer(store)
     one = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=1))
     idx = np.flatnonzero(store.qc_pass)
-    parts = cpu_pool.score_in_processes(store, model, idx, workers=2)
+    parts = cpu_pool.score_chunks(store, model, idx, workers=workers)
     assert np.array_equal(np.concatenate([p[0] for p in parts]), idx)  # every tile once, in store order
     probs = np.concatenate([p[1].numpy() for p in parts])
     assert np.array_equal(probs.argmax(1), one.probs[idx].argmax(1))
@@ -51,20 +52,30 @@ def test_predict_store_takes_the_workers_when_asked(graded_store, monkeypatch, c
     monkeypatch.setattr(cpu_pool, "MIN_TILES_FOR_PROCESSES", 1)
     with caplog.at_level("INFO", logger="wsi_her2.score.inference"):
         pooled = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=2))
-    assert "scoring in 2 worker processes" in caplog.text
+    assert "scoring chunk by chunk in 2 worker processes" in caplog.text
     alone = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=1))
     assert np.array_equal(pooled.scored, alone.scored)
     assert np.allclose(pooled.probs, alone.probs, atol=1e-6, equal_nan=True)
 
 
-def test_a_damaged_chunk_is_the_stores_one_line_error(graded_store, tmp_path):
+def test_one_cpu_scores_chunk_by_chunk_in_this_process(graded_store, monkeypatch, caplog):
+    store = open_store(graded_store)
+    monkeypatch.setattr(cpu_pool, "available_cpus", lambda: 1)
+    with caplog.at_level("INFO", logger="wsi_her2.score.inference"):
+        result = predict_store(store, _scorer(store), config=InferenceConfig(device="cpu", cpu_workers=None))
+    assert "scoring chunk by chunk in this process" in caplog.text
+    assert result.scored.sum() == store.qc_pass.sum()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_chunk_is_the_stores_one_line_error(graded_store, tmp_path, workers):
     copy = tmp_path / graded_store.name
     shutil.copytree(graded_store, copy)
     store = open_store(copy)
     chunk = next(p for p in sorted((copy / "tiles").rglob("*")) if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(chunk.read_bytes()[:-100])
     with pytest.raises(StoreError, match=r"tiles \d+-\d+ unreadable \(ValueError: the chunk fails its CRC32C checksum"):
-        cpu_pool.score_in_processes(store, _scorer(store), np.flatnonzero(store.qc_pass), workers=2)
+        cpu_pool.score_chunks(store, _scorer(store), np.flatnonzero(store.qc_pass), workers=workers)
 
 
 def test_worker_count(monkeypatch):

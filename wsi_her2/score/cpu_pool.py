@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from wsi_her2.models.ihc_cpu_kernel import ChunkEvidence, KernelPlan, available_cpus, chunk_evidence
 from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
 
-__all__ = ["MIN_TILES_FOR_PROCESSES", "ChunkUnreadable", "score_in_processes", "workers_for"]
+__all__ = ["MIN_TILES_FOR_PROCESSES", "ChunkUnreadable", "score_chunks", "workers_for"]
 
 #: Fewer tiles than this are scored in-process: starting workers (~0.2-0.3 s of CPU each,
 #: spawned side by side) would cost more than it saves (~1 ms a tile, split over the workers).
@@ -38,31 +38,61 @@ MIN_TILES_FOR_PROCESSES = 1024
 #: waiting to be turned into measurements stay a few MB.
 _CHUNKS_AHEAD_PER_WORKER = 2
 
-_WORKER: dict[str, Any] = {}
-
-
 class ChunkUnreadable(Exception):
     """A chunk file a worker could not read (missing, failing its checksum, not decodable)."""
 
 
+class _ChunkScorer:
+    """Decodes chunk files into one reused buffer and runs the kernel on their tiles."""
+
+    def __init__(self, plan: KernelPlan, chunk_shape: tuple[int, int, int, int]) -> None:
+        self.plan = plan
+        self.buffer = np.empty(chunk_shape, np.uint8)
+
+    def __call__(self, path: str, rows: NDArray[np.int64] | None) -> list[ChunkEvidence]:
+        """The evidence of chunk file ``path``'s tiles ``rows`` (None: all of them)."""
+        try:
+            decode_jpeg_chunk(path, self.buffer)
+        except Exception as exc:  # missing file, checksum mismatch, undecodable or wrongly sized JPEG
+            raise ChunkUnreadable(failure_text(exc)) from None
+        tiles = self.buffer if rows is None else self.buffer[rows]
+        return chunk_evidence(np.moveaxis(tiles, -1, 1), self.plan)  # (T, 3, H, W) view, channels-last memory
+
+
+_WORKER: _ChunkScorer | None = None  # in a worker process: its chunk scorer
+
+
 def _start_worker(plan: KernelPlan, chunk_shape: tuple[int, int, int, int]) -> None:
+    global _WORKER
     import cv2
 
     # This process is the pool's own (spawned for it, gone with it), so setting its OpenCV pool
     # is no side effect on the caller: the workers are the parallelism, OpenCV's threads would spin.
     cv2.setNumThreads(1)
-    _WORKER.update(plan=plan, buffer=np.empty(chunk_shape, np.uint8))
+    _WORKER = _ChunkScorer(plan, chunk_shape)
 
 
 def _score_chunk(path: str, rows: NDArray[np.int64] | None) -> list[ChunkEvidence]:
-    """In a worker: the evidence of chunk file ``path``'s tiles ``rows`` (None: all of them)."""
-    buf = _WORKER["buffer"]
-    try:
-        decode_jpeg_chunk(path, buf)
-    except Exception as exc:  # missing file, checksum mismatch, undecodable or wrongly sized JPEG
-        raise ChunkUnreadable(failure_text(exc)) from None
-    tiles = buf if rows is None else buf[rows]
-    return chunk_evidence(np.moveaxis(tiles, -1, 1), _WORKER["plan"])  # (T, 3, H, W) view, channels-last memory
+    return _WORKER(path, rows)
+
+
+class _InProcess:
+    """A pool of no processes: each chunk scored in this process when submitted (one CPU: the
+    batch loop's reading threads would have nothing to overlap with, and cost ~0.1 ms a tile)."""
+
+    def __init__(self, plan: KernelPlan, chunk_shape: tuple[int, int, int, int]) -> None:
+        self._scorer = _ChunkScorer(plan, chunk_shape)
+
+    def submit(self, fn: Any, path: str, rows: NDArray[np.int64] | None) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(self._scorer(path, rows))
+        except Exception as exc:  # raised to the caller by future.result(), as from a worker
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, **_: Any) -> None:
+        pass
 
 
 def workers_for(requested: int | None, n_tiles: int) -> int:
@@ -86,7 +116,7 @@ def _tasks(reader: Any, idx: NDArray[np.int64]) -> Iterator[tuple[int, int, str,
         yield lo, hi, str(reader.chunk_path(chunk)), None if whole else rows
 
 
-def _in_order(pool: ProcessPoolExecutor, tasks: Iterator[tuple], window: int) -> Iterator[tuple[int, int, Future]]:
+def _in_order(pool: ProcessPoolExecutor | _InProcess, tasks: Iterator[tuple], window: int) -> Iterator[tuple[int, int, Future]]:
     """Submit ``tasks`` keeping at most ``window`` in flight; yield ``(lo, hi, future)`` in task order."""
     pending: deque[tuple[int, int, Future]] = deque()
     for lo, hi, path, rows in tasks:
@@ -97,9 +127,10 @@ def _in_order(pool: ProcessPoolExecutor, tasks: Iterator[tuple], window: int) ->
         yield pending.popleft()
 
 
-def score_in_processes(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: int, bar: Any = None) -> list[tuple]:
-    """Score tiles ``idx`` of a JPEG patch store with ``scorer`` (an ``IhcDabScorer``) in ``workers``
-    processes; :func:`predict_store`'s host parts ``(indices, probs, measurements)``, in order.
+def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: int, bar: Any = None) -> list[tuple]:
+    """Score tiles ``idx`` of a JPEG patch store with ``scorer`` (an ``IhcDabScorer``) chunk by chunk,
+    in ``workers`` processes (0 or 1: in this process); :func:`predict_store`'s host parts
+    ``(indices, probs, measurements)``, in order.
 
     A chunk a worker cannot read raises the store's ``StoreError``, as the batch loop does.
     """
@@ -112,10 +143,14 @@ def score_in_processes(store: Any, scorer: Any, idx: NDArray[np.int64], *, worke
     _, h, w, _ = reader.chunk_shape
     plan = kernel_plan(scorer, h, w)
     parts: list[tuple] = []
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(plan, reader.chunk_shape))
+    if workers >= 2:
+        pool: ProcessPoolExecutor | _InProcess = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+            initargs=(plan, reader.chunk_shape))
+    else:
+        pool = _InProcess(plan, reader.chunk_shape)
     try:
-        for lo, hi, future in _in_order(pool, _tasks(reader, idx), workers * _CHUNKS_AHEAD_PER_WORKER):
+        for lo, hi, future in _in_order(pool, _tasks(reader, idx), max(1, workers * _CHUNKS_AHEAD_PER_WORKER)):
             try:
                 chunks = future.result()
             except ChunkUnreadable as exc:

@@ -356,23 +356,28 @@ def _ready_step(model: torch.nn.Module, cfg: Any, plan: _RunPlan, step_cache: St
                                device=plan.device, channels_last=plan.channels_last)
 
 
-def _process_workers(store: Any, model: torch.nn.Module, cfg: Any, plan: _RunPlan, config: InferenceConfig,
-                     n_tiles: int) -> int:
-    """Worker processes for :func:`wsi_her2.score.cpu_pool.score_in_processes` (0: the batch loop).
+def _chunk_workers(store: Any, model: torch.nn.Module, cfg: Any, plan: _RunPlan, config: InferenceConfig,
+                   n_tiles: int) -> int | None:
+    """Workers for :func:`wsi_her2.score.cpu_pool.score_chunks` (0: in this process), or None: the batch loop.
 
     Only the rule-based ``ihc_dab`` with its OpenCV kernel, on CPU, on stored JPEG tiles of its
-    input size, without TTA: exactly the batches the loop would hand to ``measure_u8``.
+    input size, without TTA: exactly the batches the loop would hand to ``measure_u8``. With
+    one CPU, chunk by chunk in this process; with more, in worker processes when asked for
+    (``cpu_workers``), else the batch loop (its reading threads overlap the kernel).
     """
     from wsi_her2.models.ihc_score import IhcDabScorer
     from wsi_her2.store.tile_reader import jpeg_chunk_reader
 
     if plan.cuda or not isinstance(model, IhcDabScorer) or model.kernel == "torch":
-        return 0
+        return None
     if not reads_stored_bytes(model, cfg, plan.views) or int(store.tile_px) != int(cfg.input_px):
-        return 0
+        return None
     if jpeg_chunk_reader(store) is None:
-        return 0
-    return cpu_pool.workers_for(config.cpu_workers, n_tiles)
+        return None
+    workers = cpu_pool.workers_for(config.cpu_workers, n_tiles)
+    if workers:
+        return workers
+    return 0 if cpu_pool.available_cpus() == 1 else None
 
 
 def _assemble(host_parts: list, n_total: int, n_classes: int):
@@ -441,11 +446,11 @@ def predict_store(
 
     host_parts: list[tuple[NDArray[np.int64], torch.Tensor, dict[str, torch.Tensor]]] = []
     bar = _progress(idx.size, progress, getattr(store, "slide_id", None))
-    workers = _process_workers(store, model, cfg, plan, config, idx.size)
+    workers = _chunk_workers(store, model, cfg, plan, config, idx.size)
     try:
-        if workers:
-            log.info("scoring in %d worker processes", workers)
-            host_parts = cpu_pool.score_in_processes(store, model, idx, workers=workers, bar=bar)
+        if workers is not None:
+            log.info("scoring chunk by chunk %s", f"in {workers} worker processes" if workers else "in this process")
+            host_parts = cpu_pool.score_chunks(store, model, idx, workers=workers, bar=bar)
         else:
             _loop(store, idx, step, plan, config, n_classes, host_parts, bar)
     finally:
