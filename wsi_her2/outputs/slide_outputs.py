@@ -2,7 +2,9 @@
 ``--heatmap MEASURE`` maps, drawn from the store's geometry and thumbnail."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -57,3 +59,16 @@ def write_measure_heatmaps(out: Path, store: PatchStore, measures: list[str], me
         )
         written[f"heatmap_{m}_png"] = str(path)
     return written
+
+
+def run_side_by_side(writers: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Run independent output writers at once, one thread each; their results by name, in order.
+
+    They overlap where they wait or leave the GIL: PNG, parquet and gzip encoding and file
+    writes release it, the GeoJSON text does not. If writers fail, the first one's error (in
+    ``writers`` order) is raised once all have ended, so no half-written file is left behind by
+    a writer still running.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, len(writers)), thread_name_prefix="wsi-her2-outputs") as pool:
+        futures = {name: pool.submit(write) for name, write in writers.items()}
+    return {name: future.result() for name, future in futures.items()}

@@ -26,7 +26,12 @@ from wsi_her2 import __version__
 from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 from wsi_her2.errors import ConfigError, StoreError
 from wsi_her2.files import atomic_write_text, clean_stale_tmp, prepare_output_dir
-from wsi_her2.outputs.slide_outputs import write_measure_heatmaps, write_slide_geojson, write_slide_heatmap
+from wsi_her2.outputs.slide_outputs import (
+    run_side_by_side,
+    write_measure_heatmaps,
+    write_slide_geojson,
+    write_slide_heatmap,
+)
 from wsi_her2.outputs.tables import SLIDES_CSV_COLUMNS, ensure_slides_csv_row, upsert_slides_csv, write_tiles_parquet  # noqa: F401 (SLIDES_CSV_COLUMNS re-exported)
 from wsi_her2.tile.qc import reject_reason
 from wsi_her2.stain.check import check_stain_for_model
@@ -157,15 +162,16 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     measurements = _tile_measurements(store, pred, classes)
     extra_outputs = _explain(out, store, model, pred.scored, measurements, config) if config.explain else {}
     sid = store.slide_id
-    outputs = {
-        "tiles_parquet": str(write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
-        "geojson": str(write_slide_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call, gz=config.geojson_gz,
-                                      extra_features=group_part["features"], slide_name_suffix=group_part["slide_name"])),
-        "heatmap_png": str(write_slide_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
-        **write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
-        **group_part["outputs"],
-        **extra_outputs,
-    }
+    written = run_side_by_side({
+        "tiles_parquet": lambda: str(write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
+        "geojson": lambda: str(write_slide_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call,
+                                                   gz=config.geojson_gz, extra_features=group_part["features"],
+                                                   slide_name_suffix=group_part["slide_name"])),
+        "heatmap_png": lambda: str(write_slide_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
+        "measure_heatmaps": lambda: write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
+    })
+    measure_maps = written.pop("measure_heatmaps")
+    outputs = {**written, **measure_maps, **group_part["outputs"], **extra_outputs}
     tumour = tumour_summary(pred.measurements, pred.scored)
     row = _slides_csv_row(sid, config, slide_call, tumour, n_used=int(pred.scored.sum()),
                           n_rejected=int(store.n_tiles - pred.scored.sum()))
