@@ -28,7 +28,7 @@ def _scorer(store) -> IhcDabScorer:
     return load_scoring_model(ScoreConfig(), store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 2, 3])
 def test_chunks_in_workers_or_in_process_give_the_batch_loop_numbers(graded_store, workers):
     store = open_store(graded_store)
     model = _scorer(store)
@@ -52,7 +52,7 @@ def test_predict_store_takes_the_workers_when_asked(graded_store, monkeypatch, c
     monkeypatch.setattr(cpu_pool, "MIN_TILES_FOR_PROCESSES", 1)
     with caplog.at_level("INFO", logger="wsi_her2.score.inference"):
         pooled = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=2))
-    assert "scoring chunk by chunk in 2 worker processes" in caplog.text
+    assert "scoring chunk by chunk on 2 CPUs: this process and 1 worker process" in caplog.text
     alone = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=1))
     assert np.array_equal(pooled.scored, alone.scored)
     assert np.allclose(pooled.probs, alone.probs, atol=1e-6, equal_nan=True)

@@ -1,20 +1,23 @@
-"""The rule-based ``ihc_dab`` on CPU in worker processes, one per core.
+"""The rule-based ``ihc_dab`` on CPU, chunk by chunk, on every CPU: this process and worker processes.
 
 Why processes and not threads: the OpenCV kernel (:mod:`wsi_her2.models.ihc_cpu_kernel`) makes
 ~100 small calls per tile with Python in between, and tile threads of one process queue for
 the GIL on that glue: measured on this project's 2-core machine, two kernel threads gave
 1.1-1.3x the rate of one, two processes 2x.
 
-A worker imports no torch (numpy, OpenCV, imagecodecs: it starts in ~0.1 s, not the ~2 s of
+A worker imports no torch (numpy, OpenCV, imagecodecs: it starts in ~0.2 s, not the ~2 s of
 torch). It reads a chunk file of the store, checks its CRC32C, decodes it and runs the kernel
 on the chunk's tiles to score, and sends back their evidence (per-tile statistics, per-nucleus
-ray maxima: ~5 KB a tile). The parent turns each chunk's evidence into measurements with the
-scorer's shared steps 4-6 (torch), in store order, while the workers go on. The numbers are
+ray maxima: ~5 KB a tile). This process turns each chunk's evidence into measurements with
+the scorer's shared steps 4-6 (torch), in store order, and scores chunks itself whenever the
+next result is not ready (while the workers start, and as one of them after). The numbers are
 those of the in-process kernel: the same functions on the same pixels
 (``tests/test_cpu_pool.py``).
 
-Used by :func:`wsi_her2.score.inference.predict_store` when it applies (:func:`workers_for`);
-everything else (GPU, trained networks, TTA, stores not of JPEG tiles) takes the batch loop.
+Used by :func:`wsi_her2.score.inference.predict_store` when it applies: with one CPU, without
+workers (no reading threads to pay for); with more, when asked (``cpu_workers``, which
+``wsi-her2 score`` sets to every CPU). Everything else (GPU, trained networks, TTA, stores not
+of JPEG tiles) takes the batch loop.
 """
 from __future__ import annotations
 
@@ -76,23 +79,14 @@ def _score_chunk(path: str, rows: NDArray[np.int64] | None) -> list[ChunkEvidenc
     return _WORKER(path, rows)
 
 
-class _InProcess:
-    """A pool of no processes: each chunk scored in this process when submitted (one CPU: the
-    batch loop's reading threads would have nothing to overlap with, and cost ~0.1 ms a tile)."""
-
-    def __init__(self, plan: KernelPlan, chunk_shape: tuple[int, int, int, int]) -> None:
-        self._scorer = _ChunkScorer(plan, chunk_shape)
-
-    def submit(self, fn: Any, path: str, rows: NDArray[np.int64] | None) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(self._scorer(path, rows))
-        except Exception as exc:  # raised to the caller by future.result(), as from a worker
-            future.set_exception(exc)
-        return future
-
-    def shutdown(self, **_: Any) -> None:
-        pass
+def _done(fn: Any, *args: Any) -> Future:
+    """``fn(*args)`` run now, as a finished future (its exception kept for ``result()``)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:  # raised to the caller by future.result(), as from a worker
+        future.set_exception(exc)
+    return future
 
 
 def workers_for(requested: int | None, n_tiles: int) -> int:
@@ -116,21 +110,34 @@ def _tasks(reader: Any, idx: NDArray[np.int64]) -> Iterator[tuple[int, int, str,
         yield lo, hi, str(reader.chunk_path(chunk)), None if whole else rows
 
 
-def _in_order(pool: ProcessPoolExecutor | _InProcess, tasks: Iterator[tuple], window: int) -> Iterator[tuple[int, int, Future]]:
-    """Submit ``tasks`` keeping at most ``window`` in flight; yield ``(lo, hi, future)`` in task order."""
+def _in_order(tasks: list[tuple], here: _ChunkScorer, pool: ProcessPoolExecutor | None,
+              window: int) -> Iterator[tuple[int, int, Future]]:
+    """Yield ``(lo, hi, future)`` per task, in task order, each chunk scored by a worker or here.
+
+    Workers are kept ``window`` chunks ahead; whenever the next result in order is not ready,
+    this process scores the next chunk itself instead of waiting (so it works while the workers
+    start, ~0.2 s, and as one of them after: ``N`` CPUs are ``N - 1`` workers and this process).
+    """
     pending: deque[tuple[int, int, Future]] = deque()
-    for lo, hi, path, rows in tasks:
-        pending.append((lo, hi, pool.submit(_score_chunk, path, rows)))
-        if len(pending) >= window:
+    queued = 0  # tasks handed out so far
+    while queued < len(tasks) or pending:
+        in_pool = sum(1 for *_, f in pending if not f.done())
+        while pool is not None and queued < len(tasks) and in_pool < window:
+            lo, hi, path, rows = tasks[queued]
+            pending.append((lo, hi, pool.submit(_score_chunk, path, rows)))
+            queued, in_pool = queued + 1, in_pool + 1
+        if pending and (pending[0][2].done() or queued == len(tasks)):
             yield pending.popleft()
-    while pending:
-        yield pending.popleft()
+        elif queued < len(tasks):
+            lo, hi, path, rows = tasks[queued]
+            pending.append((lo, hi, _done(here, path, rows)))
+            queued += 1
 
 
 def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: int, bar: Any = None) -> list[tuple]:
-    """Score tiles ``idx`` of a JPEG patch store with ``scorer`` (an ``IhcDabScorer``) chunk by chunk,
-    in ``workers`` processes (0 or 1: in this process); :func:`predict_store`'s host parts
-    ``(indices, probs, measurements)``, in order.
+    """Score tiles ``idx`` of a JPEG patch store with ``scorer`` (an ``IhcDabScorer``) chunk by chunk
+    on ``workers`` CPUs: this process and ``workers - 1`` worker processes (0 or 1: this process
+    alone); :func:`predict_store`'s host parts ``(indices, probs, measurements)``, in order.
 
     A chunk a worker cannot read raises the store's ``StoreError``, as the batch loop does.
     """
@@ -143,14 +150,12 @@ def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: in
     _, h, w, _ = reader.chunk_shape
     plan = kernel_plan(scorer, h, w)
     parts: list[tuple] = []
-    if workers >= 2:
-        pool: ProcessPoolExecutor | _InProcess = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-            initargs=(plan, reader.chunk_shape))
-    else:
-        pool = _InProcess(plan, reader.chunk_shape)
+    helpers = max(0, workers - 1)  # this process is one of the workers
+    pool = ProcessPoolExecutor(helpers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(plan, reader.chunk_shape)) if helpers else None
     try:
-        for lo, hi, future in _in_order(pool, _tasks(reader, idx), max(1, workers * _CHUNKS_AHEAD_PER_WORKER)):
+        window = helpers * _CHUNKS_AHEAD_PER_WORKER
+        for lo, hi, future in _in_order(list(_tasks(reader, idx)), _ChunkScorer(plan, reader.chunk_shape), pool, window):
             try:
                 chunks = future.result()
             except ChunkUnreadable as exc:
@@ -163,5 +168,6 @@ def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: in
             if bar is not None:
                 bar.update(n)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return parts

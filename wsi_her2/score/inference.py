@@ -449,7 +449,8 @@ def predict_store(
     workers = _chunk_workers(store, model, cfg, plan, config, idx.size)
     try:
         if workers is not None:
-            log.info("scoring chunk by chunk %s", f"in {workers} worker processes" if workers else "in this process")
+            helpers = f"{workers - 1} worker process" + ("es" if workers > 2 else "")
+            log.info("scoring chunk by chunk %s", f"on {workers} CPUs: this process and {helpers}" if workers > 1 else "in this process")
             host_parts = cpu_pool.score_chunks(store, model, idx, workers=workers, bar=bar)
         else:
             _loop(store, idx, step, plan, config, n_classes, host_parts, bar)
