@@ -54,6 +54,8 @@ def score_runner(store: str, out_dir: str) -> int:
     t0 = time.perf_counter()
     import torch
 
+    import wsi_her2.cli.score  # noqa: F401  the command's modules, as the tile runner imports tile's
+    import wsi_her2.score.pipeline  # noqa: F401
     from wsi_her2.cli import main as cli_main
 
     imports_s = time.perf_counter() - t0
