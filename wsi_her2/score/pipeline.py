@@ -162,16 +162,8 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     measurements = _tile_measurements(store, pred, classes)
     extra_outputs = _explain(out, store, model, pred.scored, measurements, config) if config.explain else {}
     sid = store.slide_id
-    written = run_side_by_side({
-        "tiles_parquet": lambda: str(write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
-        "geojson": lambda: str(write_slide_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call,
-                                                   gz=config.geojson_gz, extra_features=group_part["features"],
-                                                   slide_name_suffix=group_part["slide_name"])),
-        "heatmap_png": lambda: str(write_slide_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
-        "measure_heatmaps": lambda: write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
-    })
-    measure_maps = written.pop("measure_heatmaps")
-    outputs = {**written, **measure_maps, **group_part["outputs"], **extra_outputs}
+    outputs = {**_write_slide_files(out, store, calls, classes, reasons, measurements, slide_call, config, group_part),
+               **group_part["outputs"], **extra_outputs}
     tumour = tumour_summary(pred.measurements, pred.scored)
     row = _slides_csv_row(sid, config, slide_call, tumour, n_used=int(pred.scored.sum()),
                           n_rejected=int(store.n_tiles - pred.scored.sum()))
@@ -232,6 +224,22 @@ def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | No
     log.info("%s: already scored (use --overwrite to redo)", sid)
     ensure_slides_csv_row(json_path.parent / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
     return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
+
+
+def _write_slide_files(out: Path, store: PatchStore, calls, classes, reasons, measurements, slide_call, config: ScoreConfig,
+                       group_part: dict) -> dict[str, str]:
+    """The slide's tiles parquet, GeoJSON and heatmaps, written side by side; their paths by output name."""
+    sid = store.slide_id
+    written = run_side_by_side({
+        "tiles_parquet": lambda: str(write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
+        "geojson": lambda: str(write_slide_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call,
+                                                   gz=config.geojson_gz, extra_features=group_part["features"],
+                                                   slide_name_suffix=group_part["slide_name"])),
+        "heatmap_png": lambda: str(write_slide_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
+        "measure_heatmaps": lambda: write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
+    })
+    measure_maps = written.pop("measure_heatmaps")
+    return {**written, **measure_maps}
 
 
 def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None, model=None):
