@@ -135,3 +135,28 @@ def test_zero_workers_is_a_one_line_usage_error(graded_store, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "wsi-her2 score: error: --workers must be >= 1, got 0"
     assert not any(tmp_path.iterdir())  # nothing scored, nothing written
+
+
+def test_a_worker_that_dies_is_a_one_line_error_not_a_traceback(graded_store, monkeypatch):
+    """A killed worker (OOM killer, kill -9) breaks the pool: the slide fails with what to do."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from wsi_her2.errors import WsiHer2Error
+
+    class DeadPool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, *args):
+            future = Future()
+            future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            return future
+
+        def shutdown(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(cpu_pool, "ProcessPoolExecutor", DeadPool)
+    store = open_store(graded_store)
+    with pytest.raises(WsiHer2Error, match=r"worker process ended abruptly .* with --workers 1$"):
+        cpu_pool.score_chunks(store, _scorer(store), np.flatnonzero(store.qc_pass), workers=2)

@@ -24,11 +24,13 @@ from __future__ import annotations
 import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Iterator
 
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_her2.errors import WsiHer2Error
 from wsi_her2.models.ihc_cpu_kernel import ChunkEvidence, KernelPlan, available_cpus, chunk_evidence
 from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
 
@@ -40,6 +42,10 @@ MIN_TILES_FOR_PROCESSES = 1024
 #: Chunks in flight per worker: enough that none waits for the parent, few enough that results
 #: waiting to be turned into measurements stay a few MB.
 _CHUNKS_AHEAD_PER_WORKER = 2
+#: Chunks this process may score ahead of a worker's late result (their evidence waits in
+#: memory, ~0.35 MB a chunk); beyond it, it waits for the worker.
+_MAX_AHEAD_HERE = 8
+
 
 class ChunkUnreadable(Exception):
     """A chunk file a worker could not read (missing, failing its checksum, not decodable)."""
@@ -90,8 +96,9 @@ def _done(fn: Any, *args: Any) -> Future:
 
 
 def workers_for(requested: int | None, n_tiles: int) -> int:
-    """Worker processes for ``n_tiles`` tiles: ``requested`` (None: one per CPU this process may
-    use), and none (0: score in-process) for one CPU or fewer than :data:`MIN_TILES_FOR_PROCESSES` tiles."""
+    """CPUs to score ``n_tiles`` tiles on (this process and that many minus one workers):
+    ``requested`` (None: every CPU this process may use); 0 (no workers) for one CPU or fewer
+    than :data:`MIN_TILES_FOR_PROCESSES` tiles."""
     want = available_cpus() if requested is None else int(requested)
     if want < 2 or n_tiles < MIN_TILES_FOR_PROCESSES:
         return 0
@@ -126,7 +133,7 @@ def _in_order(tasks: list[tuple], here: _ChunkScorer, pool: ProcessPoolExecutor 
             lo, hi, path, rows = tasks[queued]
             pending.append((lo, hi, pool.submit(_score_chunk, path, rows)))
             queued, in_pool = queued + 1, in_pool + 1
-        if pending and (pending[0][2].done() or queued == len(tasks)):
+        if pending and (pending[0][2].done() or queued == len(tasks) or len(pending) >= window + _MAX_AHEAD_HERE):
             yield pending.popleft()
         elif queued < len(tasks):
             lo, hi, path, rows = tasks[queued]
@@ -160,6 +167,10 @@ def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: in
                 chunks = future.result()
             except ChunkUnreadable as exc:
                 raise store.damaged(f"tiles {int(idx[lo])}-{int(idx[hi - 1])} unreadable ({exc})") from None
+            except BrokenProcessPool:
+                raise WsiHer2Error(
+                    "a scoring worker process ended abruptly (killed, or out of memory?); nothing was written "
+                    "for this slide: run the command again, or with --workers 1") from None
             n = hi - lo
             with torch.inference_mode():
                 meas = scorer.measure_evidence(evidence_from_chunks(chunks, scorer, plan, n), (n, 3, h, w))
