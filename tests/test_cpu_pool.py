@@ -46,6 +46,33 @@ def test_chunks_in_workers_or_in_process_give_the_batch_loop_numbers(graded_stor
     assert len(set(one.measurements["cell_count"][idx])) > 3  # the slide has graded content, not blanks
 
 
+def test_real_ihc_through_tile_gives_the_batch_loop_calls_and_measurements(tmp_path):
+    """A real HER2 IHC patch made a slide at 0.5 µm/px and tiled: chunk workers = the batch loop."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from wsi_her2.synthetic.image_slide import resample_to_mpp, write_image_slide
+
+    image = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ihc_dev" / "00014_test_2+.jpg"
+    if not image.is_file():
+        pytest.skip(f"real fixture {image} not available")
+    rgb = resample_to_mpp(np.asarray(Image.open(image).convert("RGB")), 1.0, 0.5)
+    slide = write_image_slide(rgb, tmp_path / "real.svs", mpp_um=0.5)
+    store = open_store(tile_slide(slide, tmp_path, config=TileConfig(workers=1)).store)
+    model = _scorer(store)
+    batch = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=1))
+    idx = np.flatnonzero(store.qc_pass)
+    assert idx.size > 40
+    parts = cpu_pool.score_chunks(store, model, idx, workers=2)
+    probs = np.concatenate([p[1].numpy() for p in parts])
+    assert np.array_equal(probs.argmax(1), batch.probs[idx].argmax(1))
+    for name in MEASUREMENT_NAMES:
+        got = np.concatenate([p[2][name].numpy() for p in parts])
+        assert np.allclose(got, batch.measurements[name][idx], rtol=1e-6, atol=1e-6), name
+    assert np.nanmax(batch.measurements["frac_cells_2plus_or_more"]) > 0.1  # stained tumour, not blank tiles
+
+
 def test_predict_store_takes_the_workers_when_asked(graded_store, monkeypatch, caplog):
     store = open_store(graded_store)
     model = _scorer(store)
