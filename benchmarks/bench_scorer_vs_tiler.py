@@ -8,8 +8,8 @@ they start; ``--no-pin`` leaves them free), so that ``N`` cores means ``N`` core
 1. ``wsi-her2 tile SLIDE -o OUT --workers N --overwrite -q --mpp 0.5 --tile-px 224`` (jpeg codec)
    in a fresh interpreter (``benchmarks/peers/run_wsi_her2.py``);
 2. ``wsi-her2 score STORE -o OUT --force --overwrite -q`` (the default scorer ``ihc_dab`` on the
-   CPU) in a fresh interpreter with ``N`` torch threads (``OMP_NUM_THREADS=N``; its OpenCV kernel
-   uses the CPUs it may run on); ``--force`` because the bench slide holds an H&E region that
+   CPU) in a fresh interpreter with ``OMP_NUM_THREADS=N``; it scores chunk by chunk on the ``N``
+   CPUs it may run on (itself and ``N - 1`` worker processes); ``--force`` because the bench slide holds an H&E region that
    the stain check would refuse.
 
 The ratio that matters is **score rate / tile rate over the same store's tiles**, i.e. tiling
