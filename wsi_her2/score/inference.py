@@ -64,11 +64,12 @@ class InferenceConfig:
     loader_workers
         Threads decompressing zarr chunks in the background.
     cpu_workers
-        Processes scoring the rule-based ``ihc_dab`` on CPU (:mod:`wsi_her2.score.cpu_pool`);
-        1 (the default): none, in this process; None: one per CPU this process may use (what
-        ``wsi-her2 score`` asks for). Stores of fewer than ``MIN_TILES_FOR_PROCESSES`` tiles, and
-        every other model, are scored in this process. Workers are spawned, so a script that asks
-        for them needs Python's ``if __name__ == "__main__":`` guard (as for any multiprocessing).
+        Processes scoring the rule-based ``ihc_dab`` on CPU, chunk by chunk (:mod:`wsi_her2.score.cpu_pool`):
+        this one and ``cpu_workers - 1`` workers. 1 (the default): this process only; None: one
+        per CPU this process may use (what ``wsi-her2 score`` asks for). Stores of fewer than
+        ``MIN_TILES_FOR_PROCESSES`` tiles, and every other model, are scored in this process.
+        Workers are spawned, so a script that asks for them needs Python's
+        ``if __name__ == "__main__":`` guard (as for any multiprocessing).
     pin_memory
         Page-locked host buffers so host-to-device copies are asynchronous (CUDA only).
     """
@@ -468,10 +469,9 @@ def predict_store(
 def _loop(store: Any, idx: NDArray[np.int64], step: Callable, plan: _RunPlan, config: InferenceConfig, n_classes: int,
           host_parts: list, bar: Any) -> None:
     """The batch loop: a :class:`TileLoader` feeding ``step`` (see :func:`_run_loop`)."""
-    with torch.inference_mode(), TileLoader(
-            store, idx, batch_size=config.batch_size, workers=config.loader_workers, pin_memory=plan.pin_memory,
-            prefetch_batches=PREFETCH_BATCHES,
-        ) as loader:
+    loader = TileLoader(store, idx, batch_size=config.batch_size, workers=config.loader_workers,
+                        pin_memory=plan.pin_memory, prefetch_batches=PREFETCH_BATCHES)
+    with torch.inference_mode(), loader:
         _run_loop(
             loader, step, device=plan.device, batch_size=config.batch_size, pad_batches=plan.compiled,
             n_classes=n_classes, host_parts=host_parts, bar=bar,
