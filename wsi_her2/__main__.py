@@ -1,5 +1,5 @@
 import sys
 
-from wsi_her2.cli import main
+from wsi_her2.cli import entry
 
-sys.exit(main())
+sys.exit(entry())
