@@ -164,7 +164,8 @@ def test_zero_workers_is_a_one_line_usage_error(graded_store, tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing scored, nothing written
 
 
-def test_a_worker_that_dies_is_a_one_line_error_not_a_traceback(graded_store, monkeypatch):
+@pytest.mark.parametrize("broken_at", ["result", "submit"])
+def test_a_worker_that_dies_is_a_one_line_error_not_a_traceback(graded_store, monkeypatch, broken_at):
     """A killed worker (OOM killer, kill -9) breaks the pool: the slide fails with what to do."""
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
@@ -176,6 +177,8 @@ def test_a_worker_that_dies_is_a_one_line_error_not_a_traceback(graded_store, mo
             pass
 
         def submit(self, fn, *args):
+            if broken_at == "submit":
+                raise BrokenProcessPool("A child process terminated abruptly, the process pool is not usable anymore")
             future = Future()
             future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
             return future

@@ -167,10 +167,6 @@ def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: in
                 chunks = future.result()
             except ChunkUnreadable as exc:
                 raise store.damaged(f"tiles {int(idx[lo])}-{int(idx[hi - 1])} unreadable ({exc})") from None
-            except BrokenProcessPool:
-                raise WsiHer2Error(
-                    "a scoring worker process ended abruptly (killed, or out of memory?); nothing was written "
-                    "for this slide: run the command again, or with --workers 1") from None
             n = hi - lo
             with torch.inference_mode():
                 meas = scorer.measure_evidence(evidence_from_chunks(chunks, scorer, plan, n), (n, 3, h, w))
@@ -178,6 +174,10 @@ def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: in
             parts.append((idx[lo:hi], probs, {k: v.float() for k, v in meas.items()}))
             if bar is not None:
                 bar.update(n)
+    except BrokenProcessPool:  # from a result, or from handing the broken pool the next chunk
+        raise WsiHer2Error(
+            "a scoring worker process ended abruptly (killed, or out of memory?); nothing was written "
+            "for this slide: run the command again, or with --workers 1") from None
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
