@@ -76,7 +76,7 @@ def test_real_ihc_through_tile_gives_the_batch_loop_calls_and_measurements(tmp_p
 def test_predict_store_takes_the_workers_when_asked(graded_store, monkeypatch, caplog):
     store = open_store(graded_store)
     model = _scorer(store)
-    monkeypatch.setattr(cpu_pool, "MIN_TILES_FOR_PROCESSES", 1)
+    monkeypatch.setattr(cpu_pool, "TILES_PER_PROCESS", 1)
     with caplog.at_level("INFO", logger="wsi_her2.score.inference"):
         pooled = predict_store(store, model, config=InferenceConfig(device="cpu", cpu_workers=2))
     assert "scoring chunk by chunk on 2 CPUs: this process and 1 worker process" in caplog.text
@@ -105,15 +105,20 @@ def test_a_damaged_chunk_is_the_stores_one_line_error(graded_store, tmp_path, wo
         cpu_pool.score_chunks(store, _scorer(store), np.flatnonzero(store.qc_pass), workers=workers)
 
 
-def test_worker_count(monkeypatch):
+def test_process_count(monkeypatch):
+    per = cpu_pool.TILES_PER_PROCESS
     monkeypatch.setattr(cpu_pool, "available_cpus", lambda: 6)
-    big = cpu_pool.MIN_TILES_FOR_PROCESSES
-    assert cpu_pool.workers_for(None, big) == 6  # default: one per CPU this process may use
-    assert cpu_pool.workers_for(3, big) == 3
-    assert cpu_pool.workers_for(1, big) == 0  # one process: in-process
-    assert cpu_pool.workers_for(None, big - 1) == 0  # too few tiles to pay for starting workers
+    assert cpu_pool.workers_for(None, 100 * per) == 6  # default: one per CPU this process may use
+    assert cpu_pool.workers_for(3, 100 * per) == 3
+    assert cpu_pool.workers_for(1, 100 * per) == 0  # one process: no workers
+    assert cpu_pool.workers_for(None, 3 * per) == 3  # at most one per TILES_PER_PROCESS tiles
+    assert cpu_pool.workers_for(8, 3 * per) == 3
+    assert cpu_pool.workers_for(None, 2 * per - 1) == 0  # too few tiles to pay for starting a worker
+    monkeypatch.setattr(cpu_pool, "available_cpus", lambda: 64)
+    assert cpu_pool.workers_for(None, 1000 * per) == cpu_pool.MAX_DEFAULT_PROCESSES  # ~70 MB each
+    assert cpu_pool.workers_for(32, 1000 * per) == 32  # asked for: as asked
     monkeypatch.setattr(cpu_pool, "available_cpus", lambda: 1)
-    assert cpu_pool.workers_for(None, 10 * big) == 0
+    assert cpu_pool.workers_for(None, 100 * per) == 0
 
 
 def test_the_worker_side_imports_no_torch():

@@ -34,11 +34,14 @@ from wsi_her2.errors import WsiHer2Error
 from wsi_her2.models.ihc_cpu_kernel import ChunkEvidence, KernelPlan, available_cpus, chunk_evidence
 from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
 
-__all__ = ["MIN_TILES_FOR_PROCESSES", "ChunkUnreadable", "score_chunks", "workers_for"]
+__all__ = ["MAX_DEFAULT_PROCESSES", "TILES_PER_PROCESS", "ChunkUnreadable", "score_chunks", "workers_for"]
 
-#: Fewer tiles than this are scored in-process: starting workers (~0.2-0.3 s of CPU each,
-#: spawned side by side) would cost more than it saves (~1 ms a tile, split over the workers).
-MIN_TILES_FOR_PROCESSES = 1024
+#: Tiles each process should have at least: a worker costs ~0.23 s to start (spawned side by
+#: side), ~1/2 s of scoring at ~1 ms a tile. So 2 processes from 1,024 tiles on.
+TILES_PER_PROCESS = 512
+#: Processes when none are asked for, however many CPUs: each holds ~70 MB (interpreter,
+#: OpenCV, a chunk buffer), and a slide of 10,000 tiles has ~160 chunks to share.
+MAX_DEFAULT_PROCESSES = 16
 #: Chunks in flight per worker: enough that none waits for the parent, few enough that results
 #: waiting to be turned into measurements stay a few MB.
 _CHUNKS_AHEAD_PER_WORKER = 2
@@ -96,13 +99,12 @@ def _done(fn: Any, *args: Any) -> Future:
 
 
 def workers_for(requested: int | None, n_tiles: int) -> int:
-    """CPUs to score ``n_tiles`` tiles on (this process and that many minus one workers):
-    ``requested`` (None: every CPU this process may use); 0 (no workers) for one CPU or fewer
-    than :data:`MIN_TILES_FOR_PROCESSES` tiles."""
-    want = available_cpus() if requested is None else int(requested)
-    if want < 2 or n_tiles < MIN_TILES_FOR_PROCESSES:
-        return 0
-    return want
+    """Processes to score ``n_tiles`` tiles with (this one and that many minus one workers):
+    ``requested`` (None: every CPU this process may use, at most :data:`MAX_DEFAULT_PROCESSES`),
+    at most one per :data:`TILES_PER_PROCESS` tiles; 0 (no workers) when that leaves fewer than 2."""
+    want = min(available_cpus(), MAX_DEFAULT_PROCESSES) if requested is None else int(requested)
+    n = min(want, n_tiles // TILES_PER_PROCESS)
+    return n if n >= 2 else 0
 
 
 def _tasks(reader: Any, idx: NDArray[np.int64]) -> Iterator[tuple[int, int, str, NDArray[np.int64] | None]]:

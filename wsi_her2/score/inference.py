@@ -66,8 +66,8 @@ class InferenceConfig:
     cpu_workers
         Processes scoring the rule-based ``ihc_dab`` on CPU, chunk by chunk (:mod:`wsi_her2.score.cpu_pool`):
         this one and ``cpu_workers - 1`` workers. 1 (the default): this process only; None: one
-        per CPU this process may use (what ``wsi-her2 score`` asks for). Stores of fewer than
-        ``MIN_TILES_FOR_PROCESSES`` tiles, and every other model, are scored in this process.
+        per CPU this process may use, at most 16 (what ``wsi-her2 score`` asks for). At most one
+        process per 512 tiles; every other model is scored in this process.
         Workers are spawned, so a script that asks for them needs Python's
         ``if __name__ == "__main__":`` guard (as for any multiprocessing).
     pin_memory
