@@ -343,3 +343,24 @@ def test_cli_inspect_prints_the_stored_config(tmp_path, capsys):
     assert cli_main(["models", "--inspect", str(path)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["name"] == "efficientnet_b0" and shown["tile_px"] == 512 and shown["mpp_um"] == 0.25
+
+
+def test_the_registry_fills_itself_on_first_use_in_a_fresh_process():
+    """``wsi_her2.models`` loads torch and its registry lazily; the first lookup still sees every model."""
+    import subprocess
+    import sys
+
+    code = ("import sys, threading\n"
+            "import wsi_her2.models.ihc_thresholds\n"
+            "assert 'torch' not in sys.modules, 'a torch-free submodule imported torch'\n"
+            "from wsi_her2.models.registry import get_config, list_models\n"
+            "seen = []\n"
+            "threads = [threading.Thread(target=lambda: seen.append(len(list_models()))) for _ in range(4)]\n"
+            "[t.start() for t in threads]; [t.join() for t in threads]\n"
+            "assert len(set(seen)) == 1 and 'ihc_dab' in list_models(), seen\n"
+            "assert get_config('convnext_tiny').name == 'convnext_tiny'\n"
+            "from wsi_her2.models import create_model\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"

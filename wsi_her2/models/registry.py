@@ -11,6 +11,7 @@ import copy
 import difflib
 import importlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,15 +35,22 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {}
 _BUILTIN_LOADED = False
+_BUILTIN_LOCK = threading.RLock()
 
 
 def _load_builtin() -> None:
-    """Register the built-in architectures (importing their modules fills the registry), once."""
+    """Register the built-in architectures (importing their modules fills the registry), once.
+
+    Marked done only once both modules are in: a thread that looks while another is importing
+    them waits for the lock instead of finding the registry half filled."""
     global _BUILTIN_LOADED
-    if not _BUILTIN_LOADED:
-        _BUILTIN_LOADED = True
-        importlib.import_module("wsi_her2.models.archs")
-        importlib.import_module("wsi_her2.models.hybrids")
+    if _BUILTIN_LOADED:
+        return
+    with _BUILTIN_LOCK:
+        if not _BUILTIN_LOADED:
+            importlib.import_module("wsi_her2.models.archs")
+            importlib.import_module("wsi_her2.models.hybrids")
+            _BUILTIN_LOADED = True
 
 
 def registered(name: str) -> bool:
