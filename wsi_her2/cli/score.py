@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parts.add_argument("--tma", action="store_true",
                        help="tissue microarray: find the round cores, name them by grid (A1, A2, ...), one call per core (cores.csv)")
     p.add_argument("--workers", type=int, default=None, metavar="N", dest="cpu_workers",
-                   help="processes scoring ihc_dab on CPU (default: one per CPU this process may use; 1: in this process)")
+                   help="processes scoring ihc_dab on CPU, chunk by chunk (default: one per CPU this process may use, "
+                        "at most 16 and one per 512 tiles; 1: this process only)")
     p.add_argument("--overwrite", action="store_true", help="re-score slides already scored with this model and aggregation")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -55,7 +56,8 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
     return ScoreConfig(
         model=args.model, weights=args.weights, agg=args.agg, batch_size=args.batch_size, device=args.device,
-        tta=args.tta, compile=args.compile, min_tiles=args.min_tiles, cpu_workers=getattr(args, "cpu_workers", None), geojson_gz=args.gz, explain=args.explain,
+        tta=args.tta, compile=args.compile, min_tiles=args.min_tiles, geojson_gz=args.gz, explain=args.explain,
+        cpu_workers=getattr(args, "cpu_workers", None),
         heatmap_measures=list(getattr(args, "heatmap", None) or []),
         roi=getattr(args, "roi", None), roi_class=getattr(args, "roi_class", None), tma=getattr(args, "tma", False),
         overwrite=getattr(args, "overwrite", False), progress=progress, force=getattr(args, "force", False),
