@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -427,3 +428,18 @@ def test_real_slide_store_scores_its_qc_passed_tiles(tmp_path):
     np.testing.assert_array_equal(result.scored, passed)
     expected = _reference_probs(model, store.read_tiles(0, store.n_tiles))
     np.testing.assert_allclose(result.probs[passed], expected[passed], rtol=1e-4, atol=1e-5)
+
+
+def test_loader_threads_follow_the_device(monkeypatch):
+    """Decoding feeds a GPU: more reading threads on CUDA; 2 on CPU, where the model needs the cores."""
+    from wsi_her2.score import cpu_pool, inference
+
+    monkeypatch.setattr(cpu_pool, "available_cpus", lambda: 16)
+    cpu_plan, cuda_plan = inference._plan_run(InferenceConfig(device="cpu")), SimpleNamespace(cuda=True)
+    assert inference.loader_threads(InferenceConfig(), cpu_plan) == 2
+    assert inference.loader_threads(InferenceConfig(), cuda_plan) == 8
+    assert inference.loader_threads(InferenceConfig(loader_workers=3), cuda_plan) == 3  # asked for: as asked
+    monkeypatch.setattr(cpu_pool, "available_cpus", lambda: 1)
+    assert inference.loader_threads(InferenceConfig(), cuda_plan) == 2
+    with pytest.raises(ConfigError, match="--loader-workers must be >= 1"):
+        InferenceConfig(loader_workers=0).validate()

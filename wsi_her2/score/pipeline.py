@@ -56,7 +56,7 @@ class ScoreConfig:
     device: str = "auto"
     tta: bool = False
     compile: bool = False
-    loader_workers: int = 2
+    loader_workers: int | None = None  # threads decoding for the batch loop (None: 2 on CPU, up to 8 on CUDA)
     cpu_workers: int | None = 1  # --workers: processes scoring ihc_dab on CPU (1: in this process; None: one per CPU)
     min_tiles: int = 10
     geojson_gz: bool = False
