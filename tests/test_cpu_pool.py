@@ -195,3 +195,34 @@ def test_a_worker_that_dies_is_a_one_line_error_not_a_traceback(graded_store, mo
     store = open_store(graded_store)
     with pytest.raises(WsiHer2Error, match=r"worker process ended abruptly .* with --workers 1$"):
         cpu_pool.score_chunks(store, _scorer(store), np.flatnonzero(store.qc_pass), workers=2)
+
+
+def test_one_pool_serves_the_stores_of_a_command_in_turn(graded_store, tmp_path, monkeypatch):
+    """Workers start once for many stores; each store keeps its own plan; a damaged store between
+    two good ones fails alone and leaves the pool serving the next one."""
+    started = []
+    real_executor = cpu_pool.ProcessPoolExecutor
+
+    def counting_executor(*args, **kwargs):
+        started.append(args[0] if args else kwargs.get("max_workers"))
+        return real_executor(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_pool, "ProcessPoolExecutor", counting_executor)
+    store = open_store(graded_store)
+    model = _scorer(store)
+    idx = np.flatnonzero(store.qc_pass)
+    alone = np.concatenate([p[1].numpy() for p in cpu_pool.score_chunks(store, model, idx, workers=2)])
+    damaged_path = tmp_path / graded_store.name
+    shutil.copytree(graded_store, damaged_path)
+    chunk = next(p for p in sorted((damaged_path / "tiles").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:-100])
+    damaged = open_store(damaged_path)
+    started.clear()
+    with cpu_pool.ChunkPool() as pool:
+        first = cpu_pool.score_chunks(store, model, idx, workers=3, pool=pool)
+        with pytest.raises(StoreError, match="unreadable"):
+            cpu_pool.score_chunks(damaged, _scorer(damaged), np.flatnonzero(damaged.qc_pass), workers=3, pool=pool)
+        second = cpu_pool.score_chunks(store, model, idx, workers=2, pool=pool)  # fewer: the pool is reused
+    assert started == [2]  # one pool of 2 workers (3 CPUs: this process and 2) for all three stores
+    for parts in (first, second):
+        assert np.abs(np.concatenate([p[1].numpy() for p in parts]) - alone).max() < 1e-6

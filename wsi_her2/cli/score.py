@@ -93,9 +93,16 @@ def run(args: argparse.Namespace) -> int:
 def _score_each(stores: list[Path], args: argparse.Namespace, config) -> int:
     """Score the stores one by one, printing a line per slide; the exit code."""
     from wsi_her2.cli.common import EachItem
+    from wsi_her2.score.cpu_pool import ChunkPool
     from wsi_her2.score.pipeline import score_store
 
-    each = EachItem("score", stores, lambda store: score_store(store, out_dir=args.out, config=config), noun="stores")
+    with ChunkPool() as pool:  # ihc_dab's worker processes, started once for all the stores
+        return _print_each(EachItem("score", stores, lambda store: score_store(store, out_dir=args.out, config=config,
+                                                                            chunk_pool=pool), noun="stores"), args)
+
+
+def _print_each(each, args: argparse.Namespace) -> int:
+    """A line per scored store; the exit code."""
     for _, res in each:
         c = res.call
         note = " (already scored)" if res.skipped else ""

@@ -22,6 +22,7 @@ of JPEG tiles) takes the batch loop.
 from __future__ import annotations
 
 import multiprocessing
+import uuid
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,7 +35,7 @@ from wsi_her2.errors import WsiHer2Error
 from wsi_her2.models.ihc_cpu_kernel import ChunkEvidence, KernelPlan, available_cpus, chunk_evidence
 from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
 
-__all__ = ["MAX_DEFAULT_PROCESSES", "TILES_PER_PROCESS", "ChunkUnreadable", "score_chunks", "workers_for"]
+__all__ = ["MAX_DEFAULT_PROCESSES", "TILES_PER_PROCESS", "ChunkPool", "ChunkUnreadable", "score_chunks", "workers_for"]
 
 #: Tiles each process should have at least: a worker costs ~0.23 s to start (spawned side by
 #: side), ~1/2 s of scoring at ~1 ms a tile. So 2 processes from 1,024 tiles on.
@@ -71,21 +72,61 @@ class _ChunkScorer:
         return chunk_evidence(np.moveaxis(tiles, -1, 1), self.plan)  # (T, 3, H, W) view, channels-last memory
 
 
-_WORKER: _ChunkScorer | None = None  # in a worker process: its chunk scorer
+#: In a worker process: its chunk scorers by run (a pool serves the stores of a command one
+#: after another), the latest last; each holds a chunk buffer (~10 MB) and kernel buffers.
+_WORKER_SCORERS: dict[str, _ChunkScorer] = {}
+_WORKER_SCORERS_KEPT = 2
 
 
-def _start_worker(plan: KernelPlan, chunk_shape: tuple[int, int, int, int]) -> None:
-    global _WORKER
+def _start_worker() -> None:
     import cv2
 
     # This process is the pool's own (spawned for it, gone with it), so setting its OpenCV pool
     # is no side effect on the caller: the workers are the parallelism, OpenCV's threads would spin.
     cv2.setNumThreads(1)
-    _WORKER = _ChunkScorer(plan, chunk_shape)
 
 
-def _score_chunk(path: str, rows: NDArray[np.int64] | None) -> list[ChunkEvidence]:
-    return _WORKER(path, rows)
+def _score_chunk(run: str, plan: KernelPlan, chunk_shape: tuple[int, int, int, int], path: str,
+                 rows: NDArray[np.int64] | None) -> list[ChunkEvidence]:
+    """In a worker: chunk ``path``'s evidence for run ``run`` (its plan comes with every task: ~5 KB)."""
+    scorer = _WORKER_SCORERS.pop(run, None) or _ChunkScorer(plan, chunk_shape)
+    _WORKER_SCORERS[run] = scorer  # the latest last
+    while len(_WORKER_SCORERS) > _WORKER_SCORERS_KEPT:
+        del _WORKER_SCORERS[next(iter(_WORKER_SCORERS))]
+    return scorer(path, rows)
+
+
+class ChunkPool:
+    """Worker processes kept for the stores a command scores one after another (caller-held, like
+    :class:`~wsi_her2.score.inference.StepCache`): each store would otherwise pay ~0.23 s to start
+    its workers. ``with ChunkPool() as pool``; a pool whose worker died is closed by
+    :func:`score_chunks` and started afresh for the next store."""
+
+    def __init__(self) -> None:
+        self._executor: ProcessPoolExecutor | None = None
+        self._size = 0
+
+    def executor(self, helpers: int) -> ProcessPoolExecutor | None:
+        """At least ``helpers`` worker processes (None for 0), started on first use."""
+        if helpers < 1:
+            return None
+        if self._executor is None or self._size < helpers:
+            self.close()
+            self._executor = ProcessPoolExecutor(helpers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_start_worker)
+            self._size = helpers
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor, self._size = None, 0
+
+    def __enter__(self) -> "ChunkPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _done(fn: Any, *args: Any) -> Future:
@@ -120,7 +161,7 @@ def _tasks(reader: Any, idx: NDArray[np.int64]) -> Iterator[tuple[int, int, str,
 
 
 def _in_order(tasks: list[tuple], here: _ChunkScorer, pool: ProcessPoolExecutor | None,
-              window: int) -> Iterator[tuple[int, int, Future]]:
+              window: int, run: str) -> Iterator[tuple[int, int, Future]]:
     """Yield ``(lo, hi, future)`` per task, in task order, each chunk scored by a worker or here.
 
     Workers are kept ``window`` chunks ahead; whenever the next result in order is not ready,
@@ -128,12 +169,21 @@ def _in_order(tasks: list[tuple], here: _ChunkScorer, pool: ProcessPoolExecutor 
     start, ~0.2 s, and as one of them after: ``N`` CPUs are ``N - 1`` workers and this process).
     """
     pending: deque[tuple[int, int, Future]] = deque()
+    try:
+        yield from _schedule(tasks, here, pool, window, run, pending)
+    finally:  # closed early (an error): the pool may serve other stores, so drop this one's queued chunks
+        for *_, future in pending:
+            future.cancel()
+
+
+def _schedule(tasks: list[tuple], here: _ChunkScorer, pool: ProcessPoolExecutor | None, window: int, run: str,
+              pending: deque[tuple[int, int, Future]]) -> Iterator[tuple[int, int, Future]]:
     queued = 0  # tasks handed out so far
     while queued < len(tasks) or pending:
         in_pool = sum(1 for *_, f in pending if not f.done())
         while pool is not None and queued < len(tasks) and in_pool < window:
             lo, hi, path, rows = tasks[queued]
-            pending.append((lo, hi, pool.submit(_score_chunk, path, rows)))
+            pending.append((lo, hi, pool.submit(_score_chunk, run, here.plan, here.buffer.shape, path, rows)))
             queued, in_pool = queued + 1, in_pool + 1
         if pending and (pending[0][2].done() or queued == len(tasks) or len(pending) >= window + _MAX_AHEAD_HERE):
             yield pending.popleft()
@@ -143,44 +193,61 @@ def _in_order(tasks: list[tuple], here: _ChunkScorer, pool: ProcessPoolExecutor 
             queued += 1
 
 
-def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: int, bar: Any = None) -> list[tuple]:
+def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: int, bar: Any = None,
+                 pool: ChunkPool | None = None) -> list[tuple]:
     """Score tiles ``idx`` of a JPEG patch store with ``scorer`` (an ``IhcDabScorer``) chunk by chunk
     on ``workers`` CPUs: this process and ``workers - 1`` worker processes (0 or 1: this process
     alone); :func:`predict_store`'s host parts ``(indices, probs, measurements)``, in order.
 
+    ``pool``: the caller's :class:`ChunkPool`, kept across stores (default: one for this call).
     A chunk a worker cannot read raises the store's ``StoreError``, as the batch loop does.
     """
-    import torch
+    own = pool is None
+    pool = ChunkPool() if own else pool
+    try:
+        return _score_chunks(store, scorer, idx, workers=workers, bar=bar, pool=pool)
+    finally:
+        if own:
+            pool.close()
 
-    from wsi_her2.models.ihc_score_cpu import evidence_from_chunks, kernel_plan
+
+def _score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: int, bar: Any, pool: ChunkPool) -> list[tuple]:
+    from wsi_her2.models.ihc_score_cpu import kernel_plan
     from wsi_her2.store.tile_reader import jpeg_chunk_reader
 
     reader = jpeg_chunk_reader(store)
-    _, h, w, _ = reader.chunk_shape
-    plan = kernel_plan(scorer, h, w)
-    parts: list[tuple] = []
+    plan = kernel_plan(scorer, *reader.chunk_shape[1:3])
     helpers = max(0, workers - 1)  # this process is one of the workers
-    pool = ProcessPoolExecutor(helpers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(plan, reader.chunk_shape)) if helpers else None
+    run = uuid.uuid4().hex  # the workers' key for this store's plan and buffers
     try:
-        window = helpers * _CHUNKS_AHEAD_PER_WORKER
-        for lo, hi, future in _in_order(list(_tasks(reader, idx)), _ChunkScorer(plan, reader.chunk_shape), pool, window):
-            try:
-                chunks = future.result()
-            except ChunkUnreadable as exc:
-                raise store.damaged(f"tiles {int(idx[lo])}-{int(idx[hi - 1])} unreadable ({exc})") from None
-            n = hi - lo
-            with torch.inference_mode():
-                meas = scorer.measure_evidence(evidence_from_chunks(chunks, scorer, plan, n), (n, 3, h, w))
-            probs = meas.pop("probs").float()
-            parts.append((idx[lo:hi], probs, {k: v.float() for k, v in meas.items()}))
-            if bar is not None:
-                bar.update(n)
+        here = _ChunkScorer(plan, reader.chunk_shape)
+        results = _in_order(list(_tasks(reader, idx)), here, pool.executor(helpers), helpers * _CHUNKS_AHEAD_PER_WORKER, run)
+        try:
+            return [_measured(store, scorer, plan, idx, lo, hi, future, bar) for lo, hi, future in results]
+        finally:
+            results.close()  # after an error: this store's chunks still queued are dropped
     except BrokenProcessPool:  # from a result, or from handing the broken pool the next chunk
+        pool.close()
         raise WsiHer2Error(
             "a scoring worker process ended abruptly (killed, or out of memory?); nothing was written "
             "for this slide: run the command again, or with --workers 1") from None
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return parts
+
+
+def _measured(store: Any, scorer: Any, plan: KernelPlan, idx: NDArray[np.int64], lo: int, hi: int, future: Future,
+              bar: Any) -> tuple:
+    """The host part ``(indices, probs, measurements)`` of tiles ``idx[lo:hi]`` from their chunk's evidence."""
+    import torch
+
+    from wsi_her2.models.ihc_score_cpu import evidence_from_chunks
+
+    try:
+        chunks = future.result()
+    except ChunkUnreadable as exc:
+        raise store.damaged(f"tiles {int(idx[lo])}-{int(idx[hi - 1])} unreadable ({exc})") from None
+    n = hi - lo
+    with torch.inference_mode():
+        meas = scorer.measure_evidence(evidence_from_chunks(chunks, scorer, plan, n), (n, 3, plan.h, plan.w))
+    probs = meas.pop("probs").float()
+    if bar is not None:
+        bar.update(n)
+    return idx[lo:hi], probs, {k: v.float() for k, v in meas.items()}

@@ -421,6 +421,7 @@ def predict_store(
     indices: NDArray | None = None,
     progress: bool = False,
     step_cache: StepCache | None = None,
+    chunk_pool: cpu_pool.ChunkPool | None = None,
 ) -> PredictResult:
     """Score the tiles of a patch store with a patch classifier.
 
@@ -440,6 +441,9 @@ def predict_store(
     step_cache
         A :class:`StepCache` the caller keeps across calls with the same model (a compiled step
         is then compiled once); default: a fresh one for this call.
+    chunk_pool
+        A :class:`~wsi_her2.score.cpu_pool.ChunkPool` the caller keeps across stores (its worker
+        processes start once); default: one for this call, when workers are used at all.
 
     Returns
     -------
@@ -469,7 +473,7 @@ def predict_store(
         if workers is not None:
             helpers = f"{workers - 1} worker process" + ("es" if workers > 2 else "")
             log.info("scoring chunk by chunk %s", f"on {workers} CPUs: this process and {helpers}" if workers > 1 else "in this process")
-            host_parts = cpu_pool.score_chunks(store, model, idx, workers=workers, bar=bar)
+            host_parts = cpu_pool.score_chunks(store, model, idx, workers=workers, bar=bar, pool=chunk_pool)
         else:
             _loop(store, idx, step, plan, config, n_classes, host_parts, bar)
     finally:

@@ -118,8 +118,12 @@ def check_model_matches_store(model_cfg: Any, store: PatchStore) -> None:
         )
 
 
-def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, config: ScoreConfig | None = None, model=None) -> SlideScore:
-    """Score one complete patch store and write every per-slide output (``<id>.json`` last)."""
+def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, config: ScoreConfig | None = None, model=None,
+                chunk_pool=None) -> SlideScore:
+    """Score one complete patch store and write every per-slide output (``<id>.json`` last).
+
+    ``chunk_pool``: a :class:`~wsi_her2.score.cpu_pool.ChunkPool` kept across the stores of a
+    command (``cpu_workers`` > 1 then starts its worker processes once)."""
     from wsi_her2.score.inference import InferenceConfig, predict_store
 
     config = config or ScoreConfig()
@@ -142,7 +146,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     )
     t0 = time.perf_counter()
     groups = _tile_groups(store, config)  # regions (--roi) or TMA cores (--tma); None: the whole slide
-    pred = predict_store(store, model, config=inf_cfg, progress=config.progress,
+    pred = predict_store(store, model, config=inf_cfg, progress=config.progress, chunk_pool=chunk_pool,
                          indices=None if groups is None else store.qc_pass & groups.inside)
     t_infer = time.perf_counter() - t0
     classes = list(model.wsi_her2_config.classes)
