@@ -17,17 +17,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from wsi_her2.cpus import available_cpus
+
 log = logging.getLogger(__name__)
 
 TILE_RESOURCE = "CPU"
 SCORE_RESOURCE = "GPU"
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def detect_gpus() -> list[str]:
@@ -109,7 +104,7 @@ def local_cluster(
     require("distributed", purpose="a local dask cluster")
     from distributed import Client, LocalCluster
 
-    cores = available_cores()
+    cores = available_cpus()
     gpus = detect_gpus() if gpus is None else list(gpus)
     dash = dashboard_address if dashboard_available() else None
     if not gpus:

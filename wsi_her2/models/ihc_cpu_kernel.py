@@ -24,7 +24,6 @@ to the same calls and measurements on real and synthetic tiles.
 """
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -32,9 +31,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from wsi_her2.cpus import available_cpus
 from wsi_her2.models.ihc_thresholds import IhcThresholds
 
-__all__ = ["ChunkEvidence", "KernelPlan", "STAT_NAMES", "available_cpus", "chunk_evidence", "tile_threads"]
+__all__ = ["ChunkEvidence", "KernelPlan", "STAT_NAMES", "chunk_evidence", "tile_threads"]
 
 STAT_NAMES = ("tissue_fraction", "hematoxylin_od_mean", "neutral_od_mean", "dab_od_mean", "stained_fraction")
 _MIN_TILES_PER_THREAD = 4
@@ -400,14 +400,6 @@ def _area_fractions(idx: np.ndarray, n: int, plan: KernelPlan) -> np.ndarray:
     grid[tile, cell // wc, cell % wc] = 1
     covered = cv2.dilate(grid.reshape(n * (hc + gap), wc), plan.area_window, borderType=cv2.BORDER_CONSTANT, borderValue=0)
     return np.count_nonzero(covered.reshape(n, hc + gap, wc)[:, :hc], axis=(1, 2)) / float(hc * wc)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under ``taskset`` or a batch scheduler)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no affinity on this platform
-        return os.cpu_count() or 1
 
 
 def tile_threads(n_tiles: int, threads: int | None) -> int:

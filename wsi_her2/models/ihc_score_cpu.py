@@ -20,14 +20,13 @@ from wsi_her2.models.ihc_cpu_kernel import (
     ChunkEvidence,
     KernelPlan,
     _area_fractions,
-    available_cpus,
     chunk_evidence,
     tile_threads,
 )
 from wsi_her2.models.ihc_score import CellEvidence, IhcDabScorer, _gaussian_taps, _odd
 from wsi_her2.stain.od import HED_FROM_RGB, HND_FROM_RGB, MIN_INTENSITY
 
-__all__ = ["available_cpus", "cell_evidence_opencv", "evidence_from_chunks", "kernel_plan", "tile_threads"]
+__all__ = ["cell_evidence_opencv", "evidence_from_chunks", "kernel_plan", "tile_threads"]
 
 #: Rows: hematoxylin, neutral, DAB (neutral basis), DAB (Ruifrok), summed OD; columns R, G, B.
 _UNMIX = np.concatenate([

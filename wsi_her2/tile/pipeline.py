@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shlex
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_her2 import __version__
+from wsi_her2.cpus import available_cpus
 from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError
 from wsi_her2.store.no_tissue import clear_record as clear_no_tissue_record
 from wsi_her2.store.no_tissue import write_record as write_no_tissue_record
@@ -542,4 +542,4 @@ def _progress(*, total: int, enabled: bool, desc: str):
 
 
 def default_workers() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+    return min(available_cpus(), 8)
