@@ -32,7 +32,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_her2.errors import WsiHer2Error
-from wsi_her2.models.ihc_cpu_kernel import ChunkEvidence, KernelPlan, available_cpus, chunk_evidence
+from wsi_her2.cpus import available_cpus
+from wsi_her2.models.ihc_cpu_kernel import ChunkEvidence, KernelPlan, chunk_evidence
 from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
 
 __all__ = ["MAX_DEFAULT_PROCESSES", "TILES_PER_PROCESS", "ChunkPool", "ChunkUnreadable", "score_chunks", "workers_for"]
@@ -223,7 +224,7 @@ def _score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: i
         here = _ChunkScorer(plan, reader.chunk_shape)
         results = _in_order(list(_tasks(reader, idx)), here, pool.executor(helpers), helpers * _CHUNKS_AHEAD_PER_WORKER, run)
         try:
-            return [_measured(store, scorer, plan, idx, lo, hi, future, bar) for lo, hi, future in results]
+            return [_measured(reader, scorer, plan, idx, lo, hi, future, bar) for lo, hi, future in results]
         finally:
             results.close()  # after an error: this store's chunks still queued are dropped
     except BrokenProcessPool:  # from a result, or from handing the broken pool the next chunk
@@ -233,7 +234,7 @@ def _score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: i
             "for this slide: run the command again, or with --workers 1") from None
 
 
-def _measured(store: Any, scorer: Any, plan: KernelPlan, idx: NDArray[np.int64], lo: int, hi: int, future: Future,
+def _measured(reader: Any, scorer: Any, plan: KernelPlan, idx: NDArray[np.int64], lo: int, hi: int, future: Future,
               bar: Any) -> tuple:
     """The host part ``(indices, probs, measurements)`` of tiles ``idx[lo:hi]`` from their chunk's evidence."""
     import torch
@@ -243,7 +244,7 @@ def _measured(store: Any, scorer: Any, plan: KernelPlan, idx: NDArray[np.int64],
     try:
         chunks = future.result()
     except ChunkUnreadable as exc:
-        raise store.damaged(f"tiles {int(idx[lo])}-{int(idx[hi - 1])} unreadable ({exc})") from None
+        raise reader.unreadable(int(idx[lo]) // reader.chunk_shape[0], str(exc)) from None
     n = hi - lo
     with torch.inference_mode():
         meas = scorer.measure_evidence(evidence_from_chunks(chunks, scorer, plan, n), (n, 3, plan.h, plan.w))

@@ -50,14 +50,18 @@ class JpegChunkReader:
         return self._root / self._key((chunk, 0, 0, 0))
 
     def read(self, chunk: int, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
-        n = self.chunk_shape[0]
-        first, last = chunk * n, min((chunk + 1) * n, int(self._store.n_tiles)) - 1
         if out.shape != self.chunk_shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
             raise ValueError(f"out must be a contiguous {self.chunk_shape} uint8 buffer, got {out.shape} {out.dtype}")
         try:
             return decode_jpeg_chunk(self.chunk_path(chunk), out)
         except Exception as exc:  # missing file, checksum mismatch, undecodable or wrongly sized JPEG
-            raise self._store.damaged(f"tiles {first}-{last} unreadable ({failure_text(exc)})") from exc
+            raise self.unreadable(chunk, failure_text(exc)) from exc
+
+    def unreadable(self, chunk: int, why: str) -> Exception:
+        """The store's one-line error for chunk ``chunk`` (its tile range) that could not be read, and ``why``."""
+        n = self.chunk_shape[0]
+        first, last = chunk * n, min((chunk + 1) * n, int(self._store.n_tiles)) - 1
+        return self._store.damaged(f"tiles {first}-{last} unreadable ({why})")
 
 def jpeg_chunk_reader(store: Any) -> JpegChunkReader | None:
     """A :class:`JpegChunkReader` for a patch store of JPEG tiles with checksummed chunks; else ``None``."""
