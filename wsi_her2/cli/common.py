@@ -27,6 +27,10 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
                         "(README, Tile codecs)")
     g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the jpeg codec, 50-100 (default 90)")
     g.add_argument("--chunk-tiles", type=int, default=64, help="tiles per zarr chunk and per work unit")
+    g.add_argument("--allow-subsampled-chroma", dest="sharp_chroma", action="store_false",
+                   help="read the coarsest pyramid level fine enough for --mpp even when its JPEG colour is subsampled "
+                        "(faster at --mpp 1.0; default: a level whose colour is as sharp as --mpp, as thin brown "
+                        "membranes turn grey at half-resolution colour)")
     g.add_argument("--thumb-mpp", dest="thumb_mpp_um", type=float, default=None,
                    help=f"thumbnail resolution for tissue detection, µm/px (default: a pyramid level of "
                         f"{THUMB_MPP_UM:g}-{THUMB_MAX_MPP_UM:g} µm/px, else {THUMB_MPP_UM:g}: nuclei and fibres still make texture)")
@@ -68,6 +72,7 @@ def tile_config_from_args(args: argparse.Namespace, *, workers: int, progress: b
         codec=args.codec,
         jpeg_quality=args.jpeg_quality,
         thumb_mpp_um=args.thumb_mpp_um,
+        sharp_chroma=getattr(args, "sharp_chroma", True),
         tissue=TissueParams(max_gray=args.max_gray, min_od_sum=args.min_od),
         qc=QcParams(min_tissue_fraction=args.min_tissue, blur_metric=args.blur_metric, min_sharpness=args.min_sharpness,
                     min_laplacian_var=args.min_laplacian_var, max_pen_fraction=args.max_pen),

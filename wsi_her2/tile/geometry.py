@@ -4,7 +4,10 @@ Tiles live on a grid in *target* pixels (``target_mpp_um`` per pixel) anchored a
 level-0 origin. Each tile is read from the pyramid level closest to the target without being
 coarser than it, then resized. When a level is within ``mpp_tolerance`` of the target (a 0.2527
 µm/px "40x" scan read at 0.25) it is used as is: resampling by 1 % blurs tiles for no gain, and
-the true pixel size is recorded as ``effective_mpp_um``.
+the true pixel size is recorded as ``effective_mpp_um``. Among the levels fine enough, one whose
+*colour* is also fine enough is preferred: a 4:2:0 JPEG level stores colour at half its
+resolution, which turns thin brown membranes grey (:mod:`wsi_her2.slide.chroma`); when no level's
+colour is that sharp, the coarsest fine-enough level is used, and its colour resolution recorded.
 
 Tiles are ordered block by block (``block_tiles`` x ``block_tiles`` tiles per block) so a chunk
 of consecutive tiles comes from one compact slide region that is read and decoded once.
@@ -31,6 +34,12 @@ class TileGeometry:
     effective_mpp_um: float  # pixel size of the stored tiles
     grid_cols: int
     grid_rows: int
+    chroma_factor: int = 1  # luma pixels per chroma sample of the level read (2: 4:2:0 JPEG)
+
+    @property
+    def chroma_mpp_um(self) -> float:
+        """Resolution of the colour in the stored tiles, µm/px (coarser than the tiles' own when subsampled)."""
+        return max(self.effective_mpp_um, self.slide_mpp_um * self.level_downsample * self.chroma_factor)
 
     @property
     def level0_px_per_target_px(self) -> float:
@@ -43,6 +52,7 @@ class TileGeometry:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile_size_level0"] = self.tile_size_level0
+        d["chroma_mpp_um"] = self.chroma_mpp_um
         return d
 
 
@@ -55,8 +65,13 @@ def choose_geometry(
     tile_px: int,
     stride_px: int | None = None,
     mpp_tolerance: float = 0.025,
+    level_chroma: list[int] | None = None,
+    prefer_sharp_chroma: bool = True,
 ) -> TileGeometry:
-    """Pick the pyramid level and scale for tiles of ``tile_px`` at ``target_mpp_um``."""
+    """Pick the pyramid level and scale for tiles of ``tile_px`` at ``target_mpp_um``.
+
+    ``level_chroma``: each level's chroma subsampling factor (None: full colour everywhere); a
+    level whose colour is as sharp as the target is preferred (module docstring)."""
     if tile_px < 16:
         raise ConfigError(f"--tile-px {tile_px} is too small (minimum 16)")
     stride_px = tile_px if stride_px is None else stride_px
@@ -69,10 +84,12 @@ def choose_geometry(
             f"target {target_mpp_um} µm/px is finer than the slide's {slide_mpp_um:.4f} µm/px; "
             "upsampling invents detail: use --mpp >= the slide's MPP"
         )
-    best = 0
-    for i, ds in enumerate(level_downsamples):
-        if slide_mpp_um * ds <= target_mpp_um * (1 + mpp_tolerance):
-            best = i  # levels are ordered fine to coarse; keep the coarsest that is fine enough
+    chroma = list(level_chroma) if level_chroma is not None else [1] * len(level_downsamples)
+    limit = target_mpp_um * (1 + mpp_tolerance)
+    # levels are ordered fine to coarse: keep the coarsest that is fine enough, in colour too if one is
+    fine = [i for i, ds in enumerate(level_downsamples) if slide_mpp_um * ds <= limit] or [0]
+    sharp = [i for i in fine if slide_mpp_um * level_downsamples[i] * chroma[i] <= limit]
+    best = max(sharp) if sharp and prefer_sharp_chroma else max(fine)
     ds = float(level_downsamples[best])
     level_mpp = slide_mpp_um * ds
     ratio = target_mpp_um / level_mpp
@@ -102,6 +119,7 @@ def choose_geometry(
         effective_mpp_um=float(effective),
         grid_cols=int(cols),
         grid_rows=int(rows),
+        chroma_factor=int(chroma[best]),
     )
 
 

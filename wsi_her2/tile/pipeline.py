@@ -34,6 +34,7 @@ from wsi_her2.slide import open_slide
 from wsi_her2.slide.mpp import read_mpp_csv, resolve_mpp
 from wsi_her2.store.patch_store import QC_ARRAYS, STORE_ENTRIES, PatchStore, TileChunkWriter, remove_store
 from wsi_her2.store.codecs import DEFAULT_TILE_CODEC, JPEG_MAX_SIDE_PX, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
+from wsi_her2.slide.chroma import level_chroma_factors
 from wsi_her2.tile.geometry import TileGeometry, choose_geometry, mask_coverage, plan_tiles
 from wsi_her2.tile.tissue import TissueParams, detect_tissue
 
@@ -58,6 +59,8 @@ class TileConfig:
     thumb_mpp_um: float | None = None  # None: a pyramid level of 4-8 µm/px, else 4 (tile.pixels.auto_thumb_mpp)
     min_mask_fraction: float = 0.05
     mpp_tolerance: float = 0.025
+    #: read only levels whose colour is as sharp as the target when one exists (``--allow-subsampled-chroma``: off)
+    sharp_chroma: bool = True
     tissue: TissueParams = field(default_factory=TissueParams)
     qc: QcParams = field(default_factory=QcParams)
     overwrite: bool = False
@@ -267,6 +270,8 @@ def settings_key(config: TileConfig) -> str:
         "min_mask_fraction": config.min_mask_fraction, "mpp_tolerance": config.mpp_tolerance,
         "tissue": config.tissue.to_dict(), "qc": config.qc.to_dict(),
     }
+    if not config.sharp_chroma:  # only when not the default, so stores made before the option keep their key
+        relevant["sharp_chroma"] = False
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -312,11 +317,12 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
             tile_px=config.tile_px,
             stride_px=config.stride_px,
             mpp_tolerance=config.mpp_tolerance,
+            level_chroma=level_chroma_factors(slide, len(level_dims)), prefer_sharp_chroma=config.sharp_chroma,
         )
         log.info(
-            "%s: %s µm/px (%s) -> tiles of %d px at %.4f µm/px from level %d (resize x%.3f)",
+            "%s: %s µm/px (%s) -> tiles of %d px at %.4f µm/px from level %d (resize x%.3f, colour at %.3g µm/px)",
             slide.name, mpp.mpp_um, mpp.source, geometry.tile_px, geometry.effective_mpp_um,
-            geometry.level, 1 / geometry.level_px_per_target_px,
+            geometry.level, 1 / geometry.level_px_per_target_px, geometry.chroma_mpp_um,
         )
         # The SHA-256 reads the whole file; with more than one worker it runs on a second thread
         # while this one reads the thumbnail (hashlib releases the GIL), else before it.
