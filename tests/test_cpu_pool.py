@@ -70,7 +70,7 @@ def test_real_ihc_through_tile_gives_the_batch_loop_calls_and_measurements(tmp_p
     for name in MEASUREMENT_NAMES:
         got = np.concatenate([p[2][name].numpy() for p in parts])
         assert np.allclose(got, batch.measurements[name][idx], rtol=1e-6, atol=1e-6), name
-    assert np.nanmax(batch.measurements["frac_cells_2plus_or_more"]) > 0.1  # stained tumour, not blank tiles
+    assert np.nanmax(batch.measurements["frac_cells_1plus_or_more"]) > 0.3  # stained tumour, not blank tiles
 
 
 def test_predict_store_takes_the_workers_when_asked(graded_store, monkeypatch, caplog):

@@ -5,10 +5,13 @@ Tolerances, stated once (absolute unless marked relative):
 - **OpenCV vs torch kernel** (the same definitions; differences are float summation order,
   and 8-bit reading of non-8-bit input): identical calls; ``KERNEL_TOL``.
 - **Now vs before** (``tests/_ihc_reference.py``, the implementation frozen before cell-scale
-  evidence moved to a ~1 µm grid and rays were read at seeds only): >= 98 % identical calls;
-  ``REFERENCE_TOL``. At 1 µm/px (the real dev tiles) the grid is the tile itself and results
+  evidence moved to a ~1 µm grid and rays were read at seeds only): ``REFERENCE_TOL`` on what
+  that implementation still defines: tissue statistics, nuclei, cohesion, tumour area
+  (``UNCHANGED``). At 1 µm/px (the real dev tiles) the grid is the tile itself and results
   match to float precision; at 0.5 µm/px nuclei are found on 2 x 2 block means, which moves a
-  few seeds by half a micrometre and changes counts by a few cells.
+  few seeds by half a micrometre and changes counts by a few cells. The membrane reading was
+  replaced since (light loss over the cell's cytoplasm, blur-corrected: ``wsi_her2.stain.membrane``)
+  and is held instead to membranes of known OD (``tests/test_membrane_intensity.py``).
 """
 from __future__ import annotations
 
@@ -47,6 +50,11 @@ REFERENCE_TOL = {
 }
 
 
+#: What the frozen implementation still defines (its membrane reading and calls were replaced).
+UNCHANGED = ("tissue_fraction", "hematoxylin_od_mean", "neutral_od_mean", "dab_od_mean", "stained_fraction",
+             "cell_count", "cell_density_per_mm2", "tumour_cell_count", "tumour_area_mm2")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(torch_one_thread):
     """Every test here runs torch on one thread (the conftest fixture restores the caller's count)."""
@@ -54,7 +62,9 @@ def _one_thread(torch_one_thread):
 
 def _reference(mpp_um: float):
     """The previous implementation with today's cut-points (those may still be tuned; its method may not)."""
-    return reference.IhcDabScorer(mpp_um=mpp_um, thresholds=reference.IhcThresholds(**dataclasses.asdict(IhcThresholds())))
+    known = {f.name for f in dataclasses.fields(reference.IhcThresholds)}
+    today = {k: v for k, v in dataclasses.asdict(IhcThresholds()).items() if k in known}
+    return reference.IhcDabScorer(mpp_um=mpp_um, thresholds=reference.IhcThresholds(**today))
 
 
 def _float(tiles_u8: np.ndarray) -> torch.Tensor:
@@ -82,9 +92,10 @@ def _graded_tiles(per_grade: int = 4, quality: int = 85) -> np.ndarray:
     return np.stack(tiles)
 
 
-def _assert_close(got: dict, want: dict, tol: dict, *, min_same_calls: float, what: str) -> None:
-    same = (got["probs"].argmax(1) == want["probs"].argmax(1)).float().mean().item()
-    assert same >= min_same_calls, f"{what}: only {same:.1%} of tile calls agree"
+def _assert_close(got: dict, want: dict, tol: dict, *, min_same_calls: float | None, what: str) -> None:
+    if min_same_calls is not None:
+        same = (got["probs"].argmax(1) == want["probs"].argmax(1)).float().mean().item()
+        assert same >= min_same_calls, f"{what}: only {same:.1%} of tile calls agree"
     for name, (abs_tol, rel_tol) in tol.items():
         diff = (got[name] - want[name]).abs()
         bound = abs_tol + rel_tol * want[name].abs()
@@ -122,9 +133,10 @@ def test_calls_and_measurements_match_the_previous_implementation(which, mpp, re
     x = _float(tiles)
     now = IhcDabScorer(mpp_um=mpp).measure(x)
     before = _reference(mpp).measure(x)
-    _assert_close(now, before, REFERENCE_TOL, min_same_calls=0.98, what=f"{which} now vs before")
+    _assert_close(now, before, {k: REFERENCE_TOL[k] for k in UNCHANGED}, min_same_calls=None, what=f"{which} now vs before")
     if mpp == 1.0:  # the cell grid is the tile grid: the same numbers up to float rounding
-        _assert_close(now, before, KERNEL_TOL, min_same_calls=1.0, what=f"{which} now vs before at 1 µm/px")
+        _assert_close(now, before, {k: KERNEL_TOL[k] for k in UNCHANGED}, min_same_calls=None,
+                      what=f"{which} now vs before at 1 µm/px")
 
 
 @pytest.mark.slow
@@ -141,7 +153,7 @@ def test_every_dev_and_graded_tile_matches_the_previous_implementation():
         x = _float(tiles)
         now = IhcDabScorer(mpp_um=mpp).measure(x)
         before = _reference(mpp).measure(x)
-        _assert_close(now, before, REFERENCE_TOL, min_same_calls=0.98, what=f"{mpp} µm/px, all tiles")
+        _assert_close(now, before, {k: REFERENCE_TOL[k] for k in UNCHANGED}, min_same_calls=None, what=f"{mpp} µm/px, all tiles")
         _assert_close(IhcDabScorer(mpp_um=mpp, kernel="torch").measure(x), now, KERNEL_TOL, min_same_calls=1.0,
                       what=f"{mpp} µm/px torch vs opencv")
 

@@ -106,7 +106,8 @@ def test_pixels_match_render_region(small_slide):
             decoded = slide.read_region((x, y), 0, (w, h), as_array=True)[..., :3].astype(np.int16)
             truth = render_region(spec, x, y, w, h).astype(np.int16)
             err = np.abs(decoded - truth)
-            assert err.mean() < 5, f"{region.kind} centre differs by {err.mean():.2f} on average"
+            # thin (1 µm) membranes are the finest detail JPEG 4:2:0 has to keep
+            assert err.mean() < 6, f"{region.kind} centre differs by {err.mean():.2f} on average"
             assert np.abs((decoded - truth).mean(axis=(0, 1))).max() < 2  # no colour bias
         # a reduced level: level 1 pixels are block means of level 0
         x1, y1 = 120, 40

@@ -47,6 +47,7 @@ _CHUNK_TILES = 2
 #: threads: measured here, two tile threads cost 2x the CPU of one. Below these sizes every call
 #: stays on the calling thread, with the same per-element arithmetic (so the same numbers).
 _BLAS_COLUMNS = 8192
+_MINUS_LN10 = -float(np.log(10.0))
 #: The 256 intensity levels as float32 (``k / 255``, as ``uint8 tensor / 255`` gives them).
 _LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
@@ -340,31 +341,41 @@ def _window_counts(seed_map: np.ndarray, idx: np.ndarray, half: int, ws: _Worksp
             + flat[base + y0 * row + x0]).astype(np.float32)
 
 
-def _ray_maxima(dab: np.ndarray, idx: np.ndarray, grid_w: int, plan: KernelPlan, ws: _Workspace) -> np.ndarray:
-    """``(N, n_directions)`` maxima of the smoothed DAB along each seed's rays (each tile's map reflect-padded).
+def _ray_contrast(dab: np.ndarray, idx: np.ndarray, grid_w: int, plan: KernelPlan, ws: _Workspace) -> np.ndarray:
+    """``(N, n_directions)``: each seed's membrane contrast along each ray (``ihc_cells.ray_contrast``:
+    the largest outward rise of the light loss over the lightest point before it, ``(m - b) / (1 - b)``).
 
-    ``dab``: ``(T, H, W)``; ``idx``: the seeds' flat indices into the ``(T, hc, wc)`` cell grids.
+    ``dab``: ``(T, H, W)`` brown DAB OD, turned into light loss ``1 - 10**-OD`` and blurred to the
+    membrane resolution (each tile's map reflect-padded); ``idx``: the seeds' flat indices into
+    the ``(T, hc, wc)`` cell grids.
     """
     f, p, h, w = plan.f, plan.pad, plan.h, plan.w
     n = dab.shape[0]
-    padded = ws.get("dab_padded", (n, h + 2 * p, w + 2 * p))
-    smooth = ws.get("dab_smooth", (h, w))
+    padded = ws.get("loss_padded", (n, h + 2 * p, w + 2 * p))
+    loss = ws.get("loss", (h, w))
+    smooth = ws.get("loss_smooth", (h, w))
     for i in range(n):
-        cv2.copyMakeBorder(_blur_into(dab[i], plan.smooth, smooth), p, p, p, p, cv2.BORDER_REFLECT_101, dst=padded[i])
+        cv2.exp(cv2.multiply(dab[i], _MINUS_LN10, dst=loss), dst=loss)
+        cv2.subtract(1.0, loss, dst=loss)
+        cv2.copyMakeBorder(_blur_into(loss, plan.smooth, smooth), p, p, p, p, cv2.BORDER_REFLECT_101, dst=padded[i])
     tile, cell = np.divmod(idx, (h // f) * grid_w)
     base = (tile * (h + 2 * p) + (cell // grid_w) * f + f // 2 + p) * (w + 2 * p) + (cell % grid_w) * f + f // 2 + p
-    # (L, N, n_directions) samples, the maximum over the outer axis: elementwise, not a reduction per ray
-    return np.take(padded.ravel(), plan.ray_offsets_t + base.astype(np.int32)[:, None]).max(axis=0)
+    # (L, N, n_directions) samples, outward along the outer axis: elementwise passes, not a reduction per ray
+    samples = np.take(padded.ravel(), plan.ray_offsets_t + base.astype(np.int32)[:, None])
+    lightest = np.minimum.accumulate(samples, axis=0)
+    samples -= lightest
+    samples /= np.maximum(np.float32(1.0) - lightest, np.float32(1e-3))
+    return samples.max(axis=0)
 
 
 @dataclass
 class ChunkEvidence:
-    """Steps 1-3 and the ray maxima of step 4 for ``T`` tiles (seed indices into the ``(T, hc, wc)`` grids)."""
+    """Steps 1-3 and the ray extrema of step 4 for ``T`` tiles (seed indices into the ``(T, hc, wc)`` grids)."""
 
     stats: np.ndarray
     idx: np.ndarray
     neighbours: np.ndarray
-    ray_max: np.ndarray
+    ray_contrast: np.ndarray
 
 
 def _chunk(rgb: np.ndarray, tables: np.ndarray, plan: KernelPlan, ws: _Workspace) -> ChunkEvidence:
@@ -384,7 +395,7 @@ def _chunk(rgb: np.ndarray, tables: np.ndarray, plan: KernelPlan, ws: _Workspace
     stats = _tissue_stats(unmixed, dab, t, n, ws)
     nuclear = _coarse_tiles(cv2.add(stacked[0], stacked[1], dst=ws.get("nuclear", (n * h, w))), n, f)
     idx, neighbours = _seeds(nuclear, t, plan, ws)
-    return ChunkEvidence(stats, idx, neighbours, _ray_maxima(dab.reshape(n, h, w), idx, w // f, plan, ws))
+    return ChunkEvidence(stats, idx, neighbours, _ray_contrast(dab.reshape(n, h, w), idx, w // f, plan, ws))
 
 
 def _area_fractions(idx: np.ndarray, n: int, plan: KernelPlan) -> np.ndarray:

@@ -59,8 +59,11 @@ import torch
 import torch.nn.functional as F
 
 from wsi_her2.errors import ConfigError
+from wsi_her2.criteria import DEFAULT_CRITERIA, Criteria, get_criteria
+from wsi_her2.models.ihc_cells import cell_grades, cell_table, ray_contrast, ring_patterns
 from wsi_her2.models.ihc_thresholds import IhcThresholds
 from wsi_her2.vocab import HER2_CLASSES
+from wsi_her2.stain.membrane import membrane_response, membrane_smoothing_um
 from wsi_her2.stain.od import estimate_background, od_to_hed, od_to_hnd, rgb_to_od
 
 __all__ = [
@@ -90,15 +93,18 @@ class CellEvidence:
 
     ``stats``: per-tile ``(B,)`` tissue statistics (``tissue_fraction``, ``hematoxylin_od_mean``,
     ``neutral_od_mean``, ``dab_od_mean``, ``stained_fraction``); per nucleus: ``seed_tile``
-    ``(N,)`` (its tile), ``ray_max`` ``(N, n_directions)`` (the maximum of the brown DAB OD,
-    smoothed at ``dab_smooth_sigma_um``, along each ray: :meth:`IhcDabScorer._ray_maxima`),
-    ``tumour_weight`` ``(N,)`` (cohesion); ``tumour_area_fraction`` ``(B,)``: fraction of the
-    tile within the cell-radius box of a nucleus of weight > 0.5.
+    ``(N,)`` (its tile), ``seed_yx`` ``(N, 2)`` (its centre, tile pixels), ``ray_contrast``
+    ``(N, n_directions)`` (the largest outward rise of the brown DAB's light loss, blurred to
+    ``membrane_blur_um``, along each ray, over what the ray crossed before it:
+    :func:`ray_contrast`, :mod:`wsi_her2.stain.membrane`), ``tumour_weight`` ``(N,)`` (cohesion);
+    ``tumour_area_fraction`` ``(B,)``: fraction of the tile within the cell-radius box of a
+    nucleus of weight > 0.5.
     """
 
     stats: dict[str, torch.Tensor]
     seed_tile: torch.Tensor
-    ray_max: torch.Tensor
+    seed_yx: torch.Tensor
+    ray_contrast: torch.Tensor
     tumour_weight: torch.Tensor
     tumour_area_fraction: torch.Tensor
 
@@ -207,13 +213,16 @@ class IhcDabScorer(torch.nn.Module):
     _ray_table: torch.Tensor
 
     def __init__(self, *, mpp_um: float = 0.5, thresholds: IhcThresholds | None = None, kernel: str = "auto",
-                 threads: int | None = None, glass_rgb: tuple[float, float, float] | None = None) -> None:
+                 threads: int | None = None, glass_rgb: tuple[float, float, float] | None = None,
+                 criteria: str = DEFAULT_CRITERIA) -> None:
         super().__init__()
         if kernel not in KERNELS:
             raise ConfigError(f"IhcDabScorer kernel must be one of {KERNELS}, got {kernel!r}.")
         self.kernel = kernel
         self.threads = threads  # tile threads of the OpenCV kernel (None: the CPU count, at most 8)
         self.glass_rgb = glass_rgb  # the slide's glass colour, when the slide shows glass (see glass_chroma)
+        #: The guideline whose membrane patterns make a cell 2+ or 3+ (:data:`wsi_her2.criteria.CRITERIA`).
+        self.criteria: Criteria = get_criteria(criteria)
         if not (0.05 <= mpp_um <= 4.0):
             raise ConfigError(
                 f"IhcDabScorer got mpp_um={mpp_um}, outside 0.05-4 µm/px; pass the tile pixel "
@@ -229,6 +238,13 @@ class IhcDabScorer(torch.nn.Module):
         longest = max(len(ray) for ray in self._rays)  # rays padded with their last sample (max unchanged)
         self._ray_table = torch.tensor([ray + [ray[-1]] * (longest - len(ray)) for ray in self._rays], dtype=torch.long)
         self.cell_grid_factor = max(1, int(round(CELL_GRID_UM / self.mpp_um)))
+        blur = dict(blur_um=t.membrane_blur_um, optics_um=t.optics_blur_um)
+        #: The scorer's own blur of the membrane light-loss map, px (the rest of ``membrane_blur_um``).
+        self.membrane_sigma_px = membrane_smoothing_um(self.mpp_um, **blur) / self.mpp_um
+        #: Peak light loss of the reference band per unit of its light loss (:func:`membrane_response`).
+        taps = _gaussian_taps(self.membrane_sigma_px, 64, 64)
+        self.membrane_response = membrane_response(self.mpp_um, width_um=t.membrane_width_um,
+                                                   taps=None if taps is None else taps.numpy(), **blur)
         log.debug(
             "IhcDabScorer at %.3g µm/px: nucleus %.1f px, rays %.1f-%.1f px, %d directions",
             mpp_um, t.nucleus_diameter_um / mpp_um, t.ray_start_um / mpp_um, t.ray_stop_um / mpp_um,
@@ -305,11 +321,8 @@ class IhcDabScorer(torch.nn.Module):
 
     @torch.no_grad()
     def measure(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-tile measurements (``MEASUREMENT_NAMES``, each ``(B,)`` float32) and ``probs``."""
-        ev = self._evidence(x)
-        out = {name: ev[name] for name in MEASUREMENT_NAMES}
-        out["probs"] = ev["logits"].exp()
-        return out
+        """Per-tile measurements (``MEASUREMENT_NAMES``, each ``(B,)`` float32), ``probs`` and ``cells``."""
+        return self._measurements(self._evidence(x))
 
     @torch.no_grad()
     def measure_u8(self, tiles_u8: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -360,9 +373,15 @@ class IhcDabScorer(torch.nn.Module):
     def measure_evidence(self, cells: CellEvidence, shape: torch.Size | tuple[int, ...]) -> dict[str, torch.Tensor]:
         """:meth:`measure`'s dict (measurements and ``probs``) of ``shape``-d tiles from their cell
         evidence, computed elsewhere (e.g. by the CPU kernel in worker processes)."""
-        ev = self._calls(cells, torch.Size(shape))
+        return self._measurements(self._calls(cells, torch.Size(shape)))
+
+    @staticmethod
+    def _measurements(ev: dict) -> dict:
+        """The measurements of :meth:`measure` from the evidence dict: ``MEASUREMENT_NAMES``, ``probs``
+        and ``cells`` (the per-cell table, :data:`wsi_her2.vocab.CELL_COLUMNS`)."""
         out = {name: ev[name] for name in MEASUREMENT_NAMES}
         out["probs"] = ev["logits"].exp()
+        out["cells"] = ev["cells"]
         return out
 
     def _cell_evidence_torch(self, x: torch.Tensor) -> CellEvidence:
@@ -424,12 +443,15 @@ class IhcDabScorer(torch.nn.Module):
         keep[tile_i, 0, yc, xc] = (weights > 0.5).float()
         area = _box_max(keep, _odd(2 * t.cell_radius_um / mpp_c)).mean(dim=(1, 2, 3))
 
-        # 4 (first half). Smoothed DAB, read along the rays of every seed (in tile pixels).
+        # 4 (first half). The brown DAB's light loss, blurred to the membrane resolution, read along the rays.
         pad = self.ray_pad_px(h, w)
-        dab_s = F.pad(_gaussian_blur(dab, t.dab_smooth_sigma_um / self.mpp_um), (pad, pad, pad, pad), mode="reflect")[:, 0]
-        base = (tile_i * (h + 2 * pad) + yc * f + f // 2 + pad) * (w + 2 * pad) + xc * f + f // 2 + pad
+        loss = 1.0 - torch.pow(10.0, -dab)
+        loss_s = F.pad(_gaussian_blur(loss, self.membrane_sigma_px), (pad, pad, pad, pad), mode="reflect")[:, 0]
+        sy, sx = yc * f + f // 2, xc * f + f // 2
+        base = (tile_i * (h + 2 * pad) + sy + pad) * (w + 2 * pad) + sx + pad
         return CellEvidence(
-            stats=stats, seed_tile=tile_i, ray_max=self._ray_maxima(dab_s.reshape(-1), base, w + 2 * pad, pad),
+            stats=stats, seed_tile=tile_i, seed_yx=torch.stack([sy, sx], dim=1),
+            ray_contrast=self._ray_contrast(loss_s.reshape(-1), base, w + 2 * pad, pad),
             tumour_weight=weights, tumour_area_fraction=area,
         )
 
@@ -442,23 +464,25 @@ class IhcDabScorer(torch.nn.Module):
         offs = self._ray_table.clamp(-pad, pad)
         return offs[:, :, 0] * row_px + offs[:, :, 1]
 
-    def _ray_maxima(self, flat_map: torch.Tensor, base: torch.Tensor, row_px: int, pad: int) -> torch.Tensor:
-        """``(N, n_directions)``: per seed and ray, the maximum smoothed DAB OD along the ray.
+    def _ray_contrast(self, flat_map: torch.Tensor, base: torch.Tensor, row_px: int, pad: int) -> torch.Tensor:
+        """``(N, n_directions)``: per seed and ray, the membrane contrast along the ray (:func:`ray_contrast`).
 
-        ``flat_map``: the smoothed DAB maps, reflect-padded by ``pad`` (so samples beyond the
+        ``flat_map``: the blurred light-loss maps, reflect-padded by ``pad`` (so samples beyond the
         tile edge read the reflected tile) and flattened; ``base``: each seed's flat index.
         """
         offs = self.ray_offsets_flat(row_px, pad).to(flat_map.device)
-        samples = flat_map[base.view(-1, 1, 1) + offs]
-        return samples.amax(dim=2)
+        return ray_contrast(flat_map[base.view(-1, 1, 1) + offs])
 
     def _calls(self, cells: CellEvidence, shape: torch.Size) -> dict[str, torch.Tensor]:
-        """Steps 4-6 from the cell evidence: membrane rays per seed, memberships, tile calls."""
+        """Steps 4-6 from the cell evidence: membrane per ray and cell, grades, tile calls.
+
+        The dict also holds ``"cells"``: the per-cell table (:data:`wsi_her2.vocab.CELL_COLUMNS`).
+        """
         t = self.thresholds
         mpp = self.mpp_um
         b, _, h, w = shape
         eps = 1e-6
-        dev = cells.ray_max.device
+        dev = cells.ray_contrast.device
         tile_i, tumour = cells.seed_tile, cells.tumour_weight
 
         def per_tile(v: torch.Tensor) -> torch.Tensor:
@@ -467,31 +491,20 @@ class IhcDabScorer(torch.nn.Module):
         n_cells = per_tile(torch.ones_like(tumour))
         n_tumour = per_tile(tumour)
 
-        # 4 (second half). Membrane rays: soft hits above faint.
-        ray_max = cells.ray_max
-        log_faint = math.log(t.dab_faint_od)
-        hit = _logistic(torch.log(ray_max + eps), log_faint, t.od_log_softness)
-        completeness_c = hit.mean(dim=1)
-        intensity_c = (hit * ray_max).sum(dim=1) / (hit.sum(dim=1) + eps)
-
-        # 5. Soft per-cell memberships, averaged over tumour cells.
-        log_i = torch.log(intensity_c + eps)
-        p_complete = _logistic(completeness_c, t.complete_fraction, t.completeness_softness)
-        p_partial = _logistic(completeness_c, t.partial_min_fraction, t.completeness_softness)
-        p_any = p_partial * _logistic(log_i, log_faint, t.od_log_softness)
-        p_ge2 = p_complete * _logistic(log_i, math.log(t.dab_weak_od), t.od_log_softness)
-        p_3 = p_complete * _logistic(log_i, math.log(t.dab_strong_od), t.od_log_softness)
-        p_ge1 = torch.maximum(p_any, p_ge2)
+        # 4 (second half) and 5. Membrane OD per ray, the ring's pattern, the guideline's grades per cell.
+        loss = cells.ray_contrast / self.membrane_response
+        ring = ring_patterns(loss, t)
+        grades = cell_grades(ring, t, self.criteria)
 
         def per_cell(m: torch.Tensor) -> torch.Tensor:  # mean over tumour cells
             return per_tile(m * tumour) / n_tumour.clamp(min=eps)
 
-        f1, f2, f3 = per_cell(p_ge1), per_cell(p_ge2), per_cell(p_3)
-        stained_w = per_tile(p_ge1 * tumour)
-        completeness = per_tile(completeness_c * p_ge1 * tumour) / stained_w.clamp(min=eps)
+        f1, f2, f3 = per_cell(grades.ge1), per_cell(grades.ge2), per_cell(grades.eq3)
+        stained_w = per_tile(grades.ge1 * tumour)
+        completeness = per_tile(ring.completeness * grades.ge1 * tumour) / stained_w.clamp(min=eps)
         completeness = torch.where(stained_w > eps, completeness, torch.zeros_like(completeness))
 
-        # 6. ASCO/CAP decision list with soft 10 % edges, then reliability towards the prior.
+        # 6. The guideline's decision list with soft 10 % edges, then reliability towards the prior.
         s3 = _logistic(f3, t.cell_fraction_cut, t.fraction_softness)
         s2 = _logistic(f2, t.cell_fraction_cut, t.fraction_softness)
         s1 = _logistic(f1, t.cell_fraction_cut, t.fraction_softness)
@@ -512,11 +525,12 @@ class IhcDabScorer(torch.nn.Module):
             "cell_density_per_mm2": n_cells / area_mm2,
             "tumour_cell_count": n_tumour,
             "tumour_area_mm2": cells.tumour_area_fraction.to(dev).float() * area_mm2,
-            "dab_od_membrane": per_cell(intensity_c),
+            "dab_od_membrane": per_cell(ring.intensity),
             "completeness": completeness,
             "frac_cells_1plus_or_more": f1,
             "frac_cells_2plus_or_more": f2,
             "frac_cells_3plus": f3,
             "her2_index": f1 + f2 + f3,
             "reliability": reliability,
+            "cells": cell_table(cells, ring, grades),
         }

@@ -71,7 +71,7 @@ def _plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
         chroma=taps(t.chroma_sigma_um / mpp_c, hc, wc),
         nucleus=taps(sigma1, hc, wc),
         surround=taps(1.6 * sigma1, hc, wc),
-        smooth=taps(t.dab_smooth_sigma_um / scorer.mpp_um, h, w),
+        smooth=taps(scorer.membrane_sigma_px, h, w),
         seed_window=np.ones((seed_win, seed_win), np.uint8),
         cohesion_px=_odd(t.cohesion_window_um / mpp_c),
         area_window=np.ones((area_win, area_win), np.uint8),
@@ -113,9 +113,12 @@ def evidence_from_chunks(chunks: list[ChunkEvidence], scorer: IhcDabScorer, plan
     weights = scorer._cohesion_weight(neighbours)
     area = _area_fractions(idx_np[(weights > 0.5).numpy()], b, plan)
     stats = torch.from_numpy(np.concatenate([c.stats for c in chunks]).astype(np.float32))
-    ray_max = np.concatenate([c.ray_max for c in chunks]).reshape(-1, plan.ray_offsets.shape[0])
+    rays = plan.ray_offsets.shape[0]
+    contrast = np.concatenate([c.ray_contrast for c in chunks]).reshape(-1, rays)
+    f = plan.f
+    seed_yx = np.stack([(cell // grid_hw[1]) * f + f // 2, (cell % grid_hw[1]) * f + f // 2], axis=1)
     return CellEvidence(
         stats={name: stats[:, j] for j, name in enumerate(STAT_NAMES)}, seed_tile=torch.from_numpy(tile_np),
-        ray_max=torch.from_numpy(ray_max.astype(np.float32, copy=False)),
+        seed_yx=torch.from_numpy(seed_yx), ray_contrast=torch.from_numpy(contrast.astype(np.float32, copy=False)),
         tumour_weight=weights, tumour_area_fraction=torch.from_numpy(area.astype(np.float32)),
     )

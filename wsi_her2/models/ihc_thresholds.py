@@ -58,8 +58,21 @@ class IhcThresholds:
     - ``ray_stop_um = 9.0``: tumour cells are ~12-20 µm across, so the membrane is 6-10 µm from
       the nucleus centre; 9 µm reaches it in most cells without reaching far into neighbours.
     - ``n_directions = 16``: 22.5° sectors; 8 would make completeness too coarse (12.5 % steps).
-    - ``dab_smooth_sigma_um = 0.5``: suppresses single-pixel JPEG noise before ray maxima (a max
-      over many noisy samples is biased upward) while keeping a ~1 µm membrane.
+
+    Membrane intensity is read in light, not OD (:mod:`wsi_her2.stain.membrane`: a pixel that
+    covers a 1 µm band and the cytoplasm beside it records their mean light, so OD-domain reading
+    under-reads intense membranes by 2x at 0.5 µm/px and 5x at 1.0 µm/px):
+
+    - ``membrane_blur_um = 0.9``: the total Gaussian blur (optics, tile pixel, the scorer's own
+      smoothing) at which every membrane is read, the same at every pixel size; wide enough to
+      sample the peak at 1 µm/px (within ~5 %) and to average JPEG noise, narrow enough that the
+      membrane (6-8 µm from the nucleus) and the cytoplasm the ray starts in (3 µm) stay apart.
+    - ``membrane_width_um = 1.0``: the reference band: a thin HER2 membrane at 40x (two apposed
+      plasma membranes and their DAB precipitate). A band of this width reads its own OD.
+    - ``optics_blur_um = 0.16``: the scanner's point-spread function (Airy FWHM 0.51 λ / NA at
+      λ 0.55 µm, NA 0.75, as a Gaussian), part of the total blur above.
+    - ``membrane_od_cap = 2.0``: light loss at or beyond the reference band's response (a thick
+      or black band) reads as this OD (99 % absorbed), far above the intense cut.
 
     Nuclei and tissue:
 
@@ -129,7 +142,10 @@ class IhcThresholds:
     ray_start_um: float = 3.0
     ray_stop_um: float = 9.0
     n_directions: int = 16
-    dab_smooth_sigma_um: float = 0.5
+    membrane_blur_um: float = 0.9
+    membrane_width_um: float = 1.0
+    optics_blur_um: float = 0.16
+    membrane_od_cap: float = 2.0
     hema_od_min: float = 0.05
     dog_contrast_min: float = 0.012
     tissue_od_sum: float = 0.08

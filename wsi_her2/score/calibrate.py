@@ -108,7 +108,8 @@ def measure_store(store_path: str | Path, gains: Sequence[float], *, device: str
     from wsi_her2.store.patch_store import open_store
 
     store = open_store(store_path)
-    model = load_scoring_model(ScoreConfig(), store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
+    model = load_scoring_model(ScoreConfig(), store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]),
+                               store_tile_px=store.tile_px)
     base = model.thresholds
     out = {"slide": store.slide_id, "by_gain": {}}
     for gain in gains:

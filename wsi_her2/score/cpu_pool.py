@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from wsi_her2.errors import WsiHer2Error
 from wsi_her2.cpus import available_cpus
 from wsi_her2.models.ihc_cpu_kernel import ChunkEvidence, KernelPlan, chunk_evidence
+from wsi_her2.score.cells import cells_to_host
 from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
 
 __all__ = ["MAX_DEFAULT_PROCESSES", "TILES_PER_PROCESS", "ChunkPool", "ChunkUnreadable", "score_chunks", "workers_for"]
@@ -198,7 +199,7 @@ def score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: in
                  pool: ChunkPool | None = None) -> list[tuple]:
     """Score tiles ``idx`` of a JPEG patch store with ``scorer`` (an ``IhcDabScorer``) chunk by chunk
     on ``workers`` CPUs: this process and ``workers - 1`` worker processes (0 or 1: this process
-    alone); :func:`predict_store`'s host parts ``(indices, probs, measurements)``, in order.
+    alone); :func:`predict_store`'s host parts ``(indices, probs, measurements, cells)``, in order.
 
     ``pool``: the caller's :class:`ChunkPool`, kept across stores (default: one for this call).
     A chunk a worker cannot read raises the store's ``StoreError``, as the batch loop does.
@@ -236,7 +237,7 @@ def _score_chunks(store: Any, scorer: Any, idx: NDArray[np.int64], *, workers: i
 
 def _measured(reader: Any, scorer: Any, plan: KernelPlan, idx: NDArray[np.int64], lo: int, hi: int, future: Future,
               bar: Any) -> tuple:
-    """The host part ``(indices, probs, measurements)`` of tiles ``idx[lo:hi]`` from their chunk's evidence."""
+    """The host part ``(indices, probs, measurements, cells)`` of tiles ``idx[lo:hi]`` from their chunk's evidence."""
     import torch
 
     from wsi_her2.models.ihc_score_cpu import evidence_from_chunks
@@ -249,6 +250,7 @@ def _measured(reader: Any, scorer: Any, plan: KernelPlan, idx: NDArray[np.int64]
     with torch.inference_mode():
         meas = scorer.measure_evidence(evidence_from_chunks(chunks, scorer, plan, n), (n, 3, plan.h, plan.w))
     probs = meas.pop("probs").float()
+    cells = cells_to_host(meas.pop("cells", None), idx[lo:hi])
     if bar is not None:
         bar.update(n)
-    return idx[lo:hi], probs, {k: v.float() for k, v in meas.items()}
+    return idx[lo:hi], probs, {k: v.float() for k, v in meas.items()}, cells

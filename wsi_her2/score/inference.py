@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 from wsi_her2.devices import DEVICES, resolve_device  # noqa: F401 (re-exported)
 from wsi_her2.errors import ConfigError
 from wsi_her2.score import cpu_pool
+from wsi_her2.score.cells import CellTable, cells_to_host, concat_cells
 from wsi_her2.score.loader import PREFETCH_BATCHES, TileLoader
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class PredictResult:
         Scored tiles per second of wall time, reading and warm-up included.
     device
         Device the model ran on, e.g. ``"cuda:0"`` or ``"cpu"``.
+    cells
+        The scored cells of a cell-level scorer (``ihc_dab``), ``tile`` in store indices; None otherwise.
     """
 
     probs: NDArray[np.float32]
@@ -125,6 +128,7 @@ class PredictResult:
     measurements: dict[str, NDArray[np.float32]] = field(default_factory=dict)
     tiles_per_s: float = 0.0
     device: str = "cpu"
+    cells: CellTable | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,8 +209,8 @@ def _make_step(
     amp_dtype: torch.dtype | None,
     device: torch.device,
     channels_last: bool,
-) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The per-batch device computation: uint8 tiles -> (probs (B, C) float32, measurements)."""
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor], dict | None]]:
+    """The per-batch device computation: uint8 tiles -> (probs (B, C) float32, measurements, cells or None)."""
     from wsi_her2.stain.tta import VIEWS
 
     measure = getattr(model, "measure", None)
@@ -221,16 +225,18 @@ def _make_step(
     measure_u8 = getattr(model, "measure_u8", None)
     direct_u8 = reads_stored_bytes(model, cfg, views)
 
-    def step(tiles_u8: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step(tiles_u8: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict | None]:
         if direct_u8 and tiles_u8.shape[1] == tiles_u8.shape[2] == int(cfg.input_px):
             out = dict(measure_u8(tiles_u8))
             probs = out.pop("probs").float()
-            return probs, {k: v.float() for k, v in out.items()}
+            cells = out.pop("cells", None)
+            return probs, {k: v.float() for k, v in out.items()}, cells
         x = preprocess_tiles(
             tiles_u8, input_px=int(cfg.input_px), mean=cfg.mean, std=cfg.std,
             stain_norm=stain_norm, channels_last=channels_last,
         )
         measurements: dict[str, torch.Tensor] = {}
+        cells = None
         probs_sum: torch.Tensor | None = None
         n_views = 0
         identity_done = False
@@ -239,6 +245,7 @@ def _make_step(
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = dict(measure(x))
             p = out.pop("probs", None)
+            cells = out.pop("cells", None)
             measurements = {k: v.float() for k, v in out.items()}
             if p is not None and "identity" in views:
                 probs_sum, n_views, identity_done = p.float(), 1, True  # measure() gave the identity view
@@ -249,7 +256,7 @@ def _make_step(
             p = forward_probs(xv)
             probs_sum = p if probs_sum is None else probs_sum + p
             n_views += 1
-        return probs_sum / n_views, measurements
+        return probs_sum / n_views, measurements, cells
 
     return step
 
@@ -399,18 +406,18 @@ def loader_threads(config: InferenceConfig, plan: _RunPlan) -> int:
 
 
 def _assemble(host_parts: list, n_total: int, n_classes: int):
-    """Per-batch host results -> ``(probs (N, C), scored (N,), measurements)`` indexed like the store."""
+    """Per-batch host results -> ``(probs (N, C), scored (N,), measurements, cells)`` indexed like the store."""
     probs = np.full((n_total, n_classes), np.nan, dtype=np.float32)
     scored = np.zeros(n_total, dtype=bool)
     measurements: dict[str, NDArray[np.float32]] = {}
-    for part_idx, part_probs, part_meas in host_parts:
+    for part_idx, part_probs, part_meas, _ in host_parts:
         probs[part_idx] = part_probs.numpy()
         scored[part_idx] = True
         for name, values in part_meas.items():
             if name not in measurements:
                 measurements[name] = np.full(n_total, np.nan, dtype=np.float32)
             measurements[name][part_idx] = values.numpy()
-    return probs, scored, measurements
+    return probs, scored, measurements, concat_cells([part[3] for part in host_parts])
 
 
 def predict_store(
@@ -466,7 +473,7 @@ def predict_store(
         ", channels_last" if plan.channels_last else "", ", compiled" if plan.compiled else "",
     )
 
-    host_parts: list[tuple[NDArray[np.int64], torch.Tensor, dict[str, torch.Tensor]]] = []
+    host_parts: list[tuple[NDArray[np.int64], torch.Tensor, dict[str, torch.Tensor], dict | None]] = []
     bar = _progress(idx.size, progress, getattr(store, "slide_id", None))
     workers = _chunk_workers(store, model, cfg, plan, config, idx.size)
     try:
@@ -480,11 +487,12 @@ def predict_store(
         if bar is not None:
             bar.close()
 
-    probs, scored, measurements = _assemble(host_parts, n_total, n_classes)
+    probs, scored, measurements, cells = _assemble(host_parts, n_total, n_classes)
     seconds = time.perf_counter() - t_start
     rate = idx.size / seconds if idx.size and seconds > 0 else 0.0
     log.info("scored %d tiles in %.2f s (%.0f tiles/s)", idx.size, seconds, rate)
-    return PredictResult(probs=probs, scored=scored, measurements=measurements, tiles_per_s=rate, device=str(plan.device))
+    return PredictResult(probs=probs, scored=scored, measurements=measurements, tiles_per_s=rate, device=str(plan.device),
+                         cells=cells)
 
 
 def _loop(store: Any, idx: NDArray[np.int64], step: Callable, plan: _RunPlan, config: InferenceConfig, n_classes: int,
@@ -503,7 +511,7 @@ def _loop(store: Any, idx: NDArray[np.int64], step: Callable, plan: _RunPlan, co
 
 def _run_loop(
     loader: TileLoader,
-    step: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    step: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor], dict | None]],
     *,
     device: torch.device,
     batch_size: int,
@@ -522,16 +530,20 @@ def _run_loop(
     pending_idx: list[NDArray[np.int64]] = []
     pending_probs: list[torch.Tensor] = []
     pending_meas: list[dict[str, torch.Tensor]] = []
+    pending_cells: list[dict | None] = []
 
     def flush() -> None:
         if not pending_idx:
             return
         dev_probs = torch.cat(pending_probs)
         dev_meas = {k: torch.cat([m[k] for m in pending_meas]) for k in pending_meas[0]}
-        host_parts.append((np.concatenate(pending_idx), _to_host(dev_probs), {k: _to_host(v) for k, v in dev_meas.items()}))
+        cells = concat_cells([cells_to_host(c, i) for c, i in zip(pending_cells, pending_idx)])
+        host_parts.append((np.concatenate(pending_idx), _to_host(dev_probs), {k: _to_host(v) for k, v in dev_meas.items()},
+                           None if cells is None else cells.columns))
         pending_idx.clear()
         pending_probs.clear()
         pending_meas.clear()
+        pending_cells.clear()
 
     for batch in loader:
         n = batch.tiles.shape[0]
@@ -549,7 +561,7 @@ def _run_loop(
             loader.release(batch, event=copied)
         else:
             x = tiles
-        probs, meas = step(x)
+        probs, meas, cells = step(x)
         if not cuda:
             loader.release(batch)  # the step converted the buffer to float: it may be refilled
         if probs.shape[-1] != n_classes:
@@ -560,6 +572,7 @@ def _run_loop(
         pending_idx.append(batch.indices)
         pending_probs.append(probs[:n])
         pending_meas.append({k: v[:n] for k, v in meas.items()})
+        pending_cells.append(_real_tiles_only(cells, n))
         if cuda:
             in_flight.append(compute_stream.record_event())
             if len(in_flight) > max_in_flight:
@@ -569,6 +582,14 @@ def _run_loop(
         if bar is not None:
             bar.update(n)
     flush()
+
+
+def _real_tiles_only(cells: dict | None, n: int) -> dict | None:
+    """A batch's cells without those of the padding tiles a compiled step was given (tile index >= ``n``)."""
+    if cells is None:
+        return None
+    keep = cells["tile"] < n
+    return {k: v[keep] for k, v in cells.items()}
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

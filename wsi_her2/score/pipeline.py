@@ -85,8 +85,9 @@ def result_json_path(store_path: Path, out_dir: Path | None = None) -> Path:
     return Path(out_dir or store_path.parent) / f"{store_path.name.removesuffix('.zarr')}.json"
 
 
-def load_scoring_model(config: ScoreConfig, *, store_mpp_um: float | None = None):
-    """Load the classifier named (or pointed to) by ``config``; the default scorer adapts to the store's MPP."""
+def load_scoring_model(config: ScoreConfig, *, store_mpp_um: float | None = None, store_tile_px: int | None = None):
+    """Load the classifier named (or pointed to) by ``config``; the default scorer adapts to the store's
+    MPP and tile size (it measures in micrometres: a tile resized to another size would be read at the wrong scale)."""
     from wsi_her2.models import create_model, get_config, load_model
     from wsi_her2.models.weights import is_weights_path
 
@@ -96,6 +97,8 @@ def load_scoring_model(config: ScoreConfig, *, store_mpp_um: float | None = None
     cfg = get_config(name)
     if not cfg.needs_weights and config.weights is None:
         overrides = {"mpp_um": store_mpp_um} if store_mpp_um else {}
+        if store_tile_px:
+            overrides.update(tile_px=int(store_tile_px), input_px=int(store_tile_px))
         return create_model(name, **overrides)
     return load_model(name, weights=config.weights)
 
@@ -249,7 +252,8 @@ def _write_slide_files(out: Path, store: PatchStore, calls, classes, reasons, me
 def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None, model=None):
     """The model to score ``store`` with, calibrated, after the checks that it fits the store's tiles."""
     if model is None:
-        model = load_scoring_model(config, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
+        model = load_scoring_model(config, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]),
+                                   store_tile_px=store.tile_px)
     if hasattr(model, "glass_rgb") and (glass := measured_glass_rgb(store)) is not None:
         model.glass_rgb = glass  # the rule-based scorer measures OD against the slide's own glass colour
     if calibration is not None:

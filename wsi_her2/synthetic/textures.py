@@ -46,8 +46,11 @@ GRADE_DAB_OD: dict[int, float] = {0: 0.0, 1: 0.2, 2: 0.5, 3: 1.3}
 #: Fraction of each cell's membrane circumference that is stained, per grade:
 #: 1+ partial rings (two arcs covering 40 %), 2+ and 3+ complete rings.
 GRADE_COMPLETENESS: dict[int, float] = {0: 0.0, 1: 0.4, 2: 1.0, 3: 1.0}
-#: Gaussian sigma of the membrane DAB profile (µm): 3+ rings are thick.
-GRADE_MEMBRANE_SIGMA_UM: dict[int, float] = {0: 0.5, 1: 0.5, 2: 0.6, 3: 1.2}
+#: Gaussian sigma of the membrane DAB profile (µm): 1+ and 2+ rings absorb as much light as the
+#: 1 µm band the scorer's intensity grades are defined on (``IhcThresholds.membrane_width_um``):
+#: at OD 0.2-0.5 a Gaussian of sigma 0.34 µm removes the light of a 1 µm band of its peak OD (its
+#: tails carry what its narrower core lacks), so their peak OD is their grade's OD; 3+ rings are thick.
+GRADE_MEMBRANE_SIGMA_UM: dict[int, float] = {0: 0.34, 1: 0.34, 2: 0.34, 3: 1.2}
 #: Diffuse cytoplasmic DAB OD ("blush") per grade: strongly positive cells are brown
 #: throughout, which makes 3+ tissue read as saturated brown at low magnification.
 GRADE_CYTOPLASM_DAB_OD: dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.03, 3: 0.2}

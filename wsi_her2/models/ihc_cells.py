@@ -1,0 +1,177 @@
+"""Per-cell membrane evidence of :class:`wsi_her2.models.ihc_score.IhcDabScorer`: OD, ring pattern, grade.
+
+From the ``n_directions`` rays of each nucleus (light-loss extrema, :class:`CellEvidence`):
+
+- **Membrane light loss per ray** (:func:`ray_contrast`): the membrane's own light loss over the
+  cytoplasm the ray crossed before it, ``(m - b) / (1 - b)``, over the reference band's response;
+  its OD is the reference band's (:func:`loss_to_od`, :mod:`wsi_her2.stain.membrane`).
+- **Hits**: soft, above the faint cut-point. **Completeness**: the share of rays that hit;
+  **intensity**: the OD of the mean light loss of the rays that hit.
+- **Ring pattern** (:func:`ring_patterns`): ``complete`` (>= 75 % of rays); ``basolateral``
+  (a U: one unbroken arc over at least half the ring, the luminal side missing); ``lateral``
+  (two opposite arcs, each a full quarter of the ring); ``partial`` (>= 20 % of rays);
+  ``none``. Codes index :data:`wsi_her2.vocab.PATTERNS`.
+- **Grades** (:func:`cell_grades`): soft memberships ">= 1+", ">= 2+", "3+" under the
+  guideline's :class:`~wsi_her2.criteria.Criteria`: under ``gastric`` basolateral and lateral
+  rings count as complete; under ``breast`` only complete rings make 2+ and 3+, and moderate to
+  intense basolateral or lateral rings make 2+ (ASCO/CAP 2018's unusual pattern).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from wsi_her2.criteria import Criteria
+from wsi_her2.models.ihc_thresholds import IhcThresholds
+
+__all__ = ["CellGrades", "RingPattern", "cell_grades", "cell_table", "loss_to_od", "ray_contrast", "ring_patterns"]
+
+_EPS = 1e-6
+
+
+def _logistic(x: torch.Tensor, centre: float, width: float) -> torch.Tensor:
+    return torch.sigmoid((x - centre) / width)
+
+
+def ray_contrast(samples: torch.Tensor) -> torch.Tensor:
+    """``(N, R)`` membrane contrast of ``(N, R, L)`` light-loss samples taken outwards along each ray.
+
+    The largest rise over the lightest point crossed before it, ``(m - b) / (1 - b)``: a membrane
+    lying over cytoplasm that transmits ``1 - b`` removes ``m - b`` of the light. Only rises
+    *outwards* count, so DAB-coloured JPEG residue at a nucleus's rim, where rays start, is no membrane.
+    The CPU kernel computes the same (``ihc_cpu_kernel._ray_contrast``).
+    """
+    if samples.shape[-1] == 0:
+        return samples.sum(dim=-1)
+    base = torch.cummin(samples, dim=-1).values
+    return ((samples - base) / (1.0 - base).clamp(min=1e-3)).amax(dim=-1)
+
+
+def loss_to_od(loss: torch.Tensor, t: IhcThresholds) -> torch.Tensor:
+    """Light loss of the reference band -> its OD, capped at ``membrane_od_cap``."""
+    cap = 1.0 - 10.0 ** (-t.membrane_od_cap)
+    return -torch.log10(1.0 - loss.clamp(min=0.0, max=cap))
+
+
+def _longest_circular_run(hard: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` length of the longest unbroken run of True in each circular row of ``(N, R)``."""
+    n, r = hard.shape
+    if n == 0:
+        return torch.zeros(0, device=hard.device)
+    doubled = torch.cat([hard, hard], dim=1)
+    idx = torch.arange(2 * r, device=hard.device).expand(n, -1)
+    last_break = torch.where(doubled, torch.full_like(idx, -1), idx).cummax(dim=1).values
+    return (idx - last_break).amax(dim=1).clamp(max=r).float()
+
+
+@dataclass
+class RingPattern:
+    """Per cell: soft ``complete``, ``basolateral``, ``lateral``, ``partial`` memberships,
+    ``completeness`` and ``intensity``."""
+
+    completeness: torch.Tensor
+    intensity: torch.Tensor
+    complete: torch.Tensor
+    basolateral: torch.Tensor
+    lateral: torch.Tensor
+    partial: torch.Tensor
+
+    def code(self) -> torch.Tensor:
+        """``(N,)`` uint8 index into the patterns of :data:`wsi_her2.vocab.PATTERNS` (the most stained pattern that holds)."""
+        code = torch.zeros(self.complete.shape, dtype=torch.uint8, device=self.complete.device)
+        for k, p in enumerate((self.partial, self.lateral, self.basolateral, self.complete), start=1):
+            code = torch.where(p > 0.5, torch.full_like(code, k), code)
+        return code
+
+
+#: Rays per lateral arc: a quarter of the ring (4 of 16), each side of the cell.
+_LATERAL_ARC = 0.25
+#: A lateral arc counts when this share of its rays hit (all 4 of 16, with the soft hits' margin).
+_LATERAL_CUT = 0.85
+#: A basolateral U is one unbroken arc over at least half the ring (8 of 16 rays).
+_BASOLATERAL_RUN = 0.5
+
+
+def ring_patterns(loss: torch.Tensor, t: IhcThresholds) -> RingPattern:
+    """Hits, completeness, intensity and the ring's pattern from ``(N, R)`` per-ray membrane light loss.
+
+    A ray hits when its OD passes the faint cut-point (soft). The cell's intensity is the OD of the
+    mean light loss over the rays that hit: averaged in light, the linear quantity, then turned into
+    OD once (the mean of per-ray ODs would be pulled up by noise through the inverse's curvature).
+    """
+    od = loss_to_od(loss, t)
+    n, r = od.shape
+    log_faint = math.log(t.dab_faint_od)
+    hit = _logistic(torch.log(od + _EPS), log_faint, t.od_log_softness)
+    completeness = hit.mean(dim=1) if r else torch.zeros(n, device=od.device)
+    intensity = loss_to_od((hit * loss).sum(dim=1) / (hit.sum(dim=1) + _EPS), t)
+    run = _longest_circular_run(hit > 0.5) / max(r, 1)
+    arc = max(1, int(round(_LATERAL_ARC * r)))
+    if n:
+        # share of hits in each arc of `arc` rays starting at ray k, and in the arc opposite it
+        windows = torch.cat([hit, hit[:, : arc - 1]], dim=1).unfold(1, arc, 1).mean(dim=2)[:, :r]
+        lateral = torch.minimum(windows, windows.roll(-(r // 2), dims=1)).amax(dim=1)
+    else:
+        lateral = torch.zeros(0, device=od.device)
+    soft = t.completeness_softness
+    return RingPattern(
+        completeness=completeness, intensity=intensity,
+        complete=_logistic(completeness, t.complete_fraction, soft),
+        basolateral=_logistic(run, _BASOLATERAL_RUN, soft),
+        lateral=_logistic(lateral, _LATERAL_CUT, soft),
+        partial=_logistic(completeness, t.partial_min_fraction, soft),
+    )
+
+
+@dataclass
+class CellGrades:
+    """Per cell soft memberships: at least 1+, at least 2+, 3+."""
+
+    ge1: torch.Tensor
+    ge2: torch.Tensor
+    eq3: torch.Tensor
+
+    def hard(self) -> torch.Tensor:
+        """``(N,)`` uint8 grade 0-3: the highest whose membership exceeds one half."""
+        g = torch.zeros(self.ge1.shape, dtype=torch.uint8, device=self.ge1.device)
+        for k, p in enumerate((self.ge1, self.ge2, self.eq3), start=1):
+            g = torch.where(p > 0.5, torch.full_like(g, k), g)
+        return g
+
+
+def cell_grades(ring: RingPattern, t: IhcThresholds, criteria: Criteria) -> CellGrades:
+    """The guideline's grade memberships of each cell (see the module docstring)."""
+    log_i = torch.log(ring.intensity + _EPS)
+    faint = _logistic(log_i, math.log(t.dab_faint_od), t.od_log_softness)
+    weak = _logistic(log_i, math.log(t.dab_weak_od), t.od_log_softness)
+    strong = _logistic(log_i, math.log(t.dab_strong_od), t.od_log_softness)
+    incomplete_ring = torch.maximum(ring.basolateral, ring.lateral)
+    if criteria.incomplete_rings_count:
+        ring_2plus = ring_3plus = torch.maximum(ring.complete, incomplete_ring)
+        ge2 = ring_2plus * weak
+    else:
+        ring_3plus = ring.complete
+        # ASCO/CAP 2018: "moderate to intense but incomplete (basolateral or lateral)" -> 2+;
+        # moderate is the upper half of the weak-moderate band (its log midpoint).
+        moderate = _logistic(log_i, 0.5 * (math.log(t.dab_weak_od) + math.log(t.dab_strong_od)), t.od_log_softness)
+        ge2 = torch.maximum(ring.complete * weak, incomplete_ring * moderate) if criteria.unusual_pattern_2plus \
+            else ring.complete * weak
+    eq3 = ring_3plus * strong
+    ge1 = torch.maximum(ring.partial * faint, ge2)
+    return CellGrades(ge1=ge1, ge2=torch.maximum(ge2, eq3), eq3=eq3)
+
+
+
+
+def cell_table(cells, ring: RingPattern, grades: CellGrades) -> dict[str, torch.Tensor]:
+    """The per-cell table of one batch (:data:`wsi_her2.vocab.CELL_COLUMNS`; ``tile``: the index in the batch;
+    ``cells``: its :class:`~wsi_her2.models.ihc_score.CellEvidence`)."""
+    yx = cells.seed_yx.float()
+    return {
+        "tile": cells.seed_tile.long(), "y_px": yx[:, 0], "x_px": yx[:, 1],
+        "tumour_weight": cells.tumour_weight.float(), "membrane_od": ring.intensity.float(),
+        "completeness": ring.completeness.float(), "pattern": ring.code(), "grade": grades.hard(),
+        "p_ge1": grades.ge1.float(), "p_ge2": grades.ge2.float(), "p_3": grades.eq3.float(),
+    }
