@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_her2.csv_cells import safe_cell, safe_dict_row
 from wsi_her2.files import atomic_target, atomic_write_text
 from wsi_her2.store.patch_store import PatchStore
 
@@ -77,18 +78,18 @@ def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def _upsert_slides_csv_unlocked(path: Path, rows: list[dict]) -> Path:
-    existing: dict[str, dict] = {}
+    existing: dict[str, dict] = {}  # keyed by the slide id as written (safe_cell)
     if path.exists():
         with path.open(newline="") as fh:
             for r in csv.DictReader(fh):
                 existing[r["slide"]] = r
     for r in rows:
-        existing[str(r["slide"])] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
+        existing[safe_cell(str(r["slide"]))] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=SLIDES_CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for key in sorted(existing):
-        writer.writerow(existing[key])
+        writer.writerow(safe_dict_row(existing[key]))
     atomic_write_text(path, text.getvalue())
     return path
 
@@ -97,7 +98,7 @@ def ensure_slides_csv_row(path: Path, row: dict) -> None:
     """Put ``row`` back into ``slides.csv`` if it is missing (a run killed after ``<id>.json``)."""
     if path.exists():
         with path.open(newline="") as fh:
-            if any(r.get("slide") == str(row["slide"]) for r in csv.DictReader(fh)):
+            if any(r.get("slide") == safe_cell(str(row["slide"])) for r in csv.DictReader(fh)):
                 return
     log.info("%s: row of %s missing; restored from its result JSON", path, row["slide"])
     upsert_slides_csv(path, [row])
