@@ -36,8 +36,11 @@ def test_slides_csv_neutralises_the_slide_name_once(tmp_path):
     path = tmp_path / "slides.csv"
     row = {"slide": EVIL, "her2_score": "2+", "confidence": 0.9, "frac_0": -0.5, "model": "@evil"}
     upsert_slides_csv(path, [row])
-    upsert_slides_csv(path, [dict(row, her2_score="3+")])  # the same slide again: replaced, not added
-    ensure_slides_csv_row(path, row)
+    text = path.read_text()
+    row["her2_score"] = "3+"
+    upsert_slides_csv(path, [row])  # the same slide again: replaced, not added
+    ensure_slides_csv_row(path, row)  # its row is there as written: nothing to put back
+    assert path.read_text() == text.replace(",2+,", ",3+,")
     rows = _rows(path)
     assert len(rows) == 1 and rows[0]["slide"] == "'" + EVIL and rows[0]["her2_score"] == "3+"
     assert rows[0]["frac_0"] == "-0.5" and rows[0]["model"] == "'@evil"

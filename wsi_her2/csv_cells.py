@@ -40,3 +40,9 @@ def safe_row(values) -> list:
 def safe_dict_row(row: dict) -> dict:
     """:func:`safe_cell` of every value of a ``csv.DictWriter`` row."""
     return {k: safe_cell(v) for k, v in row.items()}
+
+
+def written_row(row: dict, columns) -> tuple[str, ...]:
+    """The cells of ``row`` as a CSV writer writes them (``''`` for a missing value), neutralised:
+    what reading the row back gives, to compare a table with the record it was written from."""
+    return tuple("" if row.get(c) is None else str(safe_cell(row.get(c))) for c in columns)

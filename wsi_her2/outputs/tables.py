@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_her2.csv_cells import safe_cell, safe_dict_row
+from wsi_her2.csv_cells import safe_cell, safe_dict_row, written_row
 from wsi_her2.files import atomic_target, atomic_write_text
 from wsi_her2.store.patch_store import PatchStore
 
@@ -95,10 +95,13 @@ def _upsert_slides_csv_unlocked(path: Path, rows: list[dict]) -> Path:
 
 
 def ensure_slides_csv_row(path: Path, row: dict) -> None:
-    """Put ``row`` back into ``slides.csv`` if it is missing (a run killed after ``<id>.json``)."""
+    """Put ``row`` back into ``slides.csv`` if it is missing (a run killed after ``<id>.json``) or
+    differs from it (an edited or damaged table)."""
+    found = []
     if path.exists():
         with path.open(newline="") as fh:
-            if any(r.get("slide") == safe_cell(str(row["slide"])) for r in csv.DictReader(fh)):
-                return
-    log.info("%s: row of %s missing; restored from its result JSON", path, row["slide"])
+            found = [r for r in csv.DictReader(fh) if r.get("slide") == safe_cell(str(row["slide"]))]
+        if [written_row(r, SLIDES_CSV_COLUMNS) for r in found] == [written_row(row, SLIDES_CSV_COLUMNS)]:
+            return
+    log.info("%s: row of %s %s; restored from its result JSON", path, row["slide"], "differs" if found else "missing")
     upsert_slides_csv(path, [row])
