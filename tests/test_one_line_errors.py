@@ -11,16 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 from wsi_her2.cli import main
 
 NOBODY = 65534
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 @pytest.fixture
@@ -48,14 +43,14 @@ def test_run_with_out_at_an_existing_file(slides, tmp_path, capsys, no_cluster):
     afile = tmp_path / "results.txt"
     afile.write_text("mine")
     assert main(["run", str(slides), "-o", str(afile), "-q"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys, exactly_one=True)
     assert str(afile) in line and "is a file" in line and "choose another -o" in line
     assert afile.read_text() == "mine"
 
 
 def test_run_with_a_calibration_folder_fails_before_the_cluster(slides, tmp_path, capsys, no_cluster):
     assert main(["run", str(slides), "-o", str(tmp_path / "out"), "--calibration", str(tmp_path), "-q"]) == 2
-    assert "is a folder, not a calibration file" in _one_line_error(capsys)
+    assert "is a folder, not a calibration file" in one_line_error(capsys, exactly_one=True)
 
 
 def test_run_with_out_in_a_read_only_folder_as_a_non_root_user():
@@ -114,11 +109,11 @@ def test_calibrate_with_out_at_a_folder_fails_before_scoring(tmp_path, capsys, m
     folder.mkdir()
     stores = [str(tmp_path / f"{s}.zarr") for s in "abcd"]
     assert main(["calibrate", *stores, "--labels", str(labels), "-o", str(folder)]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys, exactly_one=True)
     assert str(folder) in line and "is a folder, not a file" in line
 
 
 def test_score_with_a_calibration_folder(tmp_path, capsys):
     assert main(["score", str(tmp_path / "s.zarr"), "--calibration", str(tmp_path)]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys, exactly_one=True)
     assert str(tmp_path) in line and "is a folder, not a calibration file" in line

@@ -7,6 +7,7 @@ import logging
 import shutil
 
 import pytest
+from conftest import one_line_error
 
 from wsi_her2.cli import main
 from wsi_her2.errors import StoreError
@@ -29,12 +30,6 @@ def store_copy(tiny_store, tmp_path):
     dst = tmp_path / "out" / tiny_store.name
     shutil.copytree(tiny_store, dst)
     return dst
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    return err[0]
 
 
 def _edit_attrs(store_path, edit) -> None:
@@ -62,10 +57,10 @@ def test_edited_store_attributes_are_damage_with_the_fix(store_copy, edit, capsy
     with pytest.raises(StoreError, match="damaged patch store.*attributes.*--overwrite"):
         verify_store(store_copy)
     assert main(["verify", str(store_copy)]) == 1
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(store_copy) in line and "wsi-her2 tile" in line and "--overwrite" in line
     assert main(["score", str(store_copy), "-q"]) == 1
-    assert "damaged patch store" in _one_line_error(capsys)
+    assert "damaged patch store" in one_line_error(capsys)
     with pytest.raises(StoreError, match="damaged"):
         score_store(store_copy)
 
@@ -137,7 +132,7 @@ def test_damaged_outputs_are_reported_by_verify_and_rebuilt_by_score(scored_copy
     what, do = DAMAGE[damage]
     do(scored_copy)
     assert main(["verify", str(scored_copy)]) == 1
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "tiny.json: damaged outputs" in line and what in line and f"wsi-her2 score {scored_copy}" in line
     with caplog.at_level(logging.WARNING, logger="wsi_her2.score.pipeline"):
         assert main(["score", str(scored_copy / "tiny.zarr"), "--min-tiles", "1", "-q"]) == 0
@@ -155,7 +150,7 @@ def test_the_slides_csv_row_is_checked_and_restored(scored_copy, scored_dir, edi
     lines = table.read_text().splitlines(keepends=True)
     table.write_text(lines[0] if edit == "delete" else lines[0] + lines[1].replace("tiny,", "tiny,3+", 1))
     assert main(["verify", str(scored_copy)]) == 1
-    assert "the rows of tiny in slides.csv" in _one_line_error(capsys)
+    assert "the rows of tiny in slides.csv" in one_line_error(capsys)
     assert main(["score", str(scored_copy), "--min-tiles", "1", "-q"]) == 0
     assert "(already scored)" in capsys.readouterr().out  # outputs intact: only the row is put back
     assert table.read_bytes() == (scored_dir / "slides.csv").read_bytes()
@@ -185,6 +180,6 @@ def test_the_regions_csv_rows_are_checked_and_rebuilt(scored_copy, capsys):
     assert main(["verify", str(scored_copy)]) == 0
     regions.write_bytes(good.replace(b"'=block,scored,", b"'=block,scored,3+", 1))
     assert main(["verify", str(scored_copy)]) == 1
-    assert "the rows of tiny in regions.csv differ from its record" in _one_line_error(capsys)
+    assert "the rows of tiny in regions.csv differ from its record" in one_line_error(capsys)
     assert main(args) == 0
     assert "(already scored)" not in capsys.readouterr().out and regions.read_bytes() == good

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import one_line_error
 
 from wsi_her2.cli import main
 from wsi_her2.errors import ConfigError
@@ -115,12 +116,6 @@ def test_bad_regions_are_one_line_errors(tiny_graded_store, tmp_path, capsys, fe
 
 
 # --- hostile regions files: bounded, refused in one line ------------------------------------------------
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err), err
-    return err[0]
-
-
 def test_gzip_bomb_is_refused_past_the_cap_while_reading(tmp_path, monkeypatch):
     from wsi_her2.score import roi
 
@@ -161,7 +156,7 @@ def test_non_finite_or_absurd_coordinates_are_one_line_errors(tiny_graded_store,
     with pytest.raises(ConfigError, match=message):
         load_regions(roi)
     assert run_score(tiny_graded_store, roi, tmp_path) == 1
-    assert message in _one_line(capsys)
+    assert message in one_line_error(capsys)
     assert not (tmp_path / "tiny.json").exists()
 
 
