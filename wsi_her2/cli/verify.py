@@ -68,4 +68,4 @@ def _ok_line(rep) -> str:
         return (f"{rep.store}: ok, {rep.n_tiles} tiles, {rep.n_chunks} chunks present, "
                 f"{rep.n_checksummed} checksums match ({rep.n_bytes / 1e6:.1f} MB read)")
     return (f"{rep.result}: ok, {rep.n_files} output files match their SHA-256 ({rep.n_bytes / 1e6:.1f} MB read), "
-            f"record digest and {rep.n_table_rows} table rows match")
+            f"its record's digest and its table rows ({rep.n_table_rows}) match")
