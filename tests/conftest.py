@@ -12,6 +12,15 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 SLIDES = FIXTURES / "slides"
 
 
+def one_line_error(capsys, *, exactly_one: bool = False) -> str:
+    """The first line a command wrote to stderr, after checking it wrote no traceback (and, with
+    ``exactly_one``, nothing else)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err), err
+    assert not exactly_one or len(err) == 1, err
+    return err[0]
+
+
 def fixture_slide(name: str) -> Path:
     path = SLIDES / name
     if not path.is_file():

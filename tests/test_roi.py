@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import one_line_error
 
 from wsi_her2.cli import main
 from wsi_her2.errors import ConfigError
@@ -112,3 +113,125 @@ def test_bad_regions_are_one_line_errors(tiny_graded_store, tmp_path, capsys, fe
     assert run_score(tiny_graded_store, roi, tmp_path) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert any(message in line for line in err) and all("Traceback" not in line for line in err)
+
+
+# --- hostile regions files: bounded, refused in one line ------------------------------------------------
+def test_gzip_bomb_is_refused_past_the_cap_while_reading(tmp_path, monkeypatch):
+    from wsi_her2.score import roi
+
+    monkeypatch.setattr(roi, "MAX_ROI_BYTES", 1 << 20)
+    bomb = tmp_path / "bomb.geojson.gz"
+    with gzip.open(bomb, "wb") as fh:  # 8 MiB of JSON whitespace in a few kB
+        fh.write(b"[" + b" " * (8 << 20) + b"]")
+    assert bomb.stat().st_size < 64 << 10
+    read = []
+    real_open = gzip.open
+
+    def counting_open(*args, **kwargs):
+        fh = real_open(*args, **kwargs)
+        real_read = fh.read
+        fh.read = lambda n=-1: read.append(n) or real_read(n)
+        return fh
+
+    monkeypatch.setattr(roi.gzip, "open", counting_open)
+    with pytest.raises(ConfigError, match=r"more than 1 MiB once decompressed.*export only the regions"):
+        load_regions(bomb)
+    assert read and all(0 < n <= 1 << 20 for n in read) and len(read) <= 2  # read in blocks, stopped at the cap
+    plain = tmp_path / "big.geojson"
+    plain.write_bytes(b"[" + b" " * (2 << 20) + b"]")
+    with pytest.raises(ConfigError, match=r"more than 1 MiB, the most"):
+        load_regions(plain)
+
+
+@pytest.mark.parametrize("coordinate, message", [
+    ("Infinity", "non-finite number Infinity"), ("NaN", "non-finite number NaN"), ("-Infinity", "non-finite number -Infinity"),
+    ("1e400", "not finite or beyond"), ("1e300", "not finite or beyond"), ("-2e9", "not finite or beyond"),
+])
+def test_non_finite_or_absurd_coordinates_are_one_line_errors(tiny_graded_store, tmp_path, capsys, coordinate, message):
+    text = json.dumps([feature(square(BLOCK, BLOCK, BLOCK), name="r")]).replace(f"[{2 * BLOCK}, {2 * BLOCK}]",
+                                                                               f"[{coordinate}, {2 * BLOCK}]", 1)
+    assert coordinate in text
+    roi = tmp_path / "r.geojson"
+    roi.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_regions(roi)
+    assert run_score(tiny_graded_store, roi, tmp_path) == 1
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "tiny.json").exists()
+
+
+def test_repeated_names_are_numbered_uniquely():
+    from wsi_her2.score.roi import unique_names
+
+    assert unique_names(["a", "b", "a"]) == ["a 1", "b", "a 2"]
+    assert unique_names(["a", "a", "a 1"]) == ["a 2", "a 3", "a 1"]  # "a 1" is taken by a region of that name
+    names = ["Tumor"] * 50_000 + [f"Tumor {k}" for k in range(1, 50_001, 2)]
+    out = unique_names(names)
+    assert len(set(out)) == len(out) and out[50_000:] == names[50_000:]
+
+
+def test_pieces_cover_each_region_once_and_stay_small():
+    import shapely
+
+    from wsi_her2.score.roi_geometry import region_pieces
+
+    t = np.linspace(0, 2 * np.pi, 20_000, endpoint=False)
+    r = 5000 * (1 + 0.05 * np.sin(40 * t))
+    wavy = shapely.Polygon(np.c_[6000 + r * np.cos(t), 6000 + r * np.sin(t)]).difference(shapely.Point(6000, 6000).buffer(900))
+    regions = [wavy, shapely.box(0, 0, 100, 100)]
+    pieces, owner = region_pieces(regions, max_vertices=64)
+    assert shapely.get_num_coordinates(pieces).max() <= 64 and len(pieces) > 300
+    assert np.allclose(np.bincount(owner, shapely.area(pieces)), shapely.area(np.asarray(regions, dtype=object)))
+
+
+def test_box_overlap_areas_equal_shapely_intersections():
+    """Green's theorem on clipped edges against GEOS overlay: polygons with holes, multipolygons, any box."""
+    import shapely
+
+    from wsi_her2.score.roi_geometry import box_overlap_areas, region_pieces
+
+    rng = np.random.default_rng(0)
+    regions = []
+    for k in range(20):
+        n = int(rng.integers(5, 300))
+        t = np.sort(rng.uniform(0, 2 * np.pi, n))
+        r = rng.uniform(200, 1500) * (1 + 0.3 * rng.uniform(-1, 1, n))
+        c = rng.uniform(0, 3000, 2)
+        g = shapely.make_valid(shapely.Polygon(np.c_[c[0] + r * np.cos(t), c[1] + r * np.sin(t)]))
+        if k % 3 == 0:
+            g = shapely.make_valid(g.difference(shapely.Point(c).buffer(100)))
+        regions.append(shapely.union(g, shapely.box(c[0] + 2000, c[1], c[0] + 2300, c[1] + 300)) if k % 5 == 0 else g)
+    pieces, _ = region_pieces(regions, max_vertices=16, min_side_px=10)
+    size = 224.0
+    xy = rng.uniform(-500, 4500, (3000, 2))
+    boxes = shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + size, xy[:, 1] + size)
+    tile_idx, piece_idx = shapely.STRtree(pieces).query(boxes, predicate="intersects")
+    ours = box_overlap_areas(pieces, piece_idx, xy[tile_idx], size)
+    geos = shapely.area(shapely.intersection(boxes[tile_idx], pieces[piece_idx]))
+    assert len(tile_idx) > 10_000 and np.allclose(ours, geos, atol=1e-6 * size * size)
+
+
+def test_assignment_of_a_polygon_of_many_vertices_matches_whole_polygon_intersections(monkeypatch):
+    """Tiles meet pieces of the polygon, never the whole of it (67 s for 10^6 vertices), with the same result."""
+    import shapely
+
+    from wsi_her2.score.roi_geometry import PIECE_MAX_VERTICES
+
+    t = np.linspace(0, 2 * np.pi, 10_000, endpoint=False)
+    r = 5_000 * (1 + 0.05 * np.sin(60 * t))
+    poly = shapely.Polygon(np.c_[6_000 + r * np.cos(t), 6_000 + r * np.sin(t)])
+    size = 224.0
+    grid = np.arange(0, 12_000, size)
+    coords = np.stack(np.meshgrid(grid, grid), axis=-1).reshape(-1, 2)
+    real_intersection = shapely.intersection
+
+    def small_only(a, b, *args, **kwargs):
+        assert shapely.get_num_coordinates(np.asarray(b, dtype=object)).max(initial=0) <= PIECE_MAX_VERTICES
+        return real_intersection(a, b, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(shapely, "intersection", small_only)
+        group = assign_tiles([poly], coords, size)
+    boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + size, coords[:, 1] + size)
+    share = shapely.area(shapely.intersection(boxes, poly)) / size**2  # the whole polygon, tile by tile
+    assert np.array_equal(group == 0, share > 0.5) and (group == 0).sum() > 1000

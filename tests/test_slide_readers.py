@@ -117,3 +117,72 @@ def test_implausible_resolution_tags_are_not_an_mpp(tmp_path):
     with open_slide(good, backend="tiffslide") as r:
         info = resolve_mpp(r)
     assert info.mpp_um == pytest.approx(0.25) and info.source in ("tiff:XResolution", "vendor:tiffslide.mpp-x")
+
+
+# --- --mpp-csv: the slide's own row, never another file's -----------------------------------------
+def _mpp_table(tmp_path, text):
+    table = tmp_path / "meta" / "mpp.csv"
+    table.parent.mkdir(exist_ok=True)
+    table.write_text(text)
+    return read_mpp_csv(table)
+
+
+def _files(tmp_path, *names):
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"slide")
+    return [tmp_path / n for n in names]
+
+
+def test_mpp_csv_matches_the_resolved_path_first(tmp_path):
+    a, b = _files(tmp_path, "a/slide.svs", "b/slide.svs")
+    table = _mpp_table(tmp_path, f"slide,mpp\n{a},0.25\n../b/slide.svs,0.5\n")  # relative: from the CSV's folder
+    assert table.lookup(a) == 0.25 and table.lookup(b) == 0.5
+
+
+def test_mpp_csv_row_of_another_existing_file_is_not_this_slides(tmp_path):
+    mine, _ = _files(tmp_path, "a/slide.svs", "elsewhere/x/slide.svs")
+    table = _mpp_table(tmp_path, "slide,mpp\n../elsewhere/x/slide.svs,0.25\n")
+    assert table.lookup(mine) is None
+
+
+def test_mpp_csv_unique_base_name_matches_with_a_log_note(tmp_path, caplog):
+    (mine,) = _files(tmp_path, "a/slide.svs")
+    for written in ("slide.svs", "slide", "/scanner/export/slide.svs"):  # bare name, stem, a path from elsewhere
+        table = _mpp_table(tmp_path, f"slide,mpp\n{written},0.25\nother.svs,0.5\n")
+        with caplog.at_level("INFO", logger="wsi_her2.slide.mpp"):
+            assert table.lookup(mine) == 0.25
+        assert "matched by the base name" in caplog.text
+        caplog.clear()
+
+
+@pytest.mark.parametrize("rows", ["slide.svs,0.25\n/nowhere/slide.svs,0.5\n", "slide.svs,0.25\nslide.svs,0.5\n",
+                                  "../a/slide.svs,0.25\n../a/slide.svs,0.5\n"])
+def test_mpp_csv_ambiguous_rows_are_refused_in_one_line(tmp_path, rows):
+    from wsi_her2.errors import ConfigError
+
+    (mine,) = _files(tmp_path, "a/slide.svs")
+    table = _mpp_table(tmp_path, "slide,mpp\n" + rows)
+    with pytest.raises(ConfigError, match=r"2 rows could give the MPP of .*slide.svs.*full path") as err:
+        table.lookup(mine)
+    assert "\n" not in str(err.value)
+
+
+def test_tile_ignores_another_slides_row_in_mpp_csv(tmp_path):
+    """The issue's case: a row for ../../elsewhere/x/slide.svs changed the MPP of a different slide.svs."""
+    import shutil
+
+    from wsi_her2.store.patch_store import open_store
+    from wsi_her2.synthetic.slides import graded_ihc_spec, write_synthetic_slide
+    from wsi_her2.tile.pipeline import TileConfig, tile_slide
+
+    (tmp_path / "a").mkdir()
+    mine = write_synthetic_slide(tmp_path / "a" / "slide.svs", graded_ihc_spec(block_px=448, grades=(2,), dust=False))
+    (tmp_path / "elsewhere" / "x").mkdir(parents=True)
+    shutil.copy(mine, tmp_path / "elsewhere" / "x" / "slide.svs")
+    table = tmp_path / "meta" / "deep" / "mpp.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text("slide,mpp\n../../elsewhere/x/slide.svs,1.0\n")
+    store = tile_slide(mine, tmp_path / "out", config=TileConfig(workers=1, mpp_csv=str(table))).store
+    slide = open_store(store).attrs["slide"]
+    assert slide["mpp_um"] == pytest.approx(0.5) and slide["mpp_source"].startswith("vendor")

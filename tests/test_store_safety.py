@@ -10,6 +10,7 @@ import stat
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 
 from wsi_her2.cli import main
 from wsi_her2.errors import StoreError
@@ -30,12 +31,6 @@ def store_copy(clean_store, tmp_path):
     dst = tmp_path / "out" / clean_store.name
     shutil.copytree(clean_store, dst)
     return dst
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    return err[0]
 
 
 # --- damaged stores -------------------------------------------------------------------------------
@@ -69,7 +64,7 @@ def test_damaged_store_is_refused_with_one_line(store_copy, damage, capsys):
     with pytest.raises(StoreError, match="damaged patch store.*--overwrite"):
         verify_store(store_copy)
     assert main(["verify", str(store_copy)]) == 1
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(store_copy) in line and "wsi-her2 tile" in line and "--overwrite" in line
     with pytest.raises(StoreError, match="damaged"):
         score_store(store_copy)
@@ -131,7 +126,7 @@ def test_foreign_directory_at_the_store_path_is_left_alone(graded_slide, tmp_pat
     rc = main(["tile", str(graded_slide), "-o", str(tmp_path / "out"), "-q", "--workers", "1"]
               + (["--overwrite"] if overwrite else []))
     assert rc == 1 and precious.read_text() == "keep me"
-    assert "not a wsi-her2 patch store" in _one_line_error(capsys)
+    assert "not a wsi-her2 patch store" in one_line_error(capsys)
 
 
 def test_foreign_file_at_the_store_path_and_out_at_a_file(graded_slide, tmp_path, capsys):
@@ -139,12 +134,12 @@ def test_foreign_file_at_the_store_path_and_out_at_a_file(graded_slide, tmp_path
     (tmp_path / "out" / "graded.zarr").write_text("mine")
     assert main(["tile", str(graded_slide), "-o", str(tmp_path / "out"), "-q", "--overwrite"]) == 1
     assert (tmp_path / "out" / "graded.zarr").read_text() == "mine"
-    assert "not a wsi-her2 patch store" in _one_line_error(capsys)
+    assert "not a wsi-her2 patch store" in one_line_error(capsys)
     afile = tmp_path / "afile"
     afile.write_text("x")
     for out in (afile, afile / "sub"):
         assert main(["tile", str(graded_slide), "-o", str(out), "-q"]) == 1
-        assert "choose another -o" in _one_line_error(capsys)
+        assert "choose another -o" in one_line_error(capsys)
     assert afile.read_text() == "x"
 
 
@@ -152,7 +147,7 @@ def test_score_output_at_a_file_is_one_line(clean_store, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(["score", str(clean_store), "-o", str(afile / "sub"), "-q"]) == 1
-    assert "choose another -o" in _one_line_error(capsys)
+    assert "choose another -o" in one_line_error(capsys)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
@@ -160,7 +155,7 @@ def test_unwritable_output_is_one_line(graded_slide, tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     assert main(["tile", str(graded_slide), "-o", str(ro / "out"), "-q"]) == 1
-    assert "permission denied" in _one_line_error(capsys)
+    assert "permission denied" in one_line_error(capsys)
 
 
 # --- a killed run is repaired by the next one --------------------------------------------------------
@@ -234,7 +229,7 @@ def test_two_inputs_with_one_name_are_one_error(graded_slide, tmp_path, capsys):
     other.parent.mkdir()
     shutil.copy(graded_slide, other)
     assert main(["tile", str(graded_slide), str(other), "-o", str(tmp_path / "out"), "-q"]) == 2
-    assert "would both be written to graded.zarr" in _one_line_error(capsys)
+    assert "would both be written to graded.zarr" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -246,6 +241,6 @@ def test_second_run_on_a_locked_store_exits_with_a_clear_line(graded_slide, stor
         with pytest.raises(StoreError, match="another wsi-her2 run.*is writing this store"):
             tile_slide(graded_slide, store_copy.parent, config=CONFIG)
         assert main(["tile", str(graded_slide), "-o", str(store_copy.parent), "-q"]) == 1
-        assert "is writing this store" in _one_line_error(capsys)
+        assert "is writing this store" in one_line_error(capsys)
     assert not (store_copy.parent / "graded.zarr.lock").exists()
     assert tile_slide(graded_slide, store_copy.parent, config=CONFIG).status == "skipped"

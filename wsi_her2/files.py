@@ -1,7 +1,7 @@
 """Safe output paths: never delete what wsi-her2 did not write, one-line errors, atomic writes.
 
 - :func:`prepare_output_dir` makes ``-o`` (or says in one line why it cannot: a file is in the
-  way, no permission, ...).
+  way, no permission, ...); :func:`prepare_output_file` checks a file to write the same way.
 - :func:`check_store_slot` refuses a store path that holds something wsi-her2 did not write
   (a user's directory or file), so ``--overwrite`` and "start over" only ever remove stores.
 - :func:`atomic_write_bytes` writes to ``.<name>.<pid>.<thread>.tmp`` and renames; the file's
@@ -47,6 +47,18 @@ def prepare_output_dir(path: str | Path, *, what: str = "output directory") -> P
         raise OutputError(f"{path}: cannot create the {what} ({exc.strerror or exc}); choose another -o") from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: {what} is not writable; choose a writable -o")
+    return path
+
+
+def prepare_output_file(path: str | Path, *, what: str = "output file") -> Path:
+    """Check that ``path`` can be written as a file (its folder made if need be) before any work is
+    done for it, or raise one clear :class:`OutputError` (a folder in the way, no permission, ...)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: the {what} is a folder, not a file; give a file name, e.g. {path / 'cal.json'}")
+    prepare_output_dir(path.parent, what=f"folder of the {what}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{path}: the {what} exists and is not writable; choose another file")
     return path
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_her2.files import atomic_write_text
+from wsi_her2.files import atomic_write_text, tmp_path_for
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +97,35 @@ def _lock_content(owner: LockOwner, *, timeout_s: float, acquired: float | None 
 
 
 def _create_exclusive(path: Path, content: str) -> bool:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(content)
+    # The temporary file is named like every other one (host, pid, thread: files.tmp_path_for), so
+    # the stale-file cleanup recognises one a killed process left; it is written inside the ``try``,
+    # so a failed write (a full disk) never leaves it behind.
+    tmp = tmp_path_for(path)
     try:
-        os.link(tmp, path)  # atomic and fails if the name exists, also on NFS
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # a file system without hard links: O_EXCL instead (brief empty-file window)
+        tmp.write_text(content)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, path)  # atomic and fails if the name exists, also on NFS
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write(content)
-        return True
+        except OSError:  # a file system without hard links: O_EXCL instead (brief empty-file window)
+            return _create_with_o_excl(path, content)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_with_o_excl(path: Path, content: str) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(content)
+    except BaseException:
+        path.unlink(missing_ok=True)  # ours, half written: a full disk must not leave a lock nobody holds
+        raise
+    return True
 
 
 class SlideLock:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_her2.batch.manifest import SlideJob
+from wsi_her2.csv_cells import safe_cell
 from wsi_her2.files import atomic_write_text
 from wsi_her2.metrics import confusion_matrix, quadratic_weighted_kappa, weighted_kappa  # noqa: F401 (re-exported)
 from wsi_her2.vocab import HER2_CLASSES, parse_her2_label
@@ -85,7 +86,7 @@ def slides_csv_text(rows: Iterable[Mapping]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([_cell(row.get(c)) for c in columns])
+        writer.writerow([safe_cell(_cell(row.get(c))) for c in columns])
     return buf.getvalue()
 
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import time
 from pathlib import Path
 
+from wsi_her2.csv_cells import safe_row
 from wsi_her2.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,11 @@ def run(args: argparse.Namespace) -> int:
                    "seconds": dt, "images_per_s": len(y) / dt if dt > 0 else None})
     out = Path(args.out) if args.out else Path(args.model).parent / f"eval_{Path(args.data).stem}"
     paths = write_report(report, out, y_true=y, probs=p, prefix="eval")
-    with (out / "predictions.csv").open("w") as fh:
-        fh.write("path,label," + ",".join(f"p_{c}" for c in cfg.classes) + "\n")
+    with (out / "predictions.csv").open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["path", "label", *(f"p_{c}" for c in cfg.classes)])
         for r, row in zip(records, p):
-            fh.write(f"{r.path},{r.label}," + ",".join(f"{v:.6f}" for v in row) + "\n")
+            w.writerow(safe_row([str(r.path), r.label, *(f"{v:.6f}" for v in row)]))
     print(format_table(report))
     print(f"{len(y)} tiles, {report['images_per_s']:.1f} images/s{' with TTA ' + args.tta if args.tta else ''}")
     print(f"report: {paths['json']}")

@@ -85,11 +85,14 @@ def run(args: argparse.Namespace) -> int:
     from wsi_her2.batch.manifest import load_jobs
     from wsi_her2.batch.report import format_agreement
     from wsi_her2.batch.runner import RunConfig, run_cohort
+    from wsi_her2.score.pipeline import validate_score_config
 
     jobs = load_jobs(args.source, recursive=args.recursive)
     tile_config = tile_config_from_args(args, workers=1, progress=False)
     tile_config.validate()
     score_config = score_config_from_args(args, progress=False)
+    validate_score_config(score_config)
+    _prepare_output(Path(args.out))  # every check before the cluster starts: a bad -o is one line, not a traceback
 
     for name in ("distributed", "tornado", "bokeh"):  # dask's INFO chatter drowns the progress line
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -122,6 +125,17 @@ def run(args: argparse.Namespace) -> int:
         print(format_agreement(result.agreement))
         print(f"agreement report: {out / 'agreement.json'}")
     return result.exit_code
+
+
+def _prepare_output(out) -> None:
+    """The cohort folder and the folders the runner writes in it, made and writable, or one clear error."""
+    from wsi_her2.batch.runner import PER_SLIDE_DIRNAME
+    from wsi_her2.batch.state import STATE_DIRNAME
+    from wsi_her2.files import prepare_output_dir
+
+    prepare_output_dir(out, what="cohort output folder (-o)")
+    for name in (PER_SLIDE_DIRNAME, STATE_DIRNAME):
+        prepare_output_dir(out / name, what=f"cohort's {name} folder")
 
 
 class _ProgressBar:

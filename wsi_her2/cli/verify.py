@@ -1,33 +1,71 @@
-"""``wsi-her2 verify``: check patch stores chunk by chunk (presence and CRC32C), decoding nothing."""
+"""``wsi-her2 verify``: check patch stores chunk by chunk (presence and CRC32C, attribute digest) and
+scored slides' outputs against the SHA-256 their ``<id>.json`` recorded, decoding nothing."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="check that patch stores are complete and undamaged",
-                       description="Check every array, chunk file and chunk checksum of each store; "
-                                   "a damaged store is one line with the command that rebuilds it.")
-    p.add_argument("stores", nargs="+", help="<slide-id>.zarr patch stores")
+    p = sub.add_parser("verify", help="check that patch stores and scored outputs are complete and undamaged",
+                       description="Check every array, chunk file and chunk checksum of each store and its attributes' "
+                                   "digest, and every output file of each scored slide against the SHA-256 its <id>.json "
+                                   "recorded (with its rows in slides.csv, regions.csv, cores.csv); a damaged store or "
+                                   "output is one line with the command that rebuilds it.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="<slide-id>.zarr stores, <slide-id>.json results, or folders holding them (a cohort's "
+                        "output folder: its per-slide folder too)")
     p.set_defaults(func=run)
+
+
+def targets(path: Path) -> tuple[list[Path], list[Path]]:
+    """The stores and result records that ``path`` names (a store, a result, or a folder of them)."""
+    from wsi_her2.batch.runner import PER_SLIDE_DIRNAME
+    from wsi_her2.outputs.manifest import is_result_record
+
+    if path.name.endswith(".zarr") or not path.is_dir():
+        if path.suffix == ".json":
+            return [], [path]
+        result = path.with_name(path.name.removesuffix(".zarr") + ".json")
+        return [path], [result] if result.is_file() else []
+    folders = [path] + [p for p in (path / PER_SLIDE_DIRNAME,) if p.is_dir()]  # a cohort's outputs (wsi-her2 run)
+    stores = [s for f in folders for s in sorted(f.glob("*.zarr")) if (s / "zarr.json").is_file()]
+    results = [r for f in folders for r in sorted(f.glob("*.json")) if is_result_record(r)]
+    return stores, results
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.outputs.manifest import verify_result
     from wsi_her2.store.verify import verify_store
 
-    failed = 0
-    for store in args.stores:
-        try:
-            rep = verify_store(store)
-        except WsiHer2Error as exc:
-            failed += 1
-            print(f"wsi-her2 verify: error: {exc}", file=sys.stderr)
+    failed = checked = 0
+    for path in map(Path, args.paths):
+        stores, results = targets(path)
+        if not stores and not results:
+            print(f"wsi-her2 verify: error: {path}: no patch store or scored slide there; give a <slide-id>.zarr, "
+                  "a <slide-id>.json or a folder of them", file=sys.stderr)
+            failed, checked = failed + 1, checked + 1
             continue
-        print(f"{rep.store}: ok, {rep.n_tiles} tiles, {rep.n_chunks} chunks present, "
-              f"{rep.n_checksummed} checksums match ({rep.n_bytes / 1e6:.1f} MB read)")
+        for item, check in [(s, verify_store) for s in stores] + [(r, verify_result) for r in results]:
+            checked += 1
+            try:
+                rep = check(item)
+            except WsiHer2Error as exc:
+                failed += 1
+                print(f"wsi-her2 verify: error: {exc}", file=sys.stderr)
+                continue
+            print(_ok_line(rep))
     if failed:
-        print(f"wsi-her2 verify: {failed} of {len(args.stores)} stores damaged or unreadable", file=sys.stderr)
+        print(f"wsi-her2 verify: {failed} of {checked} stores and scored slides damaged or unreadable", file=sys.stderr)
         return 1
     return 0
+
+
+def _ok_line(rep) -> str:
+    if hasattr(rep, "n_chunks"):
+        return (f"{rep.store}: ok, {rep.n_tiles} tiles, {rep.n_chunks} chunks present, "
+                f"{rep.n_checksummed} checksums match ({rep.n_bytes / 1e6:.1f} MB read)")
+    return (f"{rep.result}: ok, {rep.n_files} output files match their SHA-256 ({rep.n_bytes / 1e6:.1f} MB read), "
+            f"its record's digest and its table rows ({rep.n_table_rows}) match")

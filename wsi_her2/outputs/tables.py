@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_her2.csv_cells import safe_cell, safe_dict_row, written_row
 from wsi_her2.files import atomic_target, atomic_write_text
 from wsi_her2.store.patch_store import PatchStore
 
@@ -77,27 +78,30 @@ def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def _upsert_slides_csv_unlocked(path: Path, rows: list[dict]) -> Path:
-    existing: dict[str, dict] = {}
+    existing: dict[str, dict] = {}  # keyed by the slide id as written (safe_cell)
     if path.exists():
         with path.open(newline="") as fh:
             for r in csv.DictReader(fh):
                 existing[r["slide"]] = r
     for r in rows:
-        existing[str(r["slide"])] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
+        existing[safe_cell(str(r["slide"]))] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=SLIDES_CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for key in sorted(existing):
-        writer.writerow(existing[key])
+        writer.writerow(safe_dict_row(existing[key]))
     atomic_write_text(path, text.getvalue())
     return path
 
 
 def ensure_slides_csv_row(path: Path, row: dict) -> None:
-    """Put ``row`` back into ``slides.csv`` if it is missing (a run killed after ``<id>.json``)."""
+    """Put ``row`` back into ``slides.csv`` if it is missing (a run killed after ``<id>.json``) or
+    differs from it (an edited or damaged table)."""
+    found = []
     if path.exists():
         with path.open(newline="") as fh:
-            if any(r.get("slide") == str(row["slide"]) for r in csv.DictReader(fh)):
-                return
-    log.info("%s: row of %s missing; restored from its result JSON", path, row["slide"])
+            found = [r for r in csv.DictReader(fh) if r.get("slide") == safe_cell(str(row["slide"]))]
+        if [written_row(r, SLIDES_CSV_COLUMNS) for r in found] == [written_row(row, SLIDES_CSV_COLUMNS)]:
+            return
+    log.info("%s: row of %s %s; restored from its result JSON", path, row["slide"], "differs" if found else "missing")
     upsert_slides_csv(path, [row])

@@ -70,6 +70,11 @@ def load_calibration(path: str | Path) -> tuple[Calibration, dict]:
         cal = Calibration(float(data["dab_gain"]), float(data["cell_fraction_cut"]))
     except FileNotFoundError:
         raise ConfigError(f"{path}: calibration file not found; make one with wsi-her2 calibrate") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a calibration file; give the JSON file wsi-her2 calibrate wrote") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the calibration file ({getattr(exc, 'strerror', None) or exc}); "
+                          "give a readable file made by wsi-her2 calibrate") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: not a wsi-her2 calibration file ({exc}); make one with wsi-her2 calibrate") from None
     return cal, data
@@ -164,9 +169,12 @@ def calibrate(stores: Sequence[str | Path], labels_csv: str | Path, out: str | P
     """Fit, report leave-one-out agreement before (defaults) and after, write ``out`` (JSON).
 
     ``gains`` is the DAB-gain grid (must hold 1.0, the default); each costs one scoring pass."""
+    from wsi_her2.files import atomic_write_text, prepare_output_file
+
     gains = tuple(sorted({float(g) for g in gains}))
     if 1.0 not in gains or min(gains) <= 0:
         raise ConfigError(f"--gains {gains}: give positive gains including 1.0 (the default)")
+    prepare_output_file(out, what="calibration file (-o)")  # before the scoring passes, which are the cost
     labels = read_labels(labels_csv)
     measured, truth = [], []
     for path in stores:
@@ -194,8 +202,6 @@ def calibrate(stores: Sequence[str | Path], labels_csv: str | Path, out: str | P
         "slides": [{"slide": m["slide"], "label": HER2_CLASSES[t], "default_call": _name(b), "loo_call": _name(c)}
                    for m, t, b, c in zip(measured, truth, before, loo)],
     }
-    from wsi_her2.files import atomic_write_text
-
     atomic_write_text(Path(out), json.dumps(report, indent=2))
     return report
 

@@ -13,7 +13,6 @@ to the store unless ``out_dir`` is given::
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,8 @@ import numpy as np
 from wsi_her2 import __version__
 from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 from wsi_her2.errors import ConfigError, StoreError
-from wsi_her2.files import atomic_write_text, clean_stale_tmp, prepare_output_dir
+from wsi_her2.files import clean_stale_tmp, prepare_output_dir
+from wsi_her2.outputs.manifest import check_result, read_result, write_result_json
 from wsi_her2.outputs.slide_outputs import (
     run_side_by_side,
     write_measure_heatmaps,
@@ -195,7 +195,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     }
     if groups is not None:
         result[f"{groups.kind}s"] = group_part["rows"]
-    atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
+    write_result_json(json_path, result, default=_json_default)  # with its outputs' SHA-256 and its own
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(sid, slide_call, row, outputs)
 
@@ -214,20 +214,25 @@ def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | No
     result = {"slide": sid, "store": None, "slide_path": record.get("slide"), "call": call, "row": row,
               "aggregation": config.agg, "model": {"name": _model_label(config)}, "package_version": __version__,
               "no_tissue": record, "outputs": {}}
-    atomic_write_text(out / f"{sid}.json", json.dumps(result, indent=2, default=_json_default))
+    write_result_json(out / f"{sid}.json", result, default=_json_default)
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(sid, call, row, {})
 
 
 def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | None) -> SlideScore | None:
-    """The earlier result when this slide was scored with the same model, rule, parts and calibration."""
+    """The earlier result when this slide was scored with the same model, rule, parts and calibration,
+    and its outputs are still what ``<id>.json`` recorded (else it is scored again, saying why)."""
     if not json_path.exists():
         return None
-    done = json.loads(json_path.read_text())
-    if (done.get("model", {}).get("name") != _model_label(config) or done.get("aggregation") != config.agg
-            or done.get("parts") != _parts_key(config) or done.get("calibration") != calibration):
-        return None
     sid = json_path.name.removesuffix(".json")
+    done, unreadable = read_result(json_path)
+    if done is not None and (done.get("model", {}).get("name") != _model_label(config) or done.get("aggregation") != config.agg
+                             or done.get("parts") != _parts_key(config) or done.get("calibration") != calibration):
+        return None
+    problems = [unreadable] if done is None else check_result(json_path, done, tables=("regions.csv", "cores.csv"))
+    if problems:
+        log.warning("%s: earlier outputs missing or damaged (%s); scoring it again", sid, "; ".join(problems))
+        return None
     log.info("%s: already scored (use --overwrite to redo)", sid)
     ensure_slides_csv_row(json_path.parent / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
     return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)

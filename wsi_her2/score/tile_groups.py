@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_her2.csv_cells import safe_cell, safe_dict_row
 from wsi_her2.files import atomic_write_text
 from wsi_her2.vocab import HER2_CLASSES
 
@@ -80,13 +81,13 @@ def upsert_rows_csv(path: Path, slide_id: str, rows: list[dict]) -> Path:
     kept: list[dict] = []
     if path.exists():
         with path.open(newline="") as fh:
-            kept = [r for r in csv.DictReader(fh) if r.get("slide") != slide_id]
-    new = [{k: r.get(k, "") for k in GROUP_COLUMNS} | {"slide": slide_id} for r in rows]
+            kept = [r for r in csv.DictReader(fh) if r.get("slide") != safe_cell(slide_id)]
+    new = [safe_dict_row({k: r.get(k, "") for k in GROUP_COLUMNS} | {"slide": slide_id}) for r in rows]
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=GROUP_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for r in sorted(kept + new, key=lambda r: (r["slide"], str(r.get("name", "")))):
-        writer.writerow(r)
+        writer.writerow(safe_dict_row(r))
     atomic_write_text(path, buf.getvalue())
     return path
 

@@ -1,6 +1,7 @@
 """Resolve a slide's pixel size (µm per level-0 pixel), always with where it came from.
 
-The one documented chain: user override (``--slide-mpp`` or a per-slide CSV) -> vendor
+The one documented chain: user override (``--slide-mpp`` or a per-slide CSV, matched to the
+slide by :class:`MppTable`: its path first, its base name only when unambiguous) -> vendor
 metadata (``openslide.mpp-x``, ``tiffslide.mpp-x``, ``aperio.MPP``) -> TIFF resolution tags
 (only with a physical unit, inch or centimetre) -> refuse. HER2 grading depends on
 magnification, so a slide without a pixel size is refused, never guessed.
@@ -32,34 +33,81 @@ def _plausible(mpp_um: float) -> bool:
     return PLAUSIBLE_MPP_UM[0] <= mpp_um <= PLAUSIBLE_MPP_UM[1]
 
 
-def read_mpp_csv(path: str | Path) -> dict[str, float]:
-    """Read a per-slide MPP table: columns ``slide`` (file name, stem or path) and ``mpp``."""
+@dataclass(frozen=True)
+class MppRow:
+    written: str  # the slide column as written
+    path: Path  # resolved: relative paths are taken from the CSV's folder (as in manifests)
+    mpp_um: float
+    line: int
+
+
+class MppTable:
+    """A per-slide MPP table (``--mpp-csv``) and the rule that finds a slide's row.
+
+    1. A row whose path resolves to the slide file is its row.
+    2. Otherwise a row by base name (file name, or the name without its suffix), and only when that
+       base name is on one row of the table: a bare name, or a path that does not exist here (the
+       table was written on another machine); the match is noted in the log. A row whose path is an
+       existing file other than the slide names that file, never this slide.
+    3. Several rows that could be the slide (the same path twice with two values, or one base name
+       on several rows) are refused with one line: write the slide's full path in the table.
+    """
+
+    def __init__(self, source: Path, rows: list[MppRow]) -> None:
+        self.source, self.rows = source, rows
+
+    def lookup(self, slide_path: Path) -> float | None:
+        """The slide's MPP from the table, ``None`` if no row is the slide's (see the class docstring)."""
+        slide_path = Path(slide_path)
+        resolved = slide_path.resolve()
+        by_path = [r for r in self.rows if r.path == resolved]
+        if by_path:
+            if len({r.mpp_um for r in by_path}) > 1:
+                self._refuse(by_path, slide_path)
+            return by_path[0].mpp_um
+        for key in (slide_path.name, slide_path.stem):
+            same_name = [r for r in self.rows if Path(r.written).name == key]
+            # a row with a folder whose file exists here names that other file, never this slide
+            candidates = [r for r in same_name if Path(r.written).name == r.written or not r.path.is_file()]
+            if not candidates:
+                continue
+            if len(same_name) > 1:
+                self._refuse(same_name, slide_path)
+            row = candidates[0]
+            log.info("%s: MPP %s from %s line %d, matched by the base name %r alone (no row holds the slide's path)",
+                     slide_path, row.mpp_um, self.source.name, row.line, key)
+            return row.mpp_um
+        return None
+
+    def _refuse(self, rows: list[MppRow], slide_path: Path) -> None:
+        lines = ", ".join(f"line {r.line} ({r.written}: {r.mpp_um})" for r in rows)
+        raise ConfigError(f"{self.source}: {len(rows)} rows could give the MPP of {slide_path} ({lines}); "
+                          "write each slide's full path in the slide column, once")
+
+
+def read_mpp_csv(path: str | Path) -> MppTable:
+    """Read a per-slide MPP table: columns ``slide`` (path, file name or stem) and ``mpp``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: MPP table not found")
-    table: dict[str, float] = {}
-    with path.open(newline="") as fh:
+    rows: list[MppRow] = []
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = {c.lower(): c for c in (reader.fieldnames or [])}
         slide_col = cols.get("slide") or cols.get("path") or cols.get("file")
         mpp_col = cols.get("mpp") or cols.get("mpp_um") or cols.get("slide_mpp")
         if not slide_col or not mpp_col:
             raise ConfigError(f"{path}: needs columns 'slide' and 'mpp' (found {reader.fieldnames})")
-        for row in reader:
-            if not row.get(mpp_col):
+        for line, row in enumerate(reader, start=2):
+            written = (row.get(slide_col) or "").strip()
+            if not row.get(mpp_col) or not written:
                 continue
             try:
-                table[Path(row[slide_col]).name] = float(row[mpp_col])
+                mpp_um = float(row[mpp_col])
             except ValueError as exc:
-                raise ConfigError(f"{path}: bad mpp {row[mpp_col]!r} for {row[slide_col]}") from exc
-    return table
-
-
-def _lookup_csv(table: dict[str, float], slide_path: Path) -> float | None:
-    for key in (slide_path.name, slide_path.stem):
-        if key in table:
-            return table[key]
-    return None
+                raise ConfigError(f"{path}: bad mpp {row[mpp_col]!r} for {written}") from exc
+            rows.append(MppRow(written, (path.parent / Path(written).expanduser()).resolve(), mpp_um, line))
+    return MppTable(path, rows)
 
 
 def _tiff_tag_mpp(path: Path) -> float | None:
@@ -91,7 +139,7 @@ def resolve_mpp(
     reader: SlideReader,
     *,
     override_mpp_um: float | None = None,
-    mpp_table: dict[str, float] | None = None,
+    mpp_table: MppTable | None = None,
     mpp_table_name: str = "csv",
 ) -> MppInfo:
     """Return the slide's level-0 pixel size and its provenance, or refuse.
@@ -107,7 +155,7 @@ def resolve_mpp(
             raise ConfigError(f"--slide-mpp {override_mpp_um} is outside {PLAUSIBLE_MPP_UM} µm/px")
         return MppInfo(float(override_mpp_um), "user")
     if mpp_table:
-        value = _lookup_csv(mpp_table, path)
+        value = mpp_table.lookup(path)
         if value is not None:
             if not _plausible(value):
                 raise ConfigError(f"{path.name}: MPP {value} from {mpp_table_name} is outside {PLAUSIBLE_MPP_UM} µm/px")

@@ -20,6 +20,8 @@ Layout of ``<slide-id>.zarr`` (a zarr v3 group)::
 Group attribute ``wsi_her2`` holds the schema version, the slide (path, SHA-256, reader and
 version, MPP and its source), the tiling geometry, QC thresholds and summary, codec, package
 version and timings. ``complete`` is set True last: a crashed run never looks complete.
+``attrs_sha256`` is the SHA-256 of all the others (canonical JSON, :mod:`wsi_her2.digests`),
+rewritten with every change and checked on every open: an edited MPP is damage, not a new slide.
 
 Schema 2 (this version) ends every chunk of every array in a CRC32C checksum and records the
 tiling ``settings_key``; schema 1 stores (no checksums) are still read, and
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_her2.digests import record_sha256
 from wsi_her2.errors import StoreError
 from wsi_her2.files import atomic_target, check_store_slot
 from wsi_her2.store.codecs import (  # importing it registers the JPEG codec
@@ -52,6 +55,8 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: no chunk checksums (verified for presence only)
 IMAGE_ARRAYS = ("thumbnail", "tissue_mask", "pen_mask")
 ATTR_KEY = "wsi_her2"
+#: The attributes' own SHA-256 (wsi_her2.digests.record_sha256 of every other key), checked on open.
+ATTRS_DIGEST_KEY = "attrs_sha256"
 PER_TILE_ARRAYS = {  # name -> (dtype, trailing shape)
     "coords_level0": ("int64", (2,)),
     "grid_rc": ("int32", (2,)),
@@ -93,6 +98,7 @@ class PatchStore:
                 f"{path}: store schema {meta.get('schema_version')!r}, this wsi-her2 reads {SCHEMA_VERSION}; "
                 "re-tile the slide with --overwrite"
             )
+        store._check_attrs(meta)
         if require_complete and not meta.get("complete"):
             raise StoreError(f"{path}: incomplete patch store (tiling was interrupted); re-run `wsi-her2 tile` to resume it")
         return store
@@ -144,8 +150,9 @@ class PatchStore:
                                **small_array_codecs())
         meta = dict(attrs, schema_version=SCHEMA_VERSION, complete=False, chunk_tiles=chunk_tiles, codec=codec,
                     jpeg_quality=jpeg_quality if codec == "jpeg" else None)
-        group.attrs[ATTR_KEY] = meta
-        return cls(path, group)
+        store = cls(path, group)
+        store._write_attrs(meta)
+        return store
 
     # --- metadata ----------------------------------------------------------------------------
     @property
@@ -155,7 +162,22 @@ class PatchStore:
     def update_attrs(self, **values: Any) -> None:
         meta = self.attrs
         meta.update(values)
-        self._group.attrs[ATTR_KEY] = meta
+        self._write_attrs(meta)
+
+    def _write_attrs(self, meta: dict) -> None:
+        """Write the attributes with their digest (every attribute change goes through here)."""
+        meta = {k: v for k, v in meta.items() if k != ATTRS_DIGEST_KEY}
+        self._group.attrs[ATTR_KEY] = {**meta, ATTRS_DIGEST_KEY: record_sha256(meta)}
+
+    def _check_attrs(self, meta: dict) -> None:
+        """Slide identity, MPP, tiling and QC settings as written: an edited or corrupted attribute is damage."""
+        recorded = meta.get(ATTRS_DIGEST_KEY)
+        if recorded is None:  # written before attributes carried a digest: still read
+            log.info("%s: store attributes carry no digest (an older wsi-her2 wrote them); not verified", self.path)
+            return
+        if recorded != record_sha256({k: v for k, v in meta.items() if k != ATTRS_DIGEST_KEY}):
+            raise self.damaged("its attributes in zarr.json (slide, MPP, tiling, QC settings) do not match their "
+                               "SHA-256: edited or corrupted")
 
     @property
     def slide_id(self) -> str:

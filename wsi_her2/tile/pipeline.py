@@ -23,6 +23,7 @@ import numpy as np
 
 from wsi_her2 import __version__
 from wsi_her2.cpus import available_cpus
+from wsi_her2.digests import sha256_file
 from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError
 from wsi_her2.store.no_tissue import clear_record as clear_no_tissue_record
 from wsi_her2.store.no_tissue import write_record as write_no_tissue_record
@@ -96,15 +97,6 @@ def slide_id_for(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
-
-
-def sha256_file(path: Path, *, block_bytes: int = 1 << 20) -> str:
-    """SHA-256 of a file read in 1 MiB blocks (hashlib releases the GIL on each block)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(block_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Hashing:

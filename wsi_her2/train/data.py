@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_her2.csv_cells import safe_row
 from wsi_her2.errors import ConfigError, DatasetError
 from wsi_her2.vocab import HER2_CLASSES, parse_her2_label
 
@@ -407,7 +408,7 @@ def write_split_csv(splits: dict[str, list[TileRecord]], path: str | Path) -> Pa
         w.writerow(["path", "label", "group", "split"])
         for name, rs in splits.items():
             for r in rs:
-                w.writerow([str(Path(r.path).resolve()), r.label, r.group, name])
+                w.writerow(safe_row([str(Path(r.path).resolve()), r.label, r.group, name]))
     return p
 
 
@@ -481,5 +482,5 @@ def write_synthetic_dataset(
     with csv_path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "patient"])
-        w.writerows(rows)
+        w.writerows(safe_row(r) for r in rows)
     return csv_path

@@ -17,6 +17,7 @@ import torch
 
 from torch import nn
 
+from wsi_her2.csv_cells import safe_dict_row
 from wsi_her2.devices import resolve_device
 
 from wsi_her2.errors import ConfigError, WeightsError
@@ -220,7 +221,7 @@ def _write_metrics_csv(history: list[dict[str, Any]], path: Path) -> Path:
         for row in history:
             r = dict(row)
             r["lr"] = ";".join(f"{v:.3g}" for v in row["lr"])
-            w.writerow({k: r.get(k) for k in keys})
+            w.writerow(safe_dict_row({k: r.get(k) for k in keys}))
     return path
 
 

@@ -1,0 +1,41 @@
+"""SHA-256 digests of files and of JSON-like records (one canonical form for every check).
+
+A record's digest is the SHA-256 of its canonical JSON: keys sorted, no whitespace, UTF-8, numpy
+scalars as their Python values. It is what a store's attributes and a scored slide's ``<id>.json``
+carry about themselves, so an edited or corrupted value is noticed when they are read back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: str | Path, *, block_bytes: int = 1 << 20) -> str:
+    """SHA-256 of a file read in 1 MiB blocks (hashlib releases the GIL on each block)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(block_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def canonical_json(record: Any) -> bytes:
+    """The canonical JSON bytes of ``record`` (sorted keys, compact, UTF-8)."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain).encode("utf-8")
+
+
+def record_sha256(record: Any) -> str:
+    """SHA-256 of ``record``'s canonical JSON."""
+    return hashlib.sha256(canonical_json(record)).hexdigest()
