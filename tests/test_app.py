@@ -107,8 +107,7 @@ def test_image_upload_with_mpp_is_scored(settings, tmp_path):
     assert out["call"].startswith("## HER2 2+") and "tumour cells" in out["call"], out["call"]
     table = out["table"]
     assert 0 < len(table) <= 500 and {"tile", "call", "p_2+"} <= set(table.columns)
-    assert [Path(p).name for p in out["downloads"]] == ["crop.report.pdf", "crop.report.html", "crop.geojson",
-                                                        "crop.tiles.parquet", "crop.json"]
+    assert [Path(p).name for p in out["downloads"]] == ["crop.report.pdf", "crop.geojson", "crop.tiles.parquet", "crop.json"]
     assert out["heatmap"].endswith(".heatmap.png") and out["qc"].endswith(".qc.png")
     # the slide report, shown on the page in a frame of its own
     assert out["report"].startswith('<iframe id="report-frame"') and "HER2 IHC slide report: crop" in html.unescape(out["report"])

@@ -151,7 +151,8 @@ def analyse(settings: AppSettings, upload: Path | None, mpp_um: float | None = N
     json_path = run_dir / f"{scored.slide_id}.json"
     result = json.loads(json_path.read_text())
     outputs = dict(scored.outputs)
-    downloads = [outputs[k] for k in ("report_pdf", "report_html", "geojson", "tiles_parquet") if k in outputs] + [str(json_path)]
+    # the report's HTML is shown on the page itself (Gradio does not offer .html files for download)
+    downloads = [outputs[k] for k in ("report_pdf", "geojson", "tiles_parquet") if k in outputs] + [str(json_path)]
     return RunResult(run_dir, scored.slide_id, scored.call, scored.row, result.get("tumour", {}), outputs,
                      run_dir / f"{scored.slide_id}.qc.png", tiled.n_tiles, tiled.n_passed, json_path, downloads)
 
@@ -265,7 +266,7 @@ def build_app(settings: AppSettings):
             heatmap = gr.Image(show_label=False, type="filepath", interactive=False, elem_id="heatmap")
             qc = gr.Image(show_label=False, type="filepath", interactive=False, elem_id="qc")
         table = gr.Dataframe(label=f"Tiles (first {TABLE_ROWS})", interactive=False, elem_id="tiles")
-        downloads = gr.File(label="Downloads: slide report (PDF, HTML), QuPath GeoJSON, per-tile parquet, result JSON",
+        downloads = gr.File(label="Downloads: slide report (PDF), QuPath GeoJSON, per-tile parquet, result JSON",
                             file_count="multiple", interactive=False, elem_id="downloads")
         with gr.Accordion("Slide report (one A4 page: print it or download the PDF above)", open=True):
             report = gr.HTML(elem_id="report")
