@@ -195,7 +195,6 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         result[f"{groups.kind}s"] = group_part["rows"]
     if not config.no_report:  # <id>.report.html and .pdf, from the result (before <id>.json: its presence means done)
         from wsi_her2.outputs.report import write_slide_report
-
         outputs.update(write_slide_report(out, result, reasons=reasons, qc_png=store.path.parent / f"{sid}.qc.png"))
     atomic_write_text(json_path, json.dumps(result, indent=2, default=_json_default))
     upsert_slides_csv(out / "slides.csv", [row])
