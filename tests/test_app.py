@@ -107,8 +107,31 @@ def test_image_upload_with_mpp_is_scored(settings, tmp_path):
     assert out["call"].startswith("## HER2 2+") and "tumour cells" in out["call"], out["call"]
     table = out["table"]
     assert 0 < len(table) <= 500 and {"tile", "call", "p_2+"} <= set(table.columns)
-    assert [Path(p).name for p in out["downloads"]] == ["crop.geojson", "crop.tiles.parquet", "crop.json"]
+    assert [Path(p).name for p in out["downloads"]] == ["crop.report.pdf", "crop.geojson", "crop.tiles.parquet", "crop.json"]
     assert out["heatmap"].endswith(".heatmap.png") and out["qc"].endswith(".qc.png")
+    # the slide report, shown on the page in a frame of its own
+    assert out["report"].startswith('<iframe id="report-frame"') and "HER2 IHC slide report: crop" in html.unescape(out["report"])
+
+
+def test_dicom_slide_uploaded_as_zip_of_its_folder(settings, tmp_path):
+    """A real DICOM WSI (made from the CMU-1 fixture) zipped as hospitals hand it over: named by its identifier."""
+    import zipfile
+
+    from conftest import fixture_slide
+    from test_dicom_slides import SLIDE_ID, convert_to_dicom
+
+    folder = convert_to_dicom(fixture_slide("CMU-1-Small-Region.svs"), tmp_path / "slide")
+    archive = tmp_path / "upload" / "case.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(folder.glob("*.dcm")):
+            zf.write(f, f"case/{f.name}")
+    shown = _page_error(handle_run(settings, str(archive), None))  # CMU-1 is H&E: tiled, then refused by the stain check
+    assert SLIDE_ID in shown and "not DAB IHC" in shown, shown
+    empty = tmp_path / "upload" / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("readme.txt", "no slide")
+    assert "holds no DICOM (.dcm) files" in _page_error(handle_run(settings, str(empty), None))
 
 
 def test_cli_defaults_bind_localhost_and_bad_port_is_one_line(capsys):

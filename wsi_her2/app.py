@@ -107,7 +107,29 @@ def _slide_for_run(run_dir: Path, upload: Path | None, mpp_um: float | None, *, 
                              "file; tile and score it with `wsi-her2 tile` and `wsi-her2 score`")
     if upload.suffix.lower() in IMAGE_SUFFIXES:
         return image_to_slide(upload, run_dir, mpp_um), None  # the TIFF carries the pixel size
+    if upload.suffix.lower() == ".zip":
+        return unzip_dicom_slide(upload, run_dir / "dicom"), mpp_um
     return upload, mpp_um
+
+
+def unzip_dicom_slide(archive: Path, folder: Path) -> Path:
+    """A DICOM slide uploaded as a .zip of its folder: its ``.dcm`` files, extracted flat into ``folder``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir() and m.filename.lower().endswith(".dcm")
+                       and not Path(m.filename).name.startswith(".")]
+            if not members:
+                raise SlideOpenError(f"{archive.name}: the .zip holds no DICOM (.dcm) files; zip a DICOM slide's folder")
+            folder.mkdir(parents=True, exist_ok=True)
+            for m in members:  # flat, by base name: no path in the archive can point outside the folder
+                with zf.open(m) as src, (folder / Path(m.filename).name).open("wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+    except zipfile.BadZipFile as exc:
+        raise SlideOpenError(f"{archive.name}: not a readable .zip ({exc}); zip the DICOM slide's folder again") from exc
+    return folder
 
 
 def analyse(settings: AppSettings, upload: Path | None, mpp_um: float | None = None, *, demo: bool = False,
@@ -129,7 +151,8 @@ def analyse(settings: AppSettings, upload: Path | None, mpp_um: float | None = N
     json_path = run_dir / f"{scored.slide_id}.json"
     result = json.loads(json_path.read_text())
     outputs = dict(scored.outputs)
-    downloads = [outputs[k] for k in ("geojson", "tiles_parquet") if k in outputs] + [str(json_path)]
+    # the report's HTML is shown on the page itself (Gradio does not offer .html files for download)
+    downloads = [outputs[k] for k in ("report_pdf", "geojson", "tiles_parquet") if k in outputs] + [str(json_path)]
     return RunResult(run_dir, scored.slide_id, scored.call, scored.row, result.get("tumour", {}), outputs,
                      run_dir / f"{scored.slide_id}.qc.png", tiled.n_tiles, tiled.n_passed, json_path, downloads)
 
@@ -180,7 +203,7 @@ def error_html(message: str) -> str:
 
 
 #: the page's outputs, in the order :func:`handle_run` returns them
-OUTPUT_NAMES = ("call", "error", "heatmap", "qc", "table", "downloads")
+OUTPUT_NAMES = ("call", "error", "heatmap", "qc", "table", "downloads", "report")
 
 
 def handle_run(settings: AppSettings, upload: str | Path | None, mpp_um: str | float | None, *, demo: bool = False,
@@ -195,20 +218,31 @@ def handle_run(settings: AppSettings, upload: str | Path | None, mpp_um: str | f
         res = analyse(settings, path, parse_mpp(mpp_um), demo=demo, progress=progress)
     except WsiHer2Error as exc:  # the upload's own name, not the server's copy of it, as `wsi-her2 tile NAME` prints it
         message = str(exc).replace(str(path), path.name) if path else str(exc)
-        return "", error_html(message), None, None, None, None
+        return "", error_html(message), None, None, None, None, ""
     except OSError as exc:  # e.g. a full disk: one line, as the CLI prints it
         name = path.name if path else "demo slide"
-        return "", error_html(f"{name}: {exc}"), None, None, None, None
+        return "", error_html(f"{name}: {exc}"), None, None, None, None, ""
     except Exception as exc:  # a bug: the traceback goes to the server log, not the page
         log.exception("wsi-her2 app: run failed")
-        return "", error_html(f"internal error ({type(exc).__name__}: {exc}); see the server log"), None, None, None, None
+        return "", error_html(f"internal error ({type(exc).__name__}: {exc}); see the server log"), None, None, None, None, ""
     return (call_markdown(res), "", res.outputs.get("heatmap_png"), str(res.qc_png) if res.qc_png.is_file() else None,
-            tile_table(res.outputs["tiles_parquet"]), res.downloads)
+            tile_table(res.outputs["tiles_parquet"]), res.downloads, report_html(res))
+
+
+def report_html(res: RunResult) -> str:
+    """The slide report shown on the page: the report itself in a frame (it is self-contained HTML)."""
+    path = res.outputs.get("report_html")
+    if not path or not Path(path).is_file():
+        return ""
+    doc = html.escape(Path(path).read_text(encoding="utf-8"), quote=True)
+    return (f'<iframe id="report-frame" title="slide report" srcdoc="{doc}" '
+            'style="width:100%;height:1180px;border:1px solid #888;background:#fff"></iframe>')
 
 
 INTRO = """# wsi-her2: HER2 IHC scoring of one slide
-Upload a whole-slide image (SVS, TIFF, NDPI, ...) or a plain image (JPEG/PNG, with its µm per pixel),
-or run the bundled synthetic demo slide (planted call HER2 2+). Everything runs on this computer."""
+Upload a whole-slide image (SVS, TIFF, NDPI, a DICOM slide as one .dcm file or a .zip of its folder, ...) or a
+plain image (JPEG/PNG, with its µm per pixel), or run the bundled synthetic demo slide (planted call HER2 2+).
+Everything runs on this computer."""
 
 
 def build_app(settings: AppSettings):
@@ -232,9 +266,11 @@ def build_app(settings: AppSettings):
             heatmap = gr.Image(show_label=False, type="filepath", interactive=False, elem_id="heatmap")
             qc = gr.Image(show_label=False, type="filepath", interactive=False, elem_id="qc")
         table = gr.Dataframe(label=f"Tiles (first {TABLE_ROWS})", interactive=False, elem_id="tiles")
-        downloads = gr.File(label="Downloads: QuPath GeoJSON, per-tile parquet, result JSON", file_count="multiple",
-                            interactive=False, elem_id="downloads")
-        outputs = [call, error, heatmap, qc, table, downloads]
+        downloads = gr.File(label="Downloads: slide report (PDF), QuPath GeoJSON, per-tile parquet, result JSON",
+                            file_count="multiple", interactive=False, elem_id="downloads")
+        with gr.Accordion("Slide report (one A4 page: print it or download the PDF above)", open=True):
+            report = gr.HTML(elem_id="report")
+        outputs = [call, error, heatmap, qc, table, downloads, report]
 
         def run_upload(file, mpp_um, progress=gr.Progress(track_tqdm=True)):
             return handle_run(settings, file, mpp_um, progress=progress)

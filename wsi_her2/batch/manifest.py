@@ -11,8 +11,10 @@ A manifest is a CSV with one row per slide. Columns (case-insensitive; only ``sl
 ``patient`` (or ``patient_id``, ``case``)
     The patient the slide belongs to (copied to ``slides.csv``).
 
-The slide id (which names every output file) is the file name without its extension, so two
-slides must not share a file name.
+The slide id (which names every output file) is the file name without its extension (a DICOM
+slide's: its container or specimen identifier, else its series UID), so two slides must not share
+a name. In a folder, a DICOM slide is a sub-folder holding its ``.dcm`` files; ``.dcm`` files lying
+in the folder itself are taken one slide (series) each.
 
 Jobs come back sorted by slide id, so every run sees the cohort in the same order.
 """
@@ -24,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from wsi_her2.vocab import parse_her2_label
-from wsi_her2.errors import ConfigError, SlideNotFoundError
+from wsi_her2.errors import ConfigError, SlideNotFoundError, WsiHer2Error
 from wsi_her2.tile.pipeline import slide_id_for
 
 log = logging.getLogger(__name__)
@@ -70,16 +72,33 @@ def is_slide_file(path: Path) -> bool:
     return path.is_file() and not name.startswith(".") and name.endswith(SLIDE_SUFFIXES)
 
 
+def _dicom_slides_in(folder: Path) -> list[Path]:
+    """A path per DICOM slide in ``folder``: the folder when it holds one slide, else a file of each series."""
+    from wsi_her2.slide.dicom import dicom_files, series_in
+
+    if not dicom_files(folder):
+        return []
+    try:
+        series = series_in(folder)
+    except WsiHer2Error:
+        return [folder]  # an unreadable file: the slide fails with that line when it is tiled
+    if len(series) <= 1:
+        return [folder]
+    return [sorted(p for p, _ in members)[0] for members in series.values()]
+
+
 def jobs_from_directory(directory: str | Path, *, recursive: bool = False) -> list[SlideJob]:
-    """Every slide file in ``directory`` (sub-directories too with ``recursive``), sorted by slide id."""
+    """Every slide in ``directory`` (sub-directories too with ``recursive``), sorted by slide id."""
     directory = Path(directory)
     if not directory.is_dir():
         raise SlideNotFoundError(f"{directory}: not a directory; pass a folder of slides or a manifest .csv")
-    paths = directory.rglob("*") if recursive else directory.iterdir()
-    jobs = [SlideJob(slide_id_for(p), p) for p in paths if is_slide_file(p)]
+    paths = list(directory.rglob("*") if recursive else directory.iterdir())
+    folders = [directory] + [p for p in paths if p.is_dir() and not p.name.startswith(".")]
+    slides = [p for p in paths if is_slide_file(p)] + [s for f in folders for s in _dicom_slides_in(f)]
+    jobs = [SlideJob(slide_id_for(p), p) for p in slides]
     if not jobs:
         raise SlideNotFoundError(
-            f"{directory}: no slide files found (looked for {', '.join(SLIDE_SUFFIXES)}); "
+            f"{directory}: no slide files found (looked for {', '.join(SLIDE_SUFFIXES)} and DICOM slide folders); "
             "check the folder, add --recursive, or list the slides in a manifest .csv"
         )
     return _check_unique(sorted(jobs, key=lambda j: j.slide_id), str(directory))

@@ -166,6 +166,7 @@ class CohortResult:
     seconds: float
     slides_csv: Path
     agreement: dict | None = None
+    review_html: Path | None = None  # the cohort review page (None: it could not be written)
 
     @property
     def exit_code(self) -> int:
@@ -451,6 +452,18 @@ class _CohortRun:
         self.in_flight.clear()
         self.keeper.release_all()
 
+    def _write_review(self) -> Path | None:
+        """``review.html`` over the cohort, with the manifest's labels; a failure here never fails the run."""
+        from wsi_her2.outputs.review import write_review
+
+        labels = {j.slide_id: j.label for j in self.jobs if j.label} or None
+        try:
+            return write_review(self.out_dir, labels=labels)
+        except Exception as exc:  # the slides' own outputs are all written: say so and go on
+            log.warning("%s: the review page was not written (%s: %s); run `wsi-her2 review %s`", self.out_dir,
+                        type(exc).__name__, exc, self.out_dir)
+            return None
+
     def _summarise(self, interrupted: bool) -> CohortResult:
         # A task that dask re-ran after its worker died (a duplicate of one already finished) may
         # have left its start marker after we removed ours: this run's markers all go now.
@@ -468,7 +481,7 @@ class _CohortRun:
         result = CohortResult(
             out_dir=self.out_dir, total=len(self.jobs), done=sorted(done_ids), failed=dict(sorted(failed.items())),
             pending=pending, processed_here=self.here, tiles_here=self.tiles, seconds=time.time() - self.t_start,
-            slides_csv=csv_path, agreement=agreement,
+            slides_csv=csv_path, agreement=agreement, review_html=self._write_review(),
         )
         _write_run_json(self.out_dir, result, self.config, interrupted=interrupted)
         return result

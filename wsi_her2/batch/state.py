@@ -65,11 +65,14 @@ class SlideState:
 
 def input_key(path: str | Path, *, mpp_um: float | None, extra: str = "") -> str:
     """Fingerprint of what a deterministic failure depends on: the file (size, mtime) and its settings."""
+    from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.slide.identity import slide_stat
+
     path = Path(path)
     try:
-        st = path.stat()
-        file_part = f"{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
+        size, mtime_ns = slide_stat(path)  # a DICOM slide: all its files
+        file_part = f"{size}:{mtime_ns}"
+    except (OSError, WsiHer2Error):
         file_part = "missing"
     text = f"{path.resolve()}|{file_part}|{mpp_um}|{extra}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "models",
     "run",
     "status",
+    "review",
     "train",
     "evaluate",
     "explain",

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a slide's levels, MPP (and its source), vendor and tissue estimate")
-    p.add_argument("slide")
+    p.add_argument("slide", help="a slide file, or a DICOM slide's folder (or one of its .dcm files)")
     p.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto")
     p.add_argument("--slide-mpp", dest="slide_mpp_um", type=float, default=None, help="override the slide's µm/px")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -19,11 +20,13 @@ def slide_info(path: str, *, backend: str = "auto", slide_mpp_um: float | None =
     from wsi_her2.tile.pixels import read_thumbnail_or_fail
     from wsi_her2.slide import open_slide
     from wsi_her2.slide.mpp import resolve_mpp
+    from wsi_her2.tile.pipeline import slide_id_for
     from wsi_her2.tile.tissue import detect_tissue
 
     with open_slide(path, backend=backend) as reader:
         info: dict = {
             "slide": str(path),
+            "id": slide_id_for(Path(path)),
             "backend": reader.backend,
             "backend_version": reader.backend_version,
             "vendor": reader.vendor,
@@ -31,6 +34,9 @@ def slide_info(path: str, *, backend: str = "auto", slide_mpp_um: float | None =
                        for i, lv in enumerate(reader.levels)],
             "bounds_offset_px": list(reader.bounds_offset_px),
         }
+        if getattr(reader, "dicom", None) is not None:
+            d = reader.dicom
+            info["dicom"] = {"series_uid": d.series_uid, "id_source": d.id_source, "n_files": len(d.files)}
         try:
             mpp = resolve_mpp(reader, override_mpp_um=slide_mpp_um)
         except MppMissingError as exc:
@@ -54,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0 if info.get("mpp_um") else 1
     print(f"slide    {info['slide']}")
+    dicom = info.get("dicom")
+    source = f" (from {dicom['id_source']}, {dicom['n_files']} DICOM files)" if dicom else ""
+    print(f"id       {info['id']}{source}")
     print(f"reader   {info['backend']} ({info['backend_version']}), vendor {info['vendor']}")
     for lv in info["levels"]:
         print(f"level {lv['level']}  {lv['width_px']} x {lv['height_px']} px  downsample {lv['downsample']}")

@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if result.pending:
         print(f"  pending (held by another runner or stopped): {', '.join(result.pending)}")
     print(f"slides table: {result.slides_csv}")
+    if result.review_html is not None:
+        print(f"review page: {result.review_html}")
     if result.agreement is not None:
         print(format_agreement(result.agreement))
         print(f"agreement report: {out / 'agreement.json'}")

@@ -47,6 +47,8 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
                    help="also write a Grad-CAM(++) saliency overlay and a per-tile saliency measurement (trained models)")
     g.add_argument("--calibration", default=None, metavar="CAL.json",
                    help="lab calibration of the ihc_dab cut-points from `wsi-her2 calibrate` (recorded in every output)")
+    g.add_argument("--no-report", action="store_true",
+                   help="do not write the one-page report (<id>.report.html and <id>.report.pdf)")
     g.add_argument("--force", action="store_true",
                    help="score with ihc_dab even when the stain check says the slide is not DAB IHC (e.g. H&E)")
 
@@ -61,7 +63,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
         heatmap_measures=list(getattr(args, "heatmap", None) or []),
         roi=getattr(args, "roi", None), roi_class=getattr(args, "roi_class", None), tma=getattr(args, "tma", False),
         overwrite=getattr(args, "overwrite", False), progress=progress, force=getattr(args, "force", False),
-        calibration=getattr(args, "calibration", None),
+        calibration=getattr(args, "calibration", None), no_report=getattr(args, "no_report", False),
     )
 
 

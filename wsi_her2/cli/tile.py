@@ -11,7 +11,7 @@ from wsi_her2.cli.common import EachItem, add_tile_options, tile_config_from_arg
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tile", help="cut tiles at a physical resolution into a zarr patch store",
                        description="Tile slides into <out>/<slide-id>.zarr with per-tile QC and a QC picture.")
-    p.add_argument("slides", nargs="+", help="slide files (SVS, TIFF, NDPI, MRXS, ...)")
+    p.add_argument("slides", nargs="+", help="slide files (SVS, TIFF, NDPI, MRXS, ...) or DICOM slides (a slide's folder of .dcm files, or one of them)")
     p.add_argument("-o", "--out", default="wsi-her2-out", help="output directory (default ./wsi-her2-out)")
     p.add_argument("--workers", type=int, default=None, help="worker threads (default: cores, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="redo slides whose store is already complete")

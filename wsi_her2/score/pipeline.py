@@ -69,6 +69,7 @@ class ScoreConfig:
     roi: str | None = None  # --roi: QuPath GeoJSON of regions; only tiles mostly inside are scored, one call per region
     roi_class: str | None = None  # --roi-class: only regions of this QuPath class
     tma: bool = False  # --tma: find the cores of a tissue microarray, one call per core
+    no_report: bool = False  # --no-report: no <id>.report.html / <id>.report.pdf
 
 
 @dataclass
@@ -195,6 +196,9 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     }
     if groups is not None:
         result[f"{groups.kind}s"] = group_part["rows"]
+    if not config.no_report:  # <id>.report.html and .pdf, from the result (before <id>.json: its presence means done)
+        from wsi_her2.outputs.report import write_slide_report
+        outputs.update(write_slide_report(out, result, reasons=reasons, qc_png=store.path.parent / f"{sid}.qc.png"))
     write_result_json(json_path, result, default=_json_default)  # with its outputs' SHA-256 and its own
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(sid, slide_call, row, outputs)

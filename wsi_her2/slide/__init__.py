@@ -3,7 +3,10 @@
 ``open_slide(path, backend="auto")`` tries tiffslide first for TIFF-family files (.svs, .tif,
 .tiff: it decodes their tiles directly, 2-3x faster than OpenSlide's region reads, and also
 opens flat, untiled TIFFs that OpenSlide refuses) and OpenSlide first for everything else (the
-widest format support: NDPI, MRXS, SCN, VMS, ...), each falling back to the other. Every failure becomes one :class:`SlideOpenError` naming the file and what to do.
+widest format support: NDPI, MRXS, SCN, VMS, ...), each falling back to the other. A DICOM
+slide (its folder of ``.dcm`` files, or one of them) is read through OpenSlide by
+:class:`~wsi_her2.slide.dicom.DicomSlideReader`. Every failure becomes one
+:class:`SlideOpenError` naming the file and what to do.
 """
 from __future__ import annotations
 
@@ -52,17 +55,22 @@ def open_slide(path: str | Path, *, backend: str = "auto") -> SlideReader:
     path = Path(path)
     if not path.exists():
         raise SlideNotFoundError(f"{path}: no such file; check the path")
+    if backend not in ("auto", *BACKENDS):
+        raise ConfigError(f"unknown backend {backend!r}; choose auto, openslide or tiffslide")
+    from wsi_her2.slide.dicom import is_dicom_input
+
+    if is_dicom_input(path):
+        return _open_dicom(path, backend)
     if path.is_dir():
-        raise SlideNotFoundError(f"{path}: is a directory, not a slide file; pass the slide file itself")
+        raise SlideNotFoundError(f"{path}: is a directory holding no DICOM (.dcm) files; pass the slide file itself, "
+                                 "or a DICOM slide's folder")
     if path.stat().st_size == 0:
         raise SlideOpenError(f"{path}: file is empty (0 bytes); re-copy or re-export the slide")
     if backend == "auto":
         tiff_family = path.suffix.lower() in TIFF_SUFFIXES
         order = ["tiffslide", "openslide"] if tiff_family else ["openslide", "tiffslide"]
-    elif backend in BACKENDS:
-        order = [backend]
     else:
-        raise ConfigError(f"unknown backend {backend!r}; choose auto, openslide or tiffslide")
+        order = [backend]
     reasons = []
     for name in order:
         try:
@@ -76,8 +84,27 @@ def open_slide(path: str | Path, *, backend: str = "auto") -> SlideReader:
         return reader
     raise SlideOpenError(
         f"{path}: cannot open as a slide ({'; '.join(reasons)}); "
-        "check that the file is a complete whole-slide image (SVS, TIFF, NDPI, MRXS, ...) or try --backend"
+        "check that the file is a complete whole-slide image (SVS, TIFF, NDPI, MRXS, DICOM, ...) or try --backend"
     )
+
+
+def _open_dicom(path: Path, backend: str) -> SlideReader:
+    """A DICOM slide (folder or file) through OpenSlide; header problems are already one-line errors."""
+    from wsi_her2.slide.dicom import DicomSlideReader, dicom_slide
+
+    if backend == "tiffslide":
+        raise ConfigError(f"{path}: a DICOM slide is read through OpenSlide; use --backend auto or openslide")
+    slide = dicom_slide(path)
+    try:
+        reader = DicomSlideReader(path, slide)
+        _check_readable(reader)
+    except Exception as exc:  # OpenSlide's errors on damaged frames or missing files of the series
+        raise SlideOpenError(
+            f"{path}: cannot open as a DICOM slide (openslide: {_short(exc)}); check that every file of the slide "
+            "is in its folder and complete (re-copy or re-export it)"
+        ) from exc
+    log.info("opened DICOM slide %s (%d files) with openslide", slide.slide_id, len(slide.files))
+    return reader
 
 
 def _check_readable(reader: SlideReader) -> None:

@@ -23,8 +23,7 @@ import numpy as np
 
 from wsi_her2 import __version__
 from wsi_her2.cpus import available_cpus
-from wsi_her2.digests import sha256_file
-from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError
+from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError, WsiHer2Error
 from wsi_her2.store.no_tissue import clear_record as clear_no_tissue_record
 from wsi_her2.store.no_tissue import write_record as write_no_tissue_record
 from wsi_her2.files import check_store_slot, prepare_output_dir, remove_tmp_files, store_lock
@@ -32,6 +31,8 @@ from wsi_her2.tile.pixels import read_thumbnail_or_fail, read_tiles
 from wsi_her2.tile.qc import QC_FLAGS, QcParams, TileQc, slide_qc_summary, tile_qc
 from wsi_her2.tile.qc_picture import render_qc_picture, save_qc_picture
 from wsi_her2.slide import open_slide
+from wsi_her2.slide.dicom import dicom_slide, is_dicom_input
+from wsi_her2.slide.identity import slide_sha256, slide_stat
 from wsi_her2.slide.mpp import read_mpp_csv, resolve_mpp
 from wsi_her2.store.patch_store import QC_ARRAYS, STORE_ENTRIES, PatchStore, TileChunkWriter, remove_store
 from wsi_her2.store.codecs import DEFAULT_TILE_CODEC, JPEG_MAX_SIDE_PX, JPEG_QUALITY, TILE_CODECS, check_jpeg_quality
@@ -92,6 +93,15 @@ class TileResult:
 
 
 def slide_id_for(path: Path) -> str:
+    """The id that names a slide's outputs: the file name without its extension, or a DICOM slide's
+    identifier (container, else specimen, else series; :mod:`wsi_her2.slide.dicom`)."""
+    path = Path(path)
+    if is_dicom_input(path):
+        try:
+            return dicom_slide(path).slide_id
+        except WsiHer2Error as exc:  # opening it later says the same in its own line, for this slide only
+            log.debug("%s: no DICOM identifier (%s); named by its path", path, exc)
+            return path.name if path.is_dir() else path.stem
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
@@ -115,7 +125,7 @@ class _Hashing:
     def _run(self) -> None:
         t0 = time.perf_counter()
         try:
-            self._value = (sha256_file(self._path), time.perf_counter() - t0)
+            self._value = (slide_sha256(self._path), time.perf_counter() - t0)
         except BaseException as exc:  # re-raised in the caller's thread
             self._error = exc
 
@@ -286,10 +296,9 @@ def _complete_store_to_skip(slide: Path, store_path: Path, config: TileConfig) -
     if meta["settings_key"] != settings_key(config):
         raise StoreError(f"{store_path}: complete store made with other tiling settings ({meta.get('command', '?')}); {fix}")
     recorded = meta.get("slide", {})
-    st = slide.stat()
     same_file = (recorded.get("path"), recorded.get("size_bytes"), recorded.get("mtime_ns")) == (
-        str(slide.resolve()), st.st_size, st.st_mtime_ns)
-    if not same_file and recorded.get("sha256") != sha256_file(slide):
+        str(slide.resolve()), *slide_stat(slide))
+    if not same_file and recorded.get("sha256") != slide_sha256(slide):
         raise StoreError(f"{store_path}: complete store made from another slide file ({recorded.get('path')}); {fix}")
     log.info("%s: complete store exists, skipping (use --overwrite to redo)", store_path)
     return done
@@ -402,8 +411,9 @@ def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, p
             "id": slide_id_for(slide),
             "path": str(Path(slide).resolve()),
             "sha256": slide_sha,
-            "size_bytes": Path(slide).stat().st_size,
-            "mtime_ns": Path(slide).stat().st_mtime_ns,
+            "size_bytes": slide_stat(slide)[0],  # a DICOM slide: all its files (total bytes, newest time)
+            "mtime_ns": slide_stat(slide)[1],
+            **_dicom_record(reader),
             "reader": reader.backend,
             "reader_version": reader.backend_version,
             "vendor": reader.vendor,
@@ -434,6 +444,15 @@ def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, p
         per_tile={"coords_level0": plan.coords_level0, "grid_rc": plan.grid_rc, "mask_fraction": plan.mask_fraction},
         images={"thumbnail": thumb, "tissue_mask": tissue.mask, "pen_mask": tissue.pen},
     )
+
+
+def _dicom_record(reader) -> dict:
+    """A DICOM slide's series, files and where its id came from (recorded in the store)."""
+    dicom = getattr(reader, "dicom", None)
+    if dicom is None:
+        return {}
+    return {"dicom": {"series_uid": dicom.series_uid, "id_source": dicom.id_source, "n_files": len(dicom.files),
+                      "files": [p.name for p in dicom.files]}}
 
 
 def _process_run(units: list[int]) -> list[tuple[int, TileQc]]:
