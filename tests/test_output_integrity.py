@@ -100,13 +100,13 @@ def test_result_records_every_output_digest_and_its_own(scored_dir, capsys):
 
     record = _record(scored_dir)
     files = record[OUTPUT_FILES_KEY]
-    assert set(files) == {"tiny.tiles.parquet", "tiny.geojson", "tiny.heatmap.png"}
+    assert set(files) == {"tiny.tiles.parquet", "tiny.geojson", "tiny.heatmap.png", "tiny.report.html", "tiny.report.pdf"}
     for name, entry in files.items():
         assert entry == {"sha256": sha256_file(scored_dir / name), "bytes": (scored_dir / name).stat().st_size}
     assert record[RESULT_DIGEST_KEY] == record_sha256({k: v for k, v in record.items() if k != RESULT_DIGEST_KEY})
     assert main(["verify", str(scored_dir)]) == 0
     out = capsys.readouterr().out
-    assert "tiny.zarr: ok" in out and "tiny.json: ok, 3 output files match" in out
+    assert "tiny.zarr: ok" in out and "tiny.json: ok, 5 output files match" in out
 
 
 def _flip_byte(path):

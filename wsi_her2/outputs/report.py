@@ -17,6 +17,8 @@ and what to do; the rest of the report is unaffected.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import base64
 import datetime as _dt
 import html
@@ -289,6 +291,9 @@ def render_pdf(report: Report) -> bytes:
     pdf.add_page()
     pdf.set_title(_latin1(f"HER2 report: {report.slide}"))
     pdf.set_creator("wsi-her2")
+    # A fixed creation date (the Unix epoch, as reproducible builds use): the same result gives the same
+    # bytes, so a rebuilt report matches the SHA-256 recorded in <id>.json.
+    pdf.set_creation_date(datetime(1970, 1, 1, tzinfo=timezone.utc))
     width = pdf.w - 24
     pdf.set_font("Helvetica", "B", 14)
     pdf.multi_cell(width, 6.5, _latin1(f"HER2 IHC slide report: {report.slide}"), new_x="LMARGIN", new_y="NEXT")
