@@ -65,3 +65,16 @@ def test_too_few_labelled_stores_are_refused(graded_stores, tmp_path):
     _, stores, labels = graded_stores
     with pytest.raises(ConfigError, match="at least 4"):
         calibrate(stores[:2], labels, tmp_path / "c.json", gains=(1.0,))
+
+
+def test_a_fit_on_the_edge_of_the_gain_grid_is_reported(graded_stores, capsys):
+    """The default grid spans 0.25-4; a best gain on the grid's edge may lie beyond it, and says so."""
+    root, stores, labels = graded_stores
+    assert min(DAB_GAINS) == 0.25 and max(DAB_GAINS) == 4.0 and 1.0 in DAB_GAINS
+    out = root / "edge.json"
+    assert main(["calibrate", *map(str, stores), "--labels", str(labels), "-o", str(out), "--gains", "1,2"]) == 0
+    assert "lies on the edge of the grid" in capsys.readouterr().out
+    assert json.loads(out.read_text())["gain_at_grid_edge"] is True
+    inside = json.loads((root / "cal.json").read_text()) if (root / "cal.json").exists() else None
+    if inside is not None:  # the first test's fit, gain 1 inside 0.5-2
+        assert inside["gain_at_grid_edge"] is False

@@ -26,8 +26,8 @@ from wsi_her2.tile.geometry import choose_geometry
 
 T = IhcThresholds()
 BANDS = {0.15: (T.dab_faint_od, T.dab_weak_od), 0.5: (T.dab_weak_od, T.dab_strong_od), 1.2: (T.dab_strong_od, 10.0)}
-#: resolution -> tile px (a 224 µm field gives at least four tiles at each)
-TILES = {0.25: 224, 0.5: 112, 1.0: 112}
+#: resolution -> tile px: 112 µm tiles (a cell cut by a tile edge is not graded; small tiles cut many), nine per field
+TILES = {0.25: 448, 0.5: 224, 1.0: 112}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def slides(tmp_path_factory):
     out = tmp_path_factory.mktemp("membranes")
     made = {}
     for od in BANDS:
-        field = render_membrane_field(membrane_od=od, field_um=(224.0, 224.0), seed=1)
+        field = render_membrane_field(membrane_od=od, field_um=(336.0, 336.0), seed=1)
         made[od] = write_image_slide(field.rgb, out / f"m{od:g}.svs", mpp_um=0.25)  # levels: 4:2:0 JPEG
     return made
 

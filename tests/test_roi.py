@@ -13,7 +13,7 @@ from wsi_her2.cli import main
 from wsi_her2.errors import ConfigError
 from wsi_her2.score.roi import assign_tiles, load_regions
 
-BLOCK = 448  # 2 x 2 tiles of 224 px per graded block: a tiny slide, fast to score
+BLOCK = 672  # 3 x 3 tiles of 224 px per graded block: enough tumour cells (>= 200 graded) for a region call
 
 
 def square(x, y, side, hole=None):
@@ -93,7 +93,7 @@ def test_score_with_regions_calls_each_region(tiny_graded_store, tmp_path, capsy
     assert regions.loc["top right", "her2_score"] == "1+" and regions.loc["bottom right", "her2_score"] == "3+"
     assert set(regions.index) == {"top right", "bottom right"}
     table = pd.read_parquet(tmp_path / f"{sid}.tiles.parquet")
-    assert table.call.notna().sum() == 8  # only the 2 x 4 tiles inside the Tumor regions
+    assert table.call.notna().sum() == 18  # only the 2 x 9 tiles inside the Tumor regions
     fc = json.loads((tmp_path / f"{sid}.geojson").read_text())
     slide_name = fc["features"][0]["properties"]["name"]
     assert "top right" in slide_name and "bottom right" in slide_name and "HER2 3+" in slide_name

@@ -50,7 +50,7 @@ def test_pdf_carries_call_category_criteria_and_percentages(scored):
     call = result["call"]
     assert f"HER2 {call['her2_score']}" in flat and call["her2_score"] == "2+"
     assert call["her2_category_text"] in flat  # "HER2 2+ equivocal: reflex ISH advised ..."
-    assert "ASCO/CAP 2018 breast HER2 IHC" in flat and "strictly above its threshold" in flat
+    assert result["criteria"]["title"] in flat and "breast, resection" in flat and "strictly above its threshold" in flat
     assert "none: the guideline's cut-points" in flat  # calibration
     for key in (">=1+", ">=2+", ">=3+"):
         assert _percent(call["details"]["fraction_at_least"][key]) in flat, key

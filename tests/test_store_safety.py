@@ -160,14 +160,14 @@ def test_unwritable_output_is_one_line(graded_slide, tmp_path, capsys):
 
 # --- a killed run is repaired by the next one --------------------------------------------------------
 def test_slides_csv_row_is_restored_from_the_result_json(store_copy):
-    from wsi_her2.score.pipeline import ScoreConfig, score_store
+    from wsi_her2.score.pipeline import ScoreConfig, _parts_key, score_store
 
     out = store_copy.parent
     row = {"slide": "graded", "her2_score": "2+", "confidence": 0.9, "frac_0": 0.1, "frac_1+": 0.2, "frac_2+": 0.6,
            "frac_3+": 0.1, "tiles_used": 200, "tiles_rejected": 56, "model": "ihc_dab", "aggregation": "asco"}
     # the state a kill leaves between writing <id>.json and updating slides.csv
     (out / "graded.json").write_text(json.dumps({"call": {"her2_score": "2+"}, "row": row, "aggregation": "asco",
-                                                  "model": {"name": "ihc_dab"}}))
+                                                  "model": {"name": "ihc_dab"}, "parts": _parts_key(ScoreConfig())}))
     res = score_store(store_copy, config=ScoreConfig())
     assert res.skipped
     text = (out / "slides.csv").read_text()

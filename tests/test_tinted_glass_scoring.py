@@ -47,10 +47,11 @@ def test_tinted_glass_reads_as_grey_glass_when_its_colour_is_known(glass, kernel
 
 
 def test_without_the_glass_colour_yellow_glass_reads_as_dab(torch_one_thread):
-    """What the glass colour prevents: a 1+ field on yellowish glass read as nearly all >= 1+."""
+    """What the glass colour prevents: a 1+ field on yellowish glass read as nearly all >= 1+ (the
+    membrane's rise over its own cytoplasm discounts part of a uniform cast, not all of it)."""
     grey = _pooled(IhcDabScorer(mpp_um=MPP_UM), _relit_tiles(1, GLASS_RGB), "opencv")
     blind = _pooled(IhcDabScorer(mpp_um=MPP_UM), _relit_tiles(1, YELLOW), "opencv")
-    assert blind["frac_cells_1plus_or_more"] > grey["frac_cells_1plus_or_more"] + 0.3
+    assert blind["frac_cells_1plus_or_more"] > grey["frac_cells_1plus_or_more"] + 0.2
 
 
 def _score_core(tmp_path, name: str, grade: int, glass) -> dict:

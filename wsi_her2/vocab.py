@@ -18,10 +18,11 @@ INDETERMINATE = "indeterminate"
 #: is the index). ``lateral``: two opposite sides; ``basolateral``: a U, all but the luminal side.
 PATTERNS: tuple[str, ...] = ("none", "partial", "lateral", "basolateral", "complete")
 #: Columns of a scored cell (the scorer's per-cell table, ``<id>.cells.parquet``): its tile, its
-#: centre in tile pixels, tumour weight, membrane OD (as the 1 µm reference band would have it)
-#: and completeness, pattern and grade codes (grade 0-3), and the grade memberships.
-CELL_COLUMNS: tuple[str, ...] = ("tile", "y_px", "x_px", "tumour_weight", "membrane_od", "completeness", "pattern",
-                                 "grade", "p_ge1", "p_ge2", "p_3")
+#: centre in tile pixels, tumour weight, the share of its ring inside the tile (cells cut by the
+#: tile edge are not graded), membrane OD (as the 1 µm reference band would have it) and
+#: completeness, pattern and grade codes (grade 0-3), and the grade memberships.
+CELL_COLUMNS: tuple[str, ...] = ("tile", "y_px", "x_px", "tumour_weight", "ring_in_tile", "membrane_od", "completeness",
+                                 "pattern", "grade", "p_ge1", "p_ge2", "p_3")
 
 #: QuPath class names and colours (Okabe-Ito, distinguishable with the common colour-vision
 #: deficiencies; blue -> green -> orange -> vermillion follows the score upwards).

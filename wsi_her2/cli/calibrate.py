@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gains {args.gains!r}: give numbers separated by commas, e.g. 0.7,1,1.4") from None
     rep = calibrate(args.stores, args.labels, args.out, device=args.device, gains=gains)
     print(f"fitted on {rep['n_slides']} slides: dab_gain {rep['dab_gain']}, cell_fraction_cut {rep['cell_fraction_cut']}")
+    if rep["gain_at_grid_edge"]:
+        print(f"warning: dab_gain {rep['dab_gain']} lies on the edge of the grid ({min(gains):g}-{max(gains):g}); the lab's "
+              "true gain may lie beyond it: check stain and scanner, or widen --gains")
     for name in ("before", "leave_one_out"):
         s = rep[name]
         label = "defaults (gain 1, 10 %)" if name == "before" else "leave-one-out fitted"

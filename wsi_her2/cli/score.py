@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.score.aggregate.AGGREGATORS keys (checked in tests)
+CRITERIA_CHOICES = ("breast", "gastric")  # must equal wsi_her2.criteria.CRITERIA keys (checked in tests)
+SPECIMEN_CHOICES = ("resection", "biopsy")  # must equal wsi_her2.criteria.SPECIMENS (checked in tests)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parts.add_argument("--roi-class", default=None, metavar="CLASS", help="only regions of this QuPath class, e.g. Tumor")
     parts.add_argument("--tma", action="store_true",
                        help="tissue microarray: find the round cores, name them by grid (A1, A2, ...), one call per core (cores.csv)")
+    p.add_argument("--cells", action="store_true",
+                   help="also write every scored cell: <id>.cells.geojson.gz (QuPath detections classified by grade, with "
+                        "membrane OD, completeness, pattern, tumour weight) and <id>.cells.parquet")
     p.add_argument("--workers", type=int, default=None, metavar="N", dest="cpu_workers",
                    help="processes scoring ihc_dab on CPU, chunk by chunk (default: one per CPU this process may use, "
                         "at most 16 and one per 512 tiles; 1: this process only)")
@@ -34,6 +39,13 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="ihc_dab", help="registered model name (see `wsi-her2 models`) or a trained .safetensors (default ihc_dab, needs no weights)")
     g.add_argument("--weights", default=None, help="weights file for a registered architecture (.safetensors, or .pt loaded with weights_only)")
     g.add_argument("--agg", choices=AGG_CHOICES, default="asco", help="slide aggregation: vote (majority), mean (mean probability), asco (ASCO/CAP percentage rule; default)")
+    g.add_argument("--criteria", choices=CRITERIA_CHOICES, default="breast",
+                   help="the tumour's own guideline: breast (ASCO/CAP 2018 with the 2023 HER2-low/ultralow update; default) or "
+                        "gastric (CAP/ASCP/ASCO 2016 gastroesophageal: basolateral or lateral staining counts as complete, "
+                        ">= 10 %% of tumour cells, clusters of >= 5 cells in biopsies)")
+    g.add_argument("--specimen", choices=SPECIMEN_CHOICES, default=None,
+                   help="with --criteria gastric: resection (percentage rule) or biopsy (a cluster of >= 5 cohesive stained "
+                        "tumour cells decides); default resection, biopsy for --tma cores")
     g.add_argument("--tta", action="store_true", help="test-time augmentation: flips and 90° rotations, probabilities averaged")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -63,7 +75,8 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
         heatmap_measures=list(getattr(args, "heatmap", None) or []),
         roi=getattr(args, "roi", None), roi_class=getattr(args, "roi_class", None), tma=getattr(args, "tma", False),
         overwrite=getattr(args, "overwrite", False), progress=progress, force=getattr(args, "force", False),
-        calibration=getattr(args, "calibration", None), no_report=getattr(args, "no_report", False),
+        calibration=getattr(args, "calibration", None), criteria=getattr(args, "criteria", "breast"),
+        specimen=getattr(args, "specimen", None), cells=getattr(args, "cells", False), no_report=getattr(args, "no_report", False),
     )
 
 

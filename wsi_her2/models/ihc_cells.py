@@ -6,9 +6,10 @@ From the ``n_directions`` rays of each nucleus (light-loss extrema, :class:`Cell
   cytoplasm the ray crossed before it, ``(m - b) / (1 - b)``, over the reference band's response;
   its OD is the reference band's (:func:`loss_to_od`, :mod:`wsi_her2.stain.membrane`).
 - **Hits**: soft, above the faint cut-point. **Completeness**: the share of rays that hit;
-  **intensity**: the OD of the mean light loss of the rays that hit.
-- **Ring pattern** (:func:`ring_patterns`): ``complete`` (>= 75 % of rays); ``basolateral``
-  (a U: one unbroken arc over at least half the ring, the luminal side missing); ``lateral``
+  **intensity**: the OD of the median light loss of the rays that hit.
+- **Ring pattern** (:func:`ring_patterns`): ``complete`` (>= 75 % of rays, no unstained arc of a
+  quarter of the ring or more); ``basolateral`` (a U: one unbroken arc over at least half the
+  ring, the luminal side missing); ``lateral``
   (two opposite arcs, each a full quarter of the ring); ``partial`` (>= 20 % of rays);
   ``none``. Codes index :data:`wsi_her2.vocab.PATTERNS`.
 - **Grades** (:func:`cell_grades`): soft memberships ">= 1+", ">= 2+", "3+" under the
@@ -66,6 +67,19 @@ def _longest_circular_run(hard: torch.Tensor) -> torch.Tensor:
     return (idx - last_break).amax(dim=1).clamp(max=r).float()
 
 
+def _median_of_hits(loss: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` median light loss over each cell's rays that hit (upper median); the hit-weighted mean
+    for a cell no ray clearly hits (its intensity is then below faint either way)."""
+    hard = hit > 0.5
+    n_hit = hard.sum(dim=1)
+    mean = (hit * loss).sum(dim=1) / (hit.sum(dim=1) + _EPS)
+    if loss.shape[1] == 0:
+        return mean
+    ranked = torch.where(hard, loss, torch.full_like(loss, -1.0)).sort(dim=1, descending=True).values
+    middle = ranked.gather(1, ((n_hit - 1).clamp(min=0) // 2).unsqueeze(1)).squeeze(1)
+    return torch.where(n_hit > 0, middle, mean)
+
+
 @dataclass
 class RingPattern:
     """Per cell: soft ``complete``, ``basolateral``, ``lateral``, ``partial`` memberships,
@@ -86,6 +100,9 @@ class RingPattern:
         return code
 
 
+#: A complete ring has no unstained arc longer than this share of the ring (under a quarter: 3 of 16
+#: rays, 67.5°); a longer gap (the luminal side of a U) makes it basolateral, however much else is stained.
+_COMPLETE_MAX_GAP = 0.2
 #: Rays per lateral arc: a quarter of the ring (4 of 16), each side of the cell.
 _LATERAL_ARC = 0.25
 #: A lateral arc counts when this share of its rays hit (all 4 of 16, with the soft hits' margin).
@@ -94,31 +111,44 @@ _LATERAL_CUT = 0.85
 _BASOLATERAL_RUN = 0.5
 
 
-def ring_patterns(loss: torch.Tensor, t: IhcThresholds) -> RingPattern:
+def ring_patterns(loss: torch.Tensor, t: IhcThresholds, known: torch.Tensor | None = None) -> RingPattern:
     """Hits, completeness, intensity and the ring's pattern from ``(N, R)`` per-ray membrane light loss.
 
     A ray hits when its OD passes the faint cut-point (soft). The cell's intensity is the OD of the
-    mean light loss over the rays that hit: averaged in light, the linear quantity, then turned into
-    OD once (the mean of per-ray ODs would be pulled up by noise through the inverse's curvature).
+    median light loss over the rays that hit: the stained membrane's typical darkness, as the eye
+    grades it, neither pulled down by the blurred ends of an arc nor up by a noisy ray.
+
+    ``known``: ``(N, R)``, False for rays that leave the tile (a tile is scored on its own: beyond its
+    edge the ray would read a mirror image, which turns a U facing the edge into a ring). Those rays
+    may continue a basolateral or lateral arc but never make a ring complete; completeness is the
+    share of the known rays that hit.
     """
     od = loss_to_od(loss, t)
     n, r = od.shape
     log_faint = math.log(t.dab_faint_od)
     hit = _logistic(torch.log(od + _EPS), log_faint, t.od_log_softness)
-    completeness = hit.mean(dim=1) if r else torch.zeros(n, device=od.device)
-    intensity = loss_to_od((hit * loss).sum(dim=1) / (hit.sum(dim=1) + _EPS), t)
-    run = _longest_circular_run(hit > 0.5) / max(r, 1)
+    known = torch.ones_like(hit, dtype=torch.bool) if known is None else known
+    hit = hit * known
+    completeness = hit.sum(dim=1) / known.sum(dim=1).clamp(min=1) if r else torch.zeros(n, device=od.device)
+    intensity = loss_to_od(_median_of_hits(loss, hit), t)
+    # an arc runs on through rays that leave the tile (unknown), never through a known unstained ray
+    run = _longest_circular_run((hit > 0.5) | ~known) / max(r, 1)
     arc = max(1, int(round(_LATERAL_ARC * r)))
     if n:
         # share of hits in each arc of `arc` rays starting at ray k, and in the arc opposite it
-        windows = torch.cat([hit, hit[:, : arc - 1]], dim=1).unfold(1, arc, 1).mean(dim=2)[:, :r]
+        open_hit = torch.where(known, hit, torch.ones_like(hit))  # likewise an arc that leaves the tile
+        windows = torch.cat([open_hit, open_hit[:, : arc - 1]], dim=1).unfold(1, arc, 1).mean(dim=2)[:, :r]
         lateral = torch.minimum(windows, windows.roll(-(r // 2), dims=1)).amax(dim=1)
     else:
         lateral = torch.zeros(0, device=od.device)
     soft = t.completeness_softness
+    # A complete ring must be seen whole: rays leaving the tile count as gaps here (a U whose open side
+    # faces the tile edge must not pass for a ring), so a complete ring needs >= 75 % of all its rays.
+    gap = _longest_circular_run(hit <= 0.5) / max(r, 1)
+    seen = hit.mean(dim=1) if r else torch.zeros(n, device=od.device)
     return RingPattern(
         completeness=completeness, intensity=intensity,
-        complete=_logistic(completeness, t.complete_fraction, soft),
+        complete=_logistic(seen, t.complete_fraction, soft) * (1.0 - _logistic(gap, _COMPLETE_MAX_GAP, soft)),
         basolateral=_logistic(run, _BASOLATERAL_RUN, soft),
         lateral=_logistic(lateral, _LATERAL_CUT, soft),
         partial=_logistic(completeness, t.partial_min_fraction, soft),
@@ -165,13 +195,14 @@ def cell_grades(ring: RingPattern, t: IhcThresholds, criteria: Criteria) -> Cell
 
 
 
-def cell_table(cells, ring: RingPattern, grades: CellGrades) -> dict[str, torch.Tensor]:
+def cell_table(cells, ring: RingPattern, grades: CellGrades, ring_in_tile: torch.Tensor) -> dict[str, torch.Tensor]:
     """The per-cell table of one batch (:data:`wsi_her2.vocab.CELL_COLUMNS`; ``tile``: the index in the batch;
     ``cells``: its :class:`~wsi_her2.models.ihc_score.CellEvidence`)."""
     yx = cells.seed_yx.float()
     return {
         "tile": cells.seed_tile.long(), "y_px": yx[:, 0], "x_px": yx[:, 1],
-        "tumour_weight": cells.tumour_weight.float(), "membrane_od": ring.intensity.float(),
+        "tumour_weight": cells.tumour_weight.float(), "ring_in_tile": ring_in_tile.float(),
+        "membrane_od": ring.intensity.float(),
         "completeness": ring.completeness.float(), "pattern": ring.code(), "grade": grades.hard(),
         "p_ge1": grades.ge1.float(), "p_ge2": grades.ge2.float(), "p_3": grades.eq3.float(),
     }

@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 #: hue read over 1.5 µm, is still sampled at >= 1.5 px there. Membrane intensity (a ~1 µm line)
 #: stays at the tile's own resolution. At 0.5 µm/px this does 4x less work at the cell scale.
 CELL_GRID_UM = 1.0
+#: Share of a cell's rays that must end inside its tile for the cell to be graded (14 of 16).
+_GRADED_VIEW = 0.84
 #: Implementations of the same measurements (see :class:`IhcDabScorer`).
 KERNELS = ("auto", "torch", "opencv")
 
@@ -120,6 +122,7 @@ MEASUREMENT_NAMES: tuple[str, ...] = (
     "cell_count",  # nuclei detected in the tile
     "cell_density_per_mm2",  # nuclei per mm² of tile area
     "tumour_cell_count",  # nuclei weighted by their evidence of cohesive epithelium (tumour)
+    "graded_cell_count",  # the tumour cells whose ring lies in the tile
     "tumour_area_mm2",  # tile area within a cell radius of a tumour nucleus
     "neutral_od_mean",  # mean achromatic (grey) OD over tissue: absorbance that is not stain
     "dab_od_membrane",  # mean over tumour cells of the membrane DAB OD (mean over rays that hit)
@@ -455,6 +458,13 @@ class IhcDabScorer(torch.nn.Module):
             tumour_weight=weights, tumour_area_fraction=area,
         )
 
+    def _rays_inside(self, seed_yx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``(N, n_directions)``: whether each seed's ray ends inside its ``h x w`` tile."""
+        end = self._ray_table[:, -1, :].to(seed_yx.device)  # (n_directions, 2) dy, dx of each ray's last sample
+        y = seed_yx[:, :1] + end[None, :, 0]
+        x = seed_yx[:, 1:2] + end[None, :, 1]
+        return (y >= 0) & (y < h) & (x >= 0) & (x < w)
+
     def ray_pad_px(self, h: int, w: int) -> int:
         """Reflect padding of the smoothed DAB map that the rays read (their reach, within the tile)."""
         return min(self._reach_px, h - 1, w - 1)
@@ -493,15 +503,18 @@ class IhcDabScorer(torch.nn.Module):
 
         # 4 (second half) and 5. Membrane OD per ray, the ring's pattern, the guideline's grades per cell.
         loss = cells.ray_contrast / self.membrane_response
-        ring = ring_patterns(loss, t)
+        known = self._rays_inside(cells.seed_yx, h, w)
+        ring = ring_patterns(loss, t, known=known)
+        graded = tumour * _logistic(known.float().mean(dim=1), _GRADED_VIEW, 0.02)
+        n_graded = per_tile(graded)
         grades = cell_grades(ring, t, self.criteria)
 
-        def per_cell(m: torch.Tensor) -> torch.Tensor:  # mean over tumour cells
-            return per_tile(m * tumour) / n_tumour.clamp(min=eps)
+        def per_cell(m: torch.Tensor) -> torch.Tensor:  # mean over the graded tumour cells
+            return per_tile(m * graded) / n_graded.clamp(min=eps)
 
         f1, f2, f3 = per_cell(grades.ge1), per_cell(grades.ge2), per_cell(grades.eq3)
-        stained_w = per_tile(grades.ge1 * tumour)
-        completeness = per_tile(ring.completeness * grades.ge1 * tumour) / stained_w.clamp(min=eps)
+        stained_w = per_tile(grades.ge1 * graded)
+        completeness = per_tile(ring.completeness * grades.ge1 * graded) / stained_w.clamp(min=eps)
         completeness = torch.where(stained_w > eps, completeness, torch.zeros_like(completeness))
 
         # 6. The guideline's decision list with soft 10 % edges, then reliability towards the prior.
@@ -524,6 +537,7 @@ class IhcDabScorer(torch.nn.Module):
             "cell_count": n_cells,
             "cell_density_per_mm2": n_cells / area_mm2,
             "tumour_cell_count": n_tumour,
+            "graded_cell_count": n_graded,
             "tumour_area_mm2": cells.tumour_area_fraction.to(dev).float() * area_mm2,
             "dab_od_membrane": per_cell(ring.intensity),
             "completeness": completeness,
@@ -532,5 +546,5 @@ class IhcDabScorer(torch.nn.Module):
             "frac_cells_3plus": f3,
             "her2_index": f1 + f2 + f3,
             "reliability": reliability,
-            "cells": cell_table(cells, ring, grades),
+            "cells": cell_table(cells, ring, grades, known.float().mean(dim=1)),
         }

@@ -20,7 +20,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import base64
-import datetime as _dt
 import html
 import io
 import logging
@@ -98,12 +97,12 @@ def _criteria_rows(result: Mapping, call: Mapping) -> list[tuple[str, str]]:
     details = call.get("details", {})
     criteria = result.get("criteria")
     rows: list[tuple[str, str]] = []
-    if isinstance(criteria, Mapping):
-        name = criteria.get("name") or criteria.get("title") or criteria.get("id")
+    if isinstance(criteria, Mapping):  # wsi_her2.criteria.ScoringRule.to_dict()
+        name = criteria.get("title") or criteria.get("criteria")
         if name:
             rows.append(("criteria", str(name)))
-        rows += [(str(k), _flat(v)) for k, v in criteria.items()
-                 if k not in ("name", "title", "id") and not isinstance(v, (Mapping, list)) and v not in (None, "")]
+        rows += [(label, str(criteria[k])) for k, label in (("specimen", "specimen"), ("rule", "specimen rule"),
+                                                              ("reference", "reference")) if criteria.get(k)]
     elif criteria:
         rows.append(("criteria", str(criteria)))
     elif details.get("unit") == "tumour cells":
@@ -203,7 +202,6 @@ def build_report(result: Mapping, *, reasons: Sequence[str | None] | None = None
     heatmap_png = heatmap_png or result.get("outputs", {}).get("heatmap_png")
     pictures = [load_picture("Tile calls over the thumbnail (heatmap)", heatmap_png),
                 load_picture("QC: tissue and tiles kept / rejected", qc_png)]
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     digest = str(result.get("slide_sha256") or "")[:16]
     return Report(
         slide=str(result.get("slide", "?")), score=str(call.get("her2_score", "?")),
@@ -211,7 +209,8 @@ def build_report(result: Mapping, *, reasons: Sequence[str | None] | None = None
         confidence=f"{float(call.get('confidence', 0.0)):.2f}", reason=call.get("details", {}).get("reason"),
         sections=sections, deciding=deciding, deciding_note=note, pictures=pictures,
         footer=[f"Slide {result.get('slide', '?')}" + (f" (SHA-256 {digest}...)" if digest else "")
-                + f"; report written {now} by wsi-her2 {result.get('package_version', '?')}.", INTENDED_USE],
+                + f"; report by wsi-her2 {result.get('package_version', '?')} (no date: the same result, the same report).",
+                INTENDED_USE],
     )
 
 

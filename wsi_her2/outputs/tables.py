@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 SLIDES_CSV_COLUMNS = [
     "slide", "her2_score", "confidence", "frac_0", "frac_1+", "frac_2+", "frac_3+",
     "tiles_used", "tiles_rejected", "model", "aggregation", "her2_category", "tumour_cells", "tumour_area_mm2",
+    "criteria", "specimen",
 ]
 
 

@@ -47,6 +47,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from wsi_her2.criteria import Criteria
 from wsi_her2.errors import ConfigError
 from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 
@@ -445,7 +446,7 @@ def aggregate_asco(
 #: Per-tile measurements of a cell-level scorer (``ihc_dab``) that the cell-level ASCO rule uses:
 #: the fractions of tumour cells at least 1+, at least 2+, and 3+, and the tumour cells they rest on.
 CELL_FRACTION_KEYS = ("frac_cells_1plus_or_more", "frac_cells_2plus_or_more", "frac_cells_3plus")
-TUMOUR_CELLS_KEY = "tumour_cell_count"
+TUMOUR_CELLS_KEY = "graded_cell_count"  # the tumour cells the fractions are over (their ring inside the tile)
 #: Fewer tumour cells than this over the whole slide (or region) and the call is indeterminate.
 #: Why 200: at the guideline's 10 % cut a percentage from n cells has a binomial standard error
 #: of sqrt(0.1 * 0.9 / n): 2.1 points at 200 cells, enough to tell 5 % from 15 %; a 1 mm² of
@@ -462,16 +463,19 @@ def aggregate_asco_cells(
     *,
     min_tumour_cells: float = MIN_TUMOUR_CELLS,
     thresholds: Mapping[str, float] = ASCO_THRESHOLDS,
+    inclusive: bool = False,
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = DEFAULT_SEED,
 ) -> SlideCall:
-    """The ASCO/CAP rule on tumour-cell percentages pooled over tiles (the guideline's own unit).
+    """The guideline's percentage rule on tumour-cell percentages pooled over tiles (its own unit).
 
     ``cell_fractions``: ``(N, 3)`` per tile, the fractions of its tumour cells at least 1+, at
     least 2+ and 3+ (:data:`CELL_FRACTION_KEYS`); ``tumour_cells``: ``(N,)`` tumour cells per
     tile. The slide's fractions are the tumour-cell-weighted means, so stroma, muscle and fat
-    tiles (few tumour cells) barely count and a small tumour nest decides. Indeterminate below
-    ``min_tumour_cells``. Confidence: the bootstrap agreement over tiles, as for every rule.
+    tiles (few tumour cells) barely count and a small tumour nest decides. A grade needs more
+    than its threshold (ASCO/CAP breast: "> 10 %"), or at least it with ``inclusive`` (the gastric
+    resection rule: ">= 10 %"). Indeterminate below ``min_tumour_cells``. Confidence: the
+    bootstrap agreement over tiles, as for every rule.
     """
     th = _validate_thresholds(thresholds)
     f = np.asarray(cell_fractions, np.float64).reshape(-1, 3)
@@ -480,9 +484,11 @@ def aggregate_asco_cells(
     total = float(w.sum())
     th_arr = np.array([th["1+"], th["2+"], th["3+"]])
 
+    def above(at_least: NDArray[np.float64]) -> NDArray[np.bool_]:
+        return at_least >= th_arr if inclusive else at_least > th_arr
+
     def decide(stats: NDArray[np.float64]) -> NDArray[np.intp]:
-        at_least = stats[:, :3] / np.maximum(stats[:, 3:4], 1e-12)
-        passed = at_least > th_arr
+        passed = above(stats[:, :3] / np.maximum(stats[:, 3:4], 1e-12))
         return np.where(passed[:, 2], 3, np.where(passed[:, 1], 2, np.where(passed[:, 0], 1, 0)))
 
     at_least = (w[:, None] * f).sum(axis=0) / max(total, 1e-12)
@@ -500,8 +506,9 @@ def aggregate_asco_cells(
     features = np.concatenate([w[:, None] * f, w[:, None]], axis=1)
     call = int(decide(features.sum(axis=0)[None, :])[0])
     details.update(
-        passed={c: bool(at_least[i] > th[c]) for i, c in enumerate(("1+", "2+", "3+"))},
-        rule="highest score whose share of tumour cells (at least that pattern) is strictly above its threshold",
+        passed=dict(zip(("1+", "2+", "3+"), above(at_least).tolist())),
+        rule="highest score whose share of tumour cells (at least that pattern) is "
+             + ("at least its threshold" if inclusive else "strictly above its threshold"),
         confidence_method="bootstrap agreement: share of tile resamples that reproduce the call",
         n_boot=int(n_boot), seed=int(seed),
     )
@@ -509,7 +516,8 @@ def aggregate_asco_cells(
     return SlideCall(HER2_CLASSES[call], float(confidence), fractions, int(f.shape[0]), "asco", details)
 
 
-#: The categories oncologists act on (ASCO/CAP 2023; DESTINY-Breast04/06 for HER2-low/ultralow).
+#: The categories oncologists act on: breast (ASCO/CAP 2023; DESTINY-Breast04/06 for HER2-low/ultralow)
+#: and gastro-oesophageal (CAP/ASCP/ASCO 2016: 0 and 1+ negative, 2+ equivocal, 3+ positive).
 HER2_CATEGORIES = {
     "null": "HER2-null (0: no membrane staining)",
     "ultralow": "HER2-ultralow (0: faint, incomplete staining in <=10% of tumour cells)",
@@ -517,18 +525,46 @@ HER2_CATEGORIES = {
     "equivocal": "HER2 2+ equivocal: reflex ISH advised (HER2-low if ISH-negative)",
     "positive": "HER2-positive (3+)",
     "zero": "HER2 0 (null vs ultralow not resolved by this model)",
+    "negative": "HER2-negative (0 or 1+, gastroesophageal)",
+    "gastric_equivocal": "HER2 2+ equivocal: reflex ISH advised (gastroesophageal)",
+    "gastric_positive": "HER2-positive (3+, gastroesophageal)",
     "indeterminate": "indeterminate",
 }
 
 
-def her2_category(score: str, fraction_any_staining: float | None) -> str:
-    """Key of :data:`HER2_CATEGORIES` for a call; ``fraction_any_staining`` is the share of tumour
-    cells with any membrane staining (None when the model does not measure cells)."""
+def her2_category(score: str, fraction_any_staining: float | None, criteria: Criteria | None = None) -> str:
+    """Key of :data:`HER2_CATEGORIES` for a call under ``criteria`` (default breast);
+    ``fraction_any_staining`` is the share of tumour cells with any membrane staining (None when
+    the model does not measure cells: HER2 0 is then not split into null and ultralow)."""
+    if criteria is not None and (key := criteria.category_of(score)) is not None and criteria.name != "breast":
+        return key
     if score == "0":
         if fraction_any_staining is None:
             return "zero"
         return "ultralow" if fraction_any_staining > ULTRALOW_MIN_FRACTION else "null"
     return {"1+": "low", "2+": "equivocal", "3+": "positive"}.get(score, "indeterminate")
+
+
+def cluster_call(percentage_call: SlideCall, largest: Mapping[str, int], *, min_cells: int) -> SlideCall:
+    """The gastric biopsy rule: the highest grade with a cluster of >= ``min_cells`` cohesive tumour
+    cells decides, whatever the percentage (``largest``: :func:`wsi_her2.score.cells.largest_clusters`).
+
+    The pooled percentages stay in ``details``. Confidence is the deciding cluster's margin over the
+    minimum: 1 when it holds at least twice ``min_cells`` cells (for 0: 1 minus the largest stained
+    cluster's share of ``min_cells``), so a call resting on one small cluster says so.
+    """
+    sizes = [int(largest.get(k, 0)) for k in (">=1+", ">=2+", ">=3+")]
+    grade = max([k + 1 for k, n in enumerate(sizes) if n >= min_cells], default=0)
+    confidence = min(1.0, sizes[grade - 1] / (2.0 * min_cells)) if grade else 1.0 - min(1.0, sizes[0] / min_cells)
+    details = dict(percentage_call.details)
+    details.update(
+        largest_cluster=dict(zip((">=1+", ">=2+", ">=3+"), sizes)), cluster_min_cells=int(min_cells),
+        percentage_call=percentage_call.her2_score,
+        rule=f"highest grade with a cluster of >= {min_cells} cohesive tumour cells showing it, whatever the percentage",
+        confidence_method="margin of the deciding cluster over the minimum (1 at twice the minimum)",
+    )
+    return SlideCall(HER2_CLASSES[grade], float(confidence), percentage_call.class_fractions,
+                     percentage_call.n_tiles_used, percentage_call.method, details)
 
 
 #: The closed set of slide aggregators; the CLI's ``--aggregate`` choices come from here.

@@ -8,7 +8,7 @@ What is fitted, and only that:
 - ``cell_fraction_cut``: the share of tumour cells a pattern must exceed (ASCO/CAP: 10 %).
 
 Everything else (membrane geometry, completeness, tumour-cell rule) stays stain physics and
-guideline. The fit is a grid search (gains 0.5-2, geometric; cuts 5-20 %) maximising
+guideline. The fit is a grid search (gains 0.25-4, geometric; cuts 5-20 %) maximising
 quadratic-weighted kappa, then exact agreement, then nearness to the defaults; its honesty is
 shown by leave-one-out: each slide is called with parameters fitted to the others.
 
@@ -35,7 +35,10 @@ from wsi_her2.vocab import HER2_CLASSES, parse_her2_label
 log = logging.getLogger(__name__)
 
 CALIBRATION_SCHEMA = 1
-DAB_GAINS = tuple(float(g) for g in np.round(2.0 ** np.linspace(-1.0, 1.0, 9), 4))
+#: 0.25-4 in steps of 2**(1/3) (~26 %): a lab's DAB can read at half or twice the reference's OD (and
+#: an uncorrected gamma-encoded scan at about half), and the best fit must lie inside the grid, not on
+#: its edge (an edge fit is reported: the true gain may lie beyond it).
+DAB_GAINS = tuple(float(g) for g in np.round(2.0 ** np.linspace(-2.0, 2.0, 13), 4))
 CELL_FRACTION_CUTS = (0.05, 0.10, 0.15, 0.20)
 
 
@@ -195,8 +198,12 @@ def calibrate(stores: Sequence[str | Path], labels_csv: str | Path, out: str | P
         g = measured[i]["by_gain"][cal.dab_gain]
         loo.append(call_from(g["at_least"], g["tumour_cells"], cal.cell_fraction_cut))
     fitted = _fit(measured, truth, gains)
+    at_edge = len(gains) > 1 and fitted.dab_gain in (gains[0], gains[-1])
+    if at_edge:
+        log.warning("the best DAB gain, %g, lies on the edge of the grid (%g-%g): the lab's true gain may lie beyond it; "
+                    "check the slides' stain and scanner, or widen --gains", fitted.dab_gain, gains[0], gains[-1])
     report = {
-        "schema": CALIBRATION_SCHEMA, "package_version": __version__, **asdict(fitted),
+        "schema": CALIBRATION_SCHEMA, "package_version": __version__, **asdict(fitted), "gain_at_grid_edge": at_edge,
         "n_slides": len(measured), "grid": {"dab_gain": list(gains), "cell_fraction_cut": list(CELL_FRACTION_CUTS)},
         "before": _scores(truth, before), "leave_one_out": _scores(truth, loo),
         "slides": [{"slide": m["slide"], "label": HER2_CLASSES[t], "default_call": _name(b), "loo_call": _name(c)}

@@ -49,10 +49,20 @@ class CellTable:
     def __getitem__(self, name: str) -> NDArray:
         return self.columns[name]
 
-    def in_tiles(self, tile_mask: NDArray[np.bool_]) -> "CellTable":
-        """The cells of the tiles where ``tile_mask`` (one entry per store tile) is True."""
-        keep = np.asarray(tile_mask, bool)[self.columns["tile"]]
-        return CellTable({k: v[keep] for k, v in self.columns.items()})
+    def rows_of_tiles(self, tiles: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Row indices of the cells of store tiles ``tiles`` (rows are in tile order: one search per tile)."""
+        col = self.columns["tile"]
+        tiles = np.asarray(tiles, np.int64)
+        lo, hi = np.searchsorted(col, tiles, "left"), np.searchsorted(col, tiles, "right")
+        counts = hi - lo
+        if counts.sum() == 0:
+            return np.zeros(0, np.int64)
+        starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return starts + np.arange(counts.sum())
+
+    def take(self, rows: NDArray[np.int64]) -> "CellTable":
+        """The cells at ``rows``."""
+        return CellTable({k: v[rows] for k, v in self.columns.items()})
 
     def level0_xy(self, coords_level0: NDArray, level0_per_tile_px: float) -> NDArray[np.float64]:
         """``(N, 2)`` x, y of each cell in level-0 pixels of the slide."""

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from wsi_her2 import __version__
+from wsi_her2.criteria import DEFAULT_CRITERIA, ScoringRule, scoring_rule
+from wsi_her2.score.part_call import call_tiles
 from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 from wsi_her2.errors import ConfigError, StoreError
 from wsi_her2.files import clean_stale_tmp, prepare_output_dir
@@ -69,6 +71,9 @@ class ScoreConfig:
     roi: str | None = None  # --roi: QuPath GeoJSON of regions; only tiles mostly inside are scored, one call per region
     roi_class: str | None = None  # --roi-class: only regions of this QuPath class
     tma: bool = False  # --tma: find the cores of a tissue microarray, one call per core
+    criteria: str = DEFAULT_CRITERIA  # --criteria: the tumour's own guideline (wsi_her2.criteria.CRITERIA)
+    specimen: str | None = None  # --specimen resection|biopsy (None: biopsy for TMA cores, else resection)
+    cells: bool = False  # --cells: every scored cell as a QuPath detection and a parquet row
     no_report: bool = False  # --no-report: no <id>.report.html / <id>.report.pdf
 
 
@@ -128,10 +133,9 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
 
     ``chunk_pool``: a :class:`~wsi_her2.score.cpu_pool.ChunkPool` kept across the stores of a
     command (``cpu_workers`` > 1 then starts its worker processes once)."""
-    from wsi_her2.score.inference import InferenceConfig, predict_store
-
     config = config or ScoreConfig()
     calibration = validate_score_config(config)
+    rule = scoring_rule_of(config)
     t_start = time.perf_counter()
     if not Path(store_path).exists() and (record := read_no_tissue_record(store_path)) is not None:
         return _score_no_tissue(Path(store_path), record, out_dir=out_dir, config=config)  # `tile` found no tissue
@@ -143,65 +147,105 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     if done is not None:
         return done
     verify_store(store.path)  # a missing or damaged chunk is refused, never scored as black tiles
-    model = _model_for(store, config, calibration, model)
-    inf_cfg = InferenceConfig(
-        batch_size=config.batch_size, device=config.device, tta=config.tta, compile=config.compile,
-        loader_workers=config.loader_workers, cpu_workers=config.cpu_workers,
-    )
-    t0 = time.perf_counter()
+    model = _model_for(store, config, calibration, rule, model)
     groups = _tile_groups(store, config)  # regions (--roi) or TMA cores (--tma); None: the whole slide
-    pred = predict_store(store, model, config=inf_cfg, progress=config.progress, chunk_pool=chunk_pool,
-                         indices=None if groups is None else store.qc_pass & groups.inside)
-    t_infer = time.perf_counter() - t0
+    pred, inference = _predict(store, model, config, groups, chunk_pool)
     classes = list(model.wsi_her2_config.classes)
     calls = np.full(store.n_tiles, -1, dtype=np.int64)
     if pred.scored.any():
         calls[pred.scored] = np.argmax(pred.probs[pred.scored], axis=1)
-    slide_call = call_slide(pred.probs, pred.measurements, pred.scored, agg=config.agg, min_tiles=config.min_tiles,
-                            cell_fraction_cut=calibration["cell_fraction_cut"] if calibration else None)
+    cut = calibration["cell_fraction_cut"] if calibration else None
+    cell_xy_um = None if pred.cells is None else cell_positions_level0(store, pred.cells) * float(store.attrs["slide"]["mpp_um"])
+
+    def call_part(use: np.ndarray) -> dict:  # one rule for the slide, each TMA core and each region
+        return call_tiles(pred, use, agg=config.agg, min_tiles=config.min_tiles, rule=rule, cell_fraction_cut=cut,
+                          cell_xy_um=cell_xy_um)
+
+    slide_call = call_part(pred.scored)
     reasons = [reject_reason(int(f)) for f in store.qc_flags]
     group_part: dict[str, Any] = {"rows": [], "features": [], "outputs": {}, "slide_name": ""}
     if groups is not None:
         from wsi_her2.score.tile_groups import score_groups
 
         reasons = [r if inside or r else f"outside {groups.kind}s" for r, inside in zip(reasons, groups.inside)]
-        group_part = score_groups(out, store, groups, pred=pred, calls=calls, classes=classes, config=config,
-                                  slide_call=slide_call)
+        group_part = score_groups(out, store, groups, pred=pred, calls=calls, classes=classes, call_part=call_part,
+                                  min_tiles=config.min_tiles)
     measurements = _tile_measurements(store, pred, classes)
     extra_outputs = _explain(out, store, model, pred.scored, measurements, config) if config.explain else {}
-    sid = store.slide_id
+    if config.cells and pred.cells is not None:
+        extra_outputs.update(write_slide_cells(out, store, pred.cells))
     outputs = {**_write_slide_files(out, store, calls, classes, reasons, measurements, slide_call, config, group_part),
                **group_part["outputs"], **extra_outputs}
     tumour = tumour_summary(pred.measurements, pred.scored)
-    row = _slides_csv_row(sid, config, slide_call, tumour, n_used=int(pred.scored.sum()),
+    row = _slides_csv_row(store.slide_id, config, slide_call, tumour, n_used=int(pred.scored.sum()),
                           n_rejected=int(store.n_tiles - pred.scored.sum()))
-    result = {
-        "slide": sid,
+    result = _result_record(store, config, model, slide_call=slide_call, tumour=tumour, calibration=calibration,
+                            row=row, inference=inference, outputs=outputs, t_start=t_start)
+    if groups is not None:
+        result[f"{groups.kind}s"] = group_part["rows"]
+    if not config.no_report:  # <id>.report.html and .pdf, from the result (before <id>.json: its presence means done)
+        from wsi_her2.outputs.report import write_slide_report
+        outputs.update(write_slide_report(out, result, reasons=reasons, qc_png=store.path.parent / f"{store.slide_id}.qc.png"))
+    write_result_json(json_path, result, default=_json_default)  # with its outputs' SHA-256 and its own
+    upsert_slides_csv(out / "slides.csv", [row])
+    return SlideScore(store.slide_id, slide_call, row, outputs)
+
+
+def _predict(store: PatchStore, model, config: ScoreConfig, groups, chunk_pool) -> tuple[Any, dict]:
+    """The model over the store's QC-passed tiles (those in a part when there are parts); the inference record."""
+    from wsi_her2.score.inference import InferenceConfig, predict_store
+
+    inf_cfg = InferenceConfig(
+        batch_size=config.batch_size, device=config.device, tta=config.tta, compile=config.compile,
+        loader_workers=config.loader_workers, cpu_workers=config.cpu_workers,
+    )
+    t0 = time.perf_counter()
+    pred = predict_store(store, model, config=inf_cfg, progress=config.progress, chunk_pool=chunk_pool,
+                         indices=None if groups is None else store.qc_pass & groups.inside)
+    return pred, {**asdict(inf_cfg), "device_used": pred.device, "tiles_per_s": round(pred.tiles_per_s, 1),
+                  "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _result_record(store: PatchStore, config: ScoreConfig, model, *, slide_call: dict, tumour: dict, calibration,
+                   row: dict, inference: dict, outputs: dict, t_start: float) -> dict:
+    """What ``<id>.json`` records of a scored slide."""
+    return {
+        "slide": store.slide_id,
         "store": str(store.path),
         "slide_sha256": store.attrs["slide"]["sha256"],
         "call": slide_call,
+        "criteria": slide_call["criteria"],
         "tumour": tumour,
         "calibration": calibration,
         "row": row,
         "aggregation": config.agg,
         "model": {"name": _model_label(config), "config": model.wsi_her2_config.to_dict(), "weights": config.weights},
-        "inference": {**asdict(inf_cfg), "device_used": pred.device, "tiles_per_s": round(pred.tiles_per_s, 1)},
+        "inference": inference,
         "qc_summary": store.attrs.get("qc", {}).get("summary", {}),
         "tile_mpp_um": store.attrs["tiling"]["effective_mpp_um"],
         "tile_px": store.tile_px,
         "package_version": __version__,
-        "timings_s": {"inference": round(t_infer, 3), "total": round(time.perf_counter() - t_start, 3)},
+        "timings_s": {"inference": inference["seconds"], "total": round(time.perf_counter() - t_start, 3)},
         "outputs": outputs,
         "parts": _parts_key(config),
     }
-    if groups is not None:
-        result[f"{groups.kind}s"] = group_part["rows"]
-    if not config.no_report:  # <id>.report.html and .pdf, from the result (before <id>.json: its presence means done)
-        from wsi_her2.outputs.report import write_slide_report
-        outputs.update(write_slide_report(out, result, reasons=reasons, qc_png=store.path.parent / f"{sid}.qc.png"))
-    write_result_json(json_path, result, default=_json_default)  # with its outputs' SHA-256 and its own
-    upsert_slides_csv(out / "slides.csv", [row])
-    return SlideScore(sid, slide_call, row, outputs)
+
+
+def cell_positions_level0(store: PatchStore, cells) -> np.ndarray:
+    """``(cells, 2)`` x, y of each scored cell in level-0 pixels of the slide file."""
+    return cells.level0_xy(store.coords_level0, store.tile_size_level0 / store.tile_px)
+
+
+def write_slide_cells(out: Path, store: PatchStore, cells) -> dict[str, str]:
+    """``--cells``: every scored cell as a QuPath detection (``<id>.cells.geojson.gz``) and a table row."""
+    from wsi_her2.outputs.cells import CELL_RADIUS_UM, write_cells_geojson, write_cells_parquet
+
+    xy = cell_positions_level0(store, cells)
+    offset = np.asarray(store.attrs["slide"].get("bounds_offset_px", (0, 0)), np.float64)  # QuPath's view of the slide
+    radius_px = CELL_RADIUS_UM / float(store.attrs["slide"]["mpp_um"])
+    sid = store.slide_id
+    return {"cells_geojson": str(write_cells_geojson(out / f"{sid}.cells.geojson.gz", cells, xy - offset, radius_px=radius_px)),
+            "cells_parquet": str(write_cells_parquet(out / f"{sid}.cells.parquet", cells, xy))}
 
 
 def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | None, config: ScoreConfig) -> SlideScore:
@@ -213,7 +257,8 @@ def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | No
     category = her2_category(INDETERMINATE, None)
     call = {"her2_score": INDETERMINATE, "confidence": 0.0, "class_fractions": dict.fromkeys(HER2_CLASSES, 0.0),
             "n_tiles_used": 0, "method": config.agg, "details": {"reason": record["reason"]},
-            "her2_category": category, "her2_category_text": HER2_CATEGORIES[category]}
+            "her2_category": category, "her2_category_text": HER2_CATEGORIES[category],
+            "criteria": scoring_rule_of(config).to_dict()}
     row = _slides_csv_row(sid, config, call, {}, n_used=0, n_rejected=0)
     result = {"slide": sid, "store": None, "slide_path": record.get("slide"), "call": call, "row": row,
               "aggregation": config.agg, "model": {"name": _model_label(config)}, "package_version": __version__,
@@ -258,13 +303,15 @@ def _write_slide_files(out: Path, store: PatchStore, calls, classes, reasons, me
     return {**written, **measure_maps}
 
 
-def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None, model=None):
+def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None, rule: ScoringRule, model=None):
     """The model to score ``store`` with, calibrated, after the checks that it fits the store's tiles."""
     if model is None:
         model = load_scoring_model(config, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]),
                                    store_tile_px=store.tile_px)
     if hasattr(model, "glass_rgb") and (glass := measured_glass_rgb(store)) is not None:
         model.glass_rgb = glass  # the rule-based scorer measures OD against the slide's own glass colour
+    if hasattr(model, "criteria"):
+        model.criteria = rule.criteria  # which membrane patterns make a cell 2+ and 3+
     if calibration is not None:
         from wsi_her2.score.calibrate import Calibration
 
@@ -323,6 +370,8 @@ def _slides_csv_row(slide_id: str, config: ScoreConfig, slide_call: dict, tumour
         "her2_category": slide_call["her2_category"],
         "tumour_cells": tumour.get("cells", ""),
         "tumour_area_mm2": tumour.get("area_mm2", ""),
+        "criteria": slide_call.get("criteria", {}).get("criteria", ""),
+        "specimen": slide_call.get("criteria", {}).get("specimen", ""),
     }
 
 
@@ -337,7 +386,13 @@ def validate_score_config(config: ScoreConfig) -> dict | None:
         raise ConfigError("--explain needs a trained model (Grad-CAM has no gradients to follow in the rule-based ihc_dab)")
     if config.cpu_workers is not None and int(config.cpu_workers) < 1:
         raise ConfigError(f"--workers must be >= 1, got {config.cpu_workers}")
+    scoring_rule_of(config)  # --criteria and --specimen
     return _calibration_record(config)
+
+
+def scoring_rule_of(config: ScoreConfig) -> ScoringRule:
+    """The guideline and specimen rule of ``--criteria`` / ``--specimen`` (TMA cores: biopsies unless told otherwise)."""
+    return scoring_rule(config.criteria, config.specimen, tma=config.tma)
 
 
 def _calibration_record(config: ScoreConfig) -> dict | None:
@@ -353,30 +408,6 @@ def _calibration_record(config: ScoreConfig) -> dict | None:
             "n_slides": data.get("n_slides"), "leave_one_out": data.get("leave_one_out")}
 
 
-def call_slide(probs, measurements: dict, scored, *, agg: str, min_tiles: int,
-               cell_fraction_cut: float | None = None) -> dict:
-    """The slide call with its HER2 category. With a cell-level scorer (``ihc_dab``) the ``asco``
-    rule runs on tumour-cell percentages pooled over tiles; otherwise on tile calls.
-    ``cell_fraction_cut`` replaces the guideline's 10 % (lab calibration)."""
-    from wsi_her2.score.aggregate import (
-        AGGREGATORS, CELL_FRACTION_KEYS, HER2_CATEGORIES, TUMOUR_CELLS_KEY, aggregate_asco_cells, her2_category,
-    )
-
-    has_cells = all(k in measurements for k in (*CELL_FRACTION_KEYS, TUMOUR_CELLS_KEY))
-    if agg == "asco" and has_cells:
-        fractions = np.stack([np.asarray(measurements[k])[scored] for k in CELL_FRACTION_KEYS], axis=1)
-        cut = {} if cell_fraction_cut is None else {"thresholds": dict.fromkeys(("1+", "2+", "3+"), cell_fraction_cut)}
-        call = aggregate_asco_cells(fractions, np.asarray(measurements[TUMOUR_CELLS_KEY])[scored], **cut).to_dict()
-        any_staining = call["details"]["fraction_at_least"][">=1+"]
-    else:
-        call = AGGREGATORS[agg](probs[scored], min_tiles=min_tiles).to_dict()
-        any_staining = None
-    key = her2_category(call["her2_score"], any_staining)
-    call["her2_category"] = key
-    call["her2_category_text"] = HER2_CATEGORIES[key]
-    return call
-
-
 def tumour_summary(measurements: dict, scored) -> dict:
     """Scored tumour (cells, mm²) over the QC-passed tiles, when the scorer measures it."""
     if "tumour_cell_count" not in measurements:
@@ -389,11 +420,11 @@ def tumour_summary(measurements: dict, scored) -> dict:
             "rule": "nuclei weighted by epithelial cohesion (wsi_her2.models.ihc_score.IhcThresholds)"}
 
 
-def _parts_key(config: ScoreConfig) -> dict | None:
-    """What was scored (regions file and class, TMA cores, or None: the whole slide): a change re-scores."""
-    if config.roi or config.tma:
-        return {"roi": str(config.roi) if config.roi else None, "roi_class": config.roi_class, "tma": bool(config.tma)}
-    return None
+def _parts_key(config: ScoreConfig) -> dict:
+    """What was scored and how (regions file and class, TMA cores, the guideline, cell outputs): a change re-scores."""
+    rule = scoring_rule_of(config)
+    return {"roi": str(config.roi) if config.roi else None, "roi_class": config.roi_class, "tma": bool(config.tma),
+            "criteria": rule.criteria.name, "specimen": rule.specimen, "cells": bool(config.cells)}
 
 
 def _tile_groups(store: PatchStore, config: ScoreConfig):

@@ -1,9 +1,10 @@
 """Named parts of a slide scored separately: regions drawn in QuPath, or the cores of a TMA.
 
 A :class:`TileGroups` assigns each tile to at most one part (``-1``: in none). The score stage
-scores only tiles in some part, calls each part with the slide's aggregation rule, and writes
-one row per part (``regions.csv`` / ``cores.csv``, upserted by slide like ``slides.csv``) and one
-QuPath annotation per part carrying its call and measurements.
+scores only tiles in some part, calls each part with exactly the slide's rule (the same
+function on the part's tiles: :func:`wsi_her2.score.part_call.call_tiles`), and writes one row
+per part (``regions.csv`` / ``cores.csv``, upserted by slide like ``slides.csv``) and one QuPath
+annotation per part carrying its call, the criteria and the tumour-cell percentages.
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from numpy.typing import NDArray
 
 from wsi_her2.csv_cells import safe_cell, safe_dict_row
 from wsi_her2.files import atomic_write_text
-from wsi_her2.vocab import HER2_CLASSES
+from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 
 GROUP_COLUMNS = [
     "slide", "name", "status", "her2_score", "confidence", "frac_0", "frac_1+", "frac_2+", "frac_3+",
     "tiles_used", "tiles_rejected", "area_mm2", "row", "col", "x_level0", "y_level0", "note",
+    "her2_category", "tumour_cells", "at_least_1+", "at_least_2+", "at_least_3+", "largest_cluster",
+    "criteria", "specimen",
 ]
 
 
@@ -48,32 +51,48 @@ class TileGroups:
     def inside(self) -> NDArray[np.bool_]:
         return self.tile_group >= 0
 
-    def call_each(
-        self, probs: NDArray, scored: NDArray[np.bool_], *, aggregate: Callable[..., Any], min_tiles: int,
-        qc_pass: NDArray[np.bool_], mpp_um: float,
-    ) -> list[dict]:
-        """One row per part (in name order for regions, grid order for cores), unscored parts included."""
+    def members(self) -> list[NDArray[np.int64]]:
+        """Each part's tile indices (one sort of the tiles, not one pass over them per part)."""
+        order = np.argsort(self.tile_group, kind="stable")
+        bounds = np.searchsorted(self.tile_group[order], np.arange(len(self.names) + 1))
+        return [order[bounds[g]: bounds[g + 1]] for g in range(len(self.names))]
+
+    def call_each(self, call_part: Callable[[NDArray[np.int64]], dict], scored: NDArray[np.bool_], *,
+                  qc_pass: NDArray[np.bool_], mpp_um: float) -> list[dict]:
+        """One row per part (in name order for regions, grid order for cores), unscored parts included;
+        ``call_part``: the slide's rule applied to some tiles (``call_tiles`` with the slide's settings)."""
         rows = []
-        for g, name in enumerate(self.names):
-            members = self.tile_group == g
-            use = members & scored
-            call = aggregate(probs[use], min_tiles=min_tiles).to_dict()
-            fr = call.get("class_fractions", {}) or {}
+        for g, (name, members) in enumerate(zip(self.names, self.members())):
+            call = call_part(members)
             cx, cy = self.geometries[g].centroid.coords[0]
-            row = {
-                "name": name, "status": "scored", "her2_score": call["her2_score"],
-                "confidence": round(float(call["confidence"]), 4),
-                **{f"frac_{c}": round(float(fr.get(c, 0.0)), 4) for c in HER2_CLASSES},
-                "tiles_used": int(use.sum()), "tiles_rejected": int((members & ~qc_pass).sum()),
-                "area_mm2": round(float(self.geometries[g].area) * (mpp_um / 1000.0) ** 2, 4),
-                "x_level0": round(cx, 1), "y_level0": round(cy, 1), "note": "", "call": call,
-            }
+            row = {"name": name, "status": "scored", "tiles_used": int(scored[members].sum()),
+                   "tiles_rejected": int((~qc_pass[members]).sum()),
+                   "area_mm2": round(float(self.geometries[g].area) * (mpp_um / 1000.0) ** 2, 4),
+                   "x_level0": round(cx, 1), "y_level0": round(cy, 1), "note": "", **call_columns(call), "call": call}
             if self.grid is not None:
                 row["row"], row["col"] = self.grid[g]
             rows.append(row)
         for u in self.unscored:
             rows.append({"her2_score": "", "confidence": "", "tiles_used": 0, **u})
         return rows
+
+
+def call_columns(call: dict) -> dict:
+    """The columns of a part's row that come from its call: score, confidence, fractions, the
+    tumour-cell percentages and clusters behind it, the criteria."""
+    fr = call.get("class_fractions", {}) or {}
+    details = call.get("details", {}) or {}
+    at_least = details.get("fraction_at_least", {})
+    clusters = details.get("largest_cluster")
+    crit = call.get("criteria", {}) or {}
+    return {
+        "her2_score": call["her2_score"], "confidence": round(float(call["confidence"]), 4),
+        **{f"frac_{c}": round(float(fr.get(c, 0.0)), 4) for c in HER2_CLASSES},
+        "her2_category": call.get("her2_category", ""), "tumour_cells": details.get("tumour_cells", ""),
+        **{f"at_least_{k}": round(float(at_least[f">={k}"]), 4) if f">={k}" in at_least else "" for k in ("1+", "2+", "3+")},
+        "largest_cluster": " ".join(f"{k.removeprefix('>=')}:{v}" for k, v in clusters.items()) if clusters else "",
+        "criteria": crit.get("criteria", ""), "specimen": crit.get("specimen", ""),
+    }
 
 
 def upsert_rows_csv(path: Path, slide_id: str, rows: list[dict]) -> Path:
@@ -111,7 +130,10 @@ def group_features(groups: TileGroups, rows: list[dict], *, bounds_offset_px, id
         qname = qupath_class_name(str(r["her2_score"]))
         geom = shapely.transform(geom, lambda c: np.round(c - off, 2))
         meas = {"confidence": r["confidence"], "n_tiles_used": r["tiles_used"], "area_mm2": r["area_mm2"],
-                **{f"fraction {qupath_class_name(c)}": r[f"frac_{c}"] for c in HER2_CLASSES}}
+                **{f"fraction {qupath_class_name(c)}": r[f"frac_{c}"] for c in HER2_CLASSES},
+                **{f"tumour cells >={k} %": 100.0 * r[f"at_least_{k}"] for k in ("1+", "2+", "3+") if r[f"at_least_{k}"] != ""}}
+        if r["tumour_cells"] != "":
+            meas["tumour cells"] = r["tumour_cells"]
         label = "Core" if groups.kind == "core" else "Region"
         features.append({
             "type": "Feature",
@@ -122,23 +144,22 @@ def group_features(groups: TileGroups, rows: list[dict], *, bounds_offset_px, id
                 "name": f"{label} {name}: {qname} (confidence {float(r['confidence']):.2f})",
                 "classification": _classification(qname, None),
                 "measurements": {k: float(v) for k, v in meas.items() if np.isfinite(float(v))},
-                "metadata": {"her2_score": str(r["her2_score"]), groups.kind: name},
+                "metadata": {"her2_score": str(r["her2_score"]), groups.kind: name, "her2_category": str(r["her2_category"]),
+                             "criteria": r["call"]["criteria"]["rule"]},
             },
         })
     return features
 
 
 def score_groups(out: Path, store: Any, groups: TileGroups, *, pred: Any, calls: NDArray, classes: list[str],
-                 config: Any, slide_call: dict) -> dict:
-    """Call each part, write ``regions.csv`` / ``cores.csv`` (and the TMA picture); return rows, features, outputs."""
-    from wsi_her2.score.aggregate import AGGREGATORS
-
-    rows = groups.call_each(pred.probs, pred.scored, aggregate=AGGREGATORS[config.agg], min_tiles=config.min_tiles,
-                            qc_pass=store.qc_pass, mpp_um=float(store.attrs["slide"]["mpp_um"]))
+                 call_part: Callable[[NDArray[np.int64]], dict], min_tiles: int) -> dict:
+    """Call each part with ``call_part`` (the slide's rule), write ``regions.csv`` / ``cores.csv`` (and the
+    TMA picture); return rows, features, outputs."""
+    rows = groups.call_each(call_part, pred.scored, qc_pass=store.qc_pass, mpp_um=float(store.attrs["slide"]["mpp_um"]))
     for r in rows:  # too little usable tissue: reported, never called
-        if r["status"] == "scored" and r["tiles_used"] < config.min_tiles:
+        if r["status"] == "scored" and r["tiles_used"] < min_tiles and r["her2_score"] == INDETERMINATE:
             r.update(status="blank" if groups.kind == "core" else "too few tiles", her2_score="",
-                     note=f"{r['tiles_used']} usable tiles, fewer than --min-tiles {config.min_tiles}")
+                     note=f"{r['tiles_used']} usable tiles, fewer than --min-tiles {min_tiles}")
     slide = store.attrs["slide"]
     features = group_features(groups, rows, bounds_offset_px=tuple(slide.get("bounds_offset_px", (0, 0))),
                               id_namespace=slide["sha256"])

@@ -5,8 +5,9 @@ enough to be a core. Their centres are clustered into rows and columns (a gap wi
 a core diameter starts a new row / column), and each core is named like QuPath's TMA
 dearrayer: row letter, column number (``A1`` top left, ``B3`` second row, third column). A grid
 position with no tissue is reported as ``missing`` (core lost, or blank glass); a core with
-fewer usable tiles than ``--min-tiles`` as ``blank``; neither is called. A tile belongs to the
-core whose circle holds its centre.
+fewer usable tiles than ``--min-tiles`` (and too little tumour to call) as ``blank``; neither is
+called. A tile belongs to the nearest core whose circle it touches, so a core holds the tiles it
+would have as a slide of its own and gets that slide's call (one rule: :mod:`wsi_her2.score.part_call`).
 """
 from __future__ import annotations
 
@@ -83,7 +84,9 @@ def core_groups(store: Any) -> TileGroups:
     tile_centres = store.coords_level0.astype(np.float64) + half
     d = np.linalg.norm(tile_centres[:, None, :] - centres_l0[order][None, :, :], axis=2)  # (tiles, cores)
     nearest = np.argmin(d, axis=1)
-    inside = d[np.arange(len(d)), nearest] <= radius_l0[order][nearest]
+    # Every tile touching the core's circle is the core's (its tissue decides, through QC, whether it is
+    # scored): the core then holds exactly the tiles it would have as a slide of its own.
+    inside = d[np.arange(len(d)), nearest] <= radius_l0[order][nearest] + half * np.sqrt(2.0)
     group = np.where(inside, nearest, -1).astype(np.int64)
     return TileGroups(kind="core", names=names, geometries=geoms, tile_group=group, grid=grid, unscored=unscored)
 

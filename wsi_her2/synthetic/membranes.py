@@ -24,6 +24,7 @@ presents it at 0.5 or 1.0 µm/px by area averaging, exactly as for a real slide.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -46,13 +47,15 @@ _STRIP_ROWS = 512
 
 @dataclass(frozen=True)
 class MembraneField:
-    """A rendered field: the scan (``rgb``, uint8, at ``mpp_um``) and its cells' centres in scan px."""
+    """A rendered field: the scan (``rgb``, uint8, at ``mpp_um``), its cells' centres in scan px and
+    which of them carry the membrane pattern."""
 
     rgb: NDArray[np.uint8]
     mpp_um: float
     centres_px: NDArray[np.float64]
     membrane_od: float
     pattern: str
+    stained: NDArray[np.bool_]
 
 
 def pattern_mask(theta: NDArray, pattern: str, phase: NDArray | float = 0.0) -> NDArray[np.bool_]:
@@ -77,6 +80,28 @@ def pattern_mask(theta: NDArray, pattern: str, phase: NDArray | float = 0.0) -> 
     raise ConfigError(f"unknown membrane pattern {pattern!r}; choose one of {', '.join(MEMBRANE_PATTERNS)}")
 
 
+def _gland_centres(field_um: tuple[float, float], cell_radius_um: float, rng: np.random.Generator,
+                   *, lumen_um: float = 6.0, stroma_um: float = 4.0, gap_um: float = 2.0) -> tuple[NDArray, NDArray]:
+    """Cells lining lumens, µm (x, y), and each one's apical direction (radians, from +x, y up).
+
+    Pairs of cell rows face each other across a lumen ``lumen_um`` wide (apical sides inwards), pairs
+    ``stroma_um`` apart (basal sides outwards), cells ``gap_um`` apart along a row: no other
+    membrane lies within a ray's reach of a cell's apical side, as in a gland.
+    """
+    d = 2 * cell_radius_um
+    period = 2 * d + lumen_um + stroma_um
+    pts, apical = [], []
+    for j in range(int(field_um[1] / period) + 2):
+        for k, (dy, up) in enumerate(((cell_radius_um, -1), (d + lumen_um + cell_radius_um, 1))):
+            y = j * period + dy
+            shift = (d + gap_um) / 2 * k
+            for i in range(int(field_um[0] / (d + gap_um)) + 2):
+                pts.append((i * (d + gap_um) + shift, y))
+                apical.append(-math.pi / 2 if up < 0 else math.pi / 2)  # the upper row faces down, the lower up
+    pts = np.asarray(pts, np.float64) + rng.uniform(-0.3, 0.3, (len(pts), 2))
+    return pts, np.asarray(apical, np.float64)
+
+
 def _centres(field_um: tuple[float, float], pitch_um: float, rng: np.random.Generator) -> NDArray[np.float64]:
     """Jittered hexagonal lattice over the field, µm (x, y)."""
     w, h = field_um
@@ -90,7 +115,8 @@ def _centres(field_um: tuple[float, float], pitch_um: float, rng: np.random.Gene
     return pts[(pts[:, 0] >= -pitch_um) & (pts[:, 0] <= w + pitch_um) & (pts[:, 1] >= -pitch_um) & (pts[:, 1] <= h + pitch_um)]
 
 
-def _od_strip(y0: int, rows: int, width: int, fine_um: float, centres: NDArray, phases: NDArray, *, membrane_od: float,
+def _od_strip(y0: int, rows: int, width: int, fine_um: float, centres: NDArray, phases: NDArray, stained: NDArray,
+              apical: NDArray, *, membrane_od: float,
               pattern: str, width_um: float, cell_radius_um: float, nucleus_um: float, hema_nucleus_od: float,
               hema_cytoplasm_od: float, gap_od: float) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Hematoxylin and DAB OD of fine rows ``y0 .. y0 + rows`` (nearest cell owns each pixel)."""
@@ -108,8 +134,8 @@ def _od_strip(y0: int, rows: int, width: int, fine_um: float, centres: NDArray, 
     cell = np.clip((cell_radius_um + width_um / 2 - r) / aa + 0.5, 0, 1)
     nucleus = np.clip((nucleus_um / 2 - r) / aa + 0.5, 0, 1)
     band = np.clip((width_um / 2 - np.abs(r - cell_radius_um)) / aa + 0.5, 0, 1)
-    theta = np.arctan2(-dy, dx) - math.pi / 2  # apical direction: up (towards y = 0)
-    band = band * pattern_mask(theta, pattern, phases[owner])
+    theta = np.arctan2(-dy, dx) - apical[owner]  # angle from the cell's apical direction (y up)
+    band = band * pattern_mask(theta, pattern, phases[owner]) * stained[owner]
     hema = (gap_od + (hema_cytoplasm_od - gap_od) * cell + (hema_nucleus_od - hema_cytoplasm_od) * nucleus).astype(np.float32)
     dab = (membrane_od * band).astype(np.float32)
     return hema, dab
@@ -120,9 +146,15 @@ def render_membrane_field(
     mpp_um: float = 0.25, supersample: int = 4, na: float = 0.75, jpeg_quality: int = 85, pitch_um: float = 16.0,
     cell_radius_um: float = 6.0, nucleus_um: float = 7.0, hema_nucleus_od: float = 0.35, hema_cytoplasm_od: float = 0.05,
     gap_od: float = 0.03, glass_rgb: tuple[float, float, float] = (240.0, 240.5, 242.0), noise_sd: float = 1.0,
-    seed: int = 0,
+    seed: int = 0, stained: Callable[[NDArray[np.float64]], NDArray[np.bool_]] | None = None, layout: str = "lattice",
 ) -> MembraneField:
-    """Render cells whose membranes have DAB OD ``membrane_od`` and scan them (see the module docstring)."""
+    """Render cells whose membranes have DAB OD ``membrane_od`` and scan them (see the module docstring).
+
+    ``stained``: which cells carry the pattern, from their centres in µm (``(n, 2)`` x, y); the
+    others have no membrane staining (default: every cell). E.g. a cluster of a few stained cells.
+    ``layout``: ``lattice`` (a sheet, apical sides up) or ``glands`` (rows lining lumens, apical
+    sides facing the lumen: what basolateral and lateral patterns look like in gastric glands).
+    """
     if pattern not in MEMBRANE_PATTERNS:
         raise ConfigError(f"unknown membrane pattern {pattern!r}; choose one of {', '.join(MEMBRANE_PATTERNS)}")
     if not (0.0 <= membrane_od <= 3.0 and 0.1 <= width_um <= 5.0 and supersample >= 1 and 0.1 <= na <= 1.4):
@@ -131,8 +163,15 @@ def render_membrane_field(
     fine_um = mpp_um / supersample
     out_w, out_h = int(round(field_um[0] / mpp_um)), int(round(field_um[1] / mpp_um))
     fw, fh = out_w * supersample, out_h * supersample
-    centres = _centres(field_um, pitch_um, rng)
+    if layout == "glands":
+        centres, apical = _gland_centres(field_um, cell_radius_um, rng)
+    elif layout == "lattice":
+        centres = _centres(field_um, pitch_um, rng)
+        apical = np.full(len(centres), math.pi / 2)  # up
+    else:
+        raise ConfigError(f"unknown layout {layout!r}; choose lattice or glands")
     phases = rng.uniform(0, math.pi, len(centres))
+    stained_cells = np.ones(len(centres), bool) if stained is None else np.asarray(stained(centres), bool)
     sigma_fine = 0.51 * _WAVELENGTH_UM / na / 2.3548 / fine_um  # Airy FWHM -> Gaussian sigma, fine px
     margin = int(math.ceil(4 * sigma_fine))
     vectors = RGB_FROM_HED.astype(np.float32)
@@ -142,7 +181,8 @@ def render_membrane_field(
         n_out = min(rows_out, out_h - oy)
         y0 = max(0, oy * supersample - margin)
         y1 = min(fh, (oy + n_out) * supersample + margin)
-        hema, dab = _od_strip(y0, y1 - y0, fw, fine_um, centres, phases, membrane_od=membrane_od, pattern=pattern,
+        hema, dab = _od_strip(y0, y1 - y0, fw, fine_um, centres, phases, stained_cells, apical, membrane_od=membrane_od,
+                              pattern=pattern,
                               width_um=width_um, cell_radius_um=cell_radius_um, nucleus_um=nucleus_um,
                               hema_nucleus_od=hema_nucleus_od, hema_cytoplasm_od=hema_cytoplasm_od, gap_od=gap_od)
         for c in range(3):
@@ -157,4 +197,4 @@ def render_membrane_field(
         rgb = jpeg_roundtrip(rgb, quality=jpeg_quality)
     inside = (centres[:, 0] >= 0) & (centres[:, 0] < field_um[0]) & (centres[:, 1] >= 0) & (centres[:, 1] < field_um[1])
     return MembraneField(rgb=rgb, mpp_um=mpp_um, centres_px=centres[inside] / mpp_um, membrane_od=float(membrane_od),
-                         pattern=pattern)
+                         pattern=pattern, stained=stained_cells[inside])
