@@ -171,3 +171,13 @@ def test_a_core_gets_the_call_it_gets_as_its_own_slide(tmp_path, criteria):
         assert float(core[f"at_least_{k}"]) == pytest.approx(slide_call["details"]["fraction_at_least"][f">={k}"], abs=1e-4)
     assert float(core.tumour_cells) == pytest.approx(slide_call["details"]["tumour_cells"], abs=0.1)
     assert core.criteria == slide_call["criteria"]["criteria"] and core.specimen == "biopsy"
+
+
+def test_the_slide_annotation_names_the_criteria(tmp_path, fields):
+    slide = write_image_slide(fields[("complete", 0.5)].rgb, tmp_path / "c.svs", mpp_um=0.25)
+    assert main(["tile", str(slide), "-o", str(tmp_path), "-q"]) == 0
+    _score(tmp_path, tmp_path / "c.zarr", "--criteria", "gastric", "--specimen", "biopsy")
+    fc = json.loads((tmp_path / "c.geojson").read_text())
+    annotation = fc["features"][0]["properties"]
+    assert "gastric, biopsy (cluster of >= 5 cohesive cells)" in annotation["name"]
+    assert annotation["metadata"]["criteria"] == "gastric, biopsy (cluster of >= 5 cohesive cells)"

@@ -388,13 +388,14 @@ def slide_feature(
     props = {
         "objectType": "annotation",
         "isLocked": True,
-        "name": f"Slide call: {qname} ({method}, confidence {confidence:.2f})",
+        "name": f"Slide call: {qname} ({method}{_criteria_note(slide_call)}, confidence {confidence:.2f})",
         "classification": _classification(qname, class_colors),
         "measurements": meas,
         "metadata": {
             "her2_score": score,
             "her2_category": str(slide_call.get("her2_category_text", slide_call.get("her2_category", ""))),
             "method": method,
+            "criteria": str((slide_call.get("criteria") or {}).get("rule", "")),
             "slide_call": json.dumps(to_jsonable(dict(slide_call)), sort_keys=True),
         },
     }
@@ -404,6 +405,12 @@ def slide_feature(
         "geometry": _slide_ring(polygon_coords, bbox, off),
         "properties": props,
     }
+
+
+def _criteria_note(slide_call: Mapping) -> str:
+    """``", gastric, biopsy (...)"`` for the annotation's name: the guideline the call was made under."""
+    rule = (slide_call.get("criteria") or {}).get("rule")
+    return f", {rule}" if rule else ""
 
 
 # --------------------------------------------------------------------------- collection, file
