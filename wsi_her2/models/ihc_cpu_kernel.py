@@ -7,13 +7,15 @@ morphology run 10-50x faster than torch's CPU convolutions and pooling on 224 px
 
 - background ``I0``: the per-channel quantile read from an 8-bit histogram (exact for 8-bit
   input, which is what the tile store holds; within 1/510 of the intensity otherwise);
-- optical density and unmixing: one ``(5, 3) @ (3, H*W)`` product (in single-threaded BLAS pieces) for hematoxylin, neutral,
-  DAB (neutral basis), DAB (Ruifrok) and the summed OD;
+- optical density and unmixing: one ``(6, 3) @ (3, H*W)`` product (in single-threaded BLAS pieces) for hematoxylin, neutral,
+  DAB (neutral basis), DAB (Ruifrok), the summed OD and the counterstain OD (the nuclear channel);
 - Gaussian blurs with the same taps (:func:`wsi_her2.models.ihc_score._gaussian_taps`) and the same
   reflect border (``BORDER_REFLECT_101``), block means by ``INTER_AREA`` at integer factors,
   bilinear upsampling with half-pixel centres (as ``F.interpolate(align_corners=False)``),
   local maxima by a rectangular dilation with the border ignored (as ``max_pool2d``),
-  neighbour counts by an unnormalised box filter with a zero border.
+  neighbour counts by an unnormalised box filter with a zero border (integral images), the
+  tile's counterstain level by a partition (the same order statistic as ``kthvalue``), and the
+  epithelium stencil's samples gathered from reflect-padded maps (as ``F.pad(mode="reflect")``).
 
 This module imports neither torch nor the model registry (numpy and OpenCV only): everything
 that depends on the scorer (taps, ray offsets, stain matrices, cut-points, the glass colour)
@@ -32,7 +34,7 @@ import cv2
 import numpy as np
 
 from wsi_her2.cpus import available_cpus
-from wsi_her2.models.ihc_thresholds import IhcThresholds
+from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds
 
 __all__ = ["ChunkEvidence", "KernelPlan", "STAT_NAMES", "chunk_evidence", "tile_threads"]
 
@@ -73,12 +75,18 @@ class KernelPlan:
     surround: np.ndarray | None
     smooth: np.ndarray | None
     seed_window: np.ndarray
-    cohesion_px: int
+    #: Odd side lengths (cell-grid px) of the squares other nuclei are counted in.
+    count_windows: tuple[int, ...]
     area_window: np.ndarray
     pad: int
     ray_offsets: np.ndarray
     #: ``ray_offsets`` as ``(L, 1, n_directions)``: gathered samples reduce over the outer axis (one SIMD pass).
     ray_offsets_t: np.ndarray
+    #: The epithelium stencil: reflect padding of the maps, each sample's flat offset within its
+    #: padded map and its map (0: nucleus scale, 1: surround); None under the cohesion model.
+    stencil_pad: int = 0
+    stencil_offsets: np.ndarray | None = None
+    stencil_maps: np.ndarray | None = None
 
 
 class _Workspace:
@@ -301,31 +309,72 @@ def _tissue_stats(unmixed: np.ndarray, dab: np.ndarray, t, n: int, ws: _Workspac
 
 
 def _unmix(matrix: np.ndarray, od: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``matrix @ od`` into ``out`` (``(5, n)``), in single-threaded BLAS pieces (see ``_BLAS_COLUMNS``)."""
+    """``matrix @ od`` into ``out`` (``(6, n)``), in single-threaded BLAS pieces (see ``_BLAS_COLUMNS``)."""
     for i in range(0, od.shape[1], _BLAS_COLUMNS):
         np.matmul(matrix, od[:, i: i + _BLAS_COLUMNS], out=out[:, i: i + _BLAS_COLUMNS])
     return out
 
 
-def _seeds(nuclear: np.ndarray, t, plan: KernelPlan, ws: _Workspace) -> tuple[np.ndarray, np.ndarray]:
-    """Nuclei on the ``(T, hc, wc)`` cell grids: flat indices of DoG maxima, and each one's count of other nuclei nearby."""
+def _levels(h1: np.ndarray, t) -> np.ndarray:
+    """``(T,)`` float32 counterstain level of each tile: the ``counterstain_quantile`` order statistic
+    of its smoothed counterstain OD over every second cell-grid pixel in each direction (as
+    ``IhcDabScorer.counterstain_level``)."""
+    sub = h1[:, ::2, ::2].reshape(h1.shape[0], -1)
+    n = sub.shape[1]
+    k = min(n, max(1, int(round(t.counterstain_quantile * n))))
+    return np.ascontiguousarray(np.partition(sub, k - 1, axis=1)[:, k - 1], dtype=np.float32)
+
+
+def _relative_cut(level: np.ndarray, rel: float, floor: float) -> np.ndarray:
+    """``max(level * rel, floor)`` in float32 (as ``IhcDabScorer.nucleus_thresholds``)."""
+    return np.maximum(level * np.float32(rel), np.float32(floor))
+
+
+def _seeds(nuclear: np.ndarray, t, plan: KernelPlan, ws: _Workspace) -> tuple[np.ndarray, ...]:
+    """Nuclei on the ``(T, hc, wc)`` cell grids: flat indices of DoG maxima, each one's counts of other
+    nuclei per window ``(N, K)``, each tile's counterstain level ``(T,)`` and the epithelium stencil's
+    samples ``(N, S)`` (None under the cohesion model)."""
     n = nuclear.shape[0]
-    h1, dog, local_max = (ws.get(name, nuclear.shape) for name in ("h1", "dog", "local_max"))
+    h1, h2, dog, local_max = (ws.get(name, nuclear.shape) for name in ("h1", "h2", "dog", "local_max"))
     for i in range(n):
         _blur_into(nuclear[i], plan.nucleus, h1[i])
-        _blur_into(nuclear[i], plan.surround, dog[i])
-    np.subtract(h1, dog, out=dog)
+        _blur_into(nuclear[i], plan.surround, h2[i])
+    np.subtract(h1, h2, out=dog)
+    level = _levels(h1, t)
+    contrast_min = _relative_cut(level, t.nuclear_contrast_rel, t.nuclear_contrast_min)
+    od_min = _relative_cut(level, t.nuclear_od_rel, t.nuclear_od_min)
+    quantised = ws.get("dog_q", dog.shape)  # maxima of the DoG rounded to 2**-20 OD (see DOG_QUANTUM_INV)
+    np.rint(np.multiply(dog, np.float32(DOG_QUANTUM_INV), out=quantised), out=quantised)
     for i in range(n):
-        cv2.dilate(dog[i], plan.seed_window, dst=local_max[i], borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
-    seed_map = (dog >= local_max) & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)
+        cv2.dilate(quantised[i], plan.seed_window, dst=local_max[i], borderType=cv2.BORDER_CONSTANT, borderValue=-np.inf)
+    seed_map = (quantised >= local_max) & (dog > contrast_min[:, None, None]) & (h1 > od_min[:, None, None])
     idx = np.flatnonzero(seed_map)
-    return idx, _window_counts(seed_map, idx, plan.cohesion_px // 2, ws) - 1.0
+    counts = _window_counts(seed_map, idx, [k // 2 for k in plan.count_windows], ws) - 1.0
+    samples = None if plan.stencil_offsets is None else _stencil_samples(h1, h2, idx, plan, ws)
+    return idx, counts, level, samples
 
 
-def _window_counts(seed_map: np.ndarray, idx: np.ndarray, half: int, ws: _Workspace) -> np.ndarray:
-    """Seeds of ``(T, hc, wc)`` maps within ``half`` cells (a square, cut at the tile edge) of each of ``idx``.
+def _stencil_samples(h1: np.ndarray, h2: np.ndarray, idx: np.ndarray, plan: KernelPlan, ws: _Workspace) -> np.ndarray:
+    """``(N, S)`` the epithelium stencil's samples of the two counterstain maps (nucleus scale and
+    surround, each tile's map reflect-padded), at the seeds ``idx`` of the ``(T, hc, wc)`` grids."""
+    n, hc, wc = h1.shape
+    p = plan.stencil_pad
+    hp, wp = hc + 2 * p, wc + 2 * p
+    padded = ws.get("stencil_maps", (2, n, hp, wp))
+    for i in range(n):
+        cv2.copyMakeBorder(h1[i], p, p, p, p, cv2.BORDER_REFLECT_101, dst=padded[0, i])
+        cv2.copyMakeBorder(h2[i], p, p, p, p, cv2.BORDER_REFLECT_101, dst=padded[1, i])
+    tile, cell = np.divmod(idx, hc * wc)
+    base = (tile * hp + cell // wc + p) * wp + cell % wc + p
+    offsets = plan.stencil_maps * (n * hp * wp) + plan.stencil_offsets
+    return np.take(padded.ravel(), base[:, None] + offsets[None, :])
 
-    Four reads of each tile's integral image per seed: the box sum with a zero border, exact.
+
+def _window_counts(seed_map: np.ndarray, idx: np.ndarray, halves: list[int], ws: _Workspace) -> np.ndarray:
+    """``(N, K)`` seeds of ``(T, hc, wc)`` maps within ``halves[k]`` cells (a square, cut at the tile edge)
+    of each of ``idx``.
+
+    Four reads of each tile's integral image per seed and window: the box sum with a zero border, exact.
     """
     n, hc, wc = seed_map.shape
     integral = ws.get("integral", (n, hc + 1, wc + 1)).view(np.int32)
@@ -333,12 +382,15 @@ def _window_counts(seed_map: np.ndarray, idx: np.ndarray, half: int, ws: _Worksp
         cv2.integral(seed_map[i].view(np.uint8), sum=integral[i], sdepth=cv2.CV_32S)
     tile, cell = np.divmod(idx, hc * wc)
     y, x = np.divmod(cell, wc)
-    y0, y1 = np.maximum(y - half, 0), np.minimum(y + half + 1, hc)
-    x0, x1 = np.maximum(x - half, 0), np.minimum(x + half + 1, wc)
     flat, row = integral.reshape(-1), wc + 1
     base = tile * (hc + 1) * row
-    return (flat[base + y1 * row + x1] - flat[base + y0 * row + x1] - flat[base + y1 * row + x0]
-            + flat[base + y0 * row + x0]).astype(np.float32)
+    out = np.empty((idx.size, len(halves)), np.float32)
+    for j, half in enumerate(halves):
+        y0, y1 = np.maximum(y - half, 0), np.minimum(y + half + 1, hc)
+        x0, x1 = np.maximum(x - half, 0), np.minimum(x + half + 1, wc)
+        out[:, j] = (flat[base + y1 * row + x1] - flat[base + y0 * row + x1] - flat[base + y1 * row + x0]
+                     + flat[base + y0 * row + x0])
+    return out
 
 
 def _ray_contrast(dab: np.ndarray, idx: np.ndarray, grid_w: int, plan: KernelPlan, ws: _Workspace) -> np.ndarray:
@@ -374,8 +426,13 @@ class ChunkEvidence:
 
     stats: np.ndarray
     idx: np.ndarray
-    neighbours: np.ndarray
+    #: ``(N, K)`` other nuclei per count window (not edge-corrected).
+    counts: np.ndarray
     ray_contrast: np.ndarray
+    #: ``(T,)`` each tile's counterstain level.
+    level: np.ndarray
+    #: ``(N, S)`` epithelium stencil samples, or None (cohesion model).
+    samples: np.ndarray | None
 
 
 def _chunk(rgb: np.ndarray, tables: np.ndarray, plan: KernelPlan, ws: _Workspace) -> ChunkEvidence:
@@ -387,15 +444,16 @@ def _chunk(rgb: np.ndarray, tables: np.ndarray, plan: KernelPlan, ws: _Workspace
     """
     t, h, w, f = plan.thresholds, plan.h, plan.w, plan.f
     n = rgb.shape[0]
-    unmixed = _unmix(plan.unmix, _chunk_od(rgb, tables, plan, ws).reshape(3, -1), ws.get("unmixed", (5, n * h * w)))
+    unmixed = _unmix(plan.unmix, _chunk_od(rgb, tables, plan, ws).reshape(3, -1), ws.get("unmixed", (6, n * h * w)))
     _clamp_low(unmixed[:4])  # stain ODs clamped at 0 (the four rows in one pass); the summed OD is not
-    stacked = unmixed.reshape(5, n * h, w)
+    _clamp_low(unmixed[5])  # the counterstain OD (the nuclear channel) clamped at 0 as well
+    stacked = unmixed.reshape(6, n * h, w)
     cells = _coarse_tiles(stacked[2:4].reshape(2 * n * h, w), 2 * n, f).reshape(2, n, h // f, w // f)
     dab = _brown_dab(cells, stacked[3], t, plan, ws)
     stats = _tissue_stats(unmixed, dab, t, n, ws)
-    nuclear = _coarse_tiles(cv2.add(stacked[0], stacked[1], dst=ws.get("nuclear", (n * h, w))), n, f)
-    idx, neighbours = _seeds(nuclear, t, plan, ws)
-    return ChunkEvidence(stats, idx, neighbours, _ray_contrast(dab.reshape(n, h, w), idx, w // f, plan, ws))
+    nuclear = _coarse_tiles(stacked[5], n, f)
+    idx, counts, level, samples = _seeds(nuclear, t, plan, ws)
+    return ChunkEvidence(stats, idx, counts, _ray_contrast(dab.reshape(n, h, w), idx, w // f, plan, ws), level, samples)
 
 
 def _area_fractions(idx: np.ndarray, n: int, plan: KernelPlan) -> np.ndarray:

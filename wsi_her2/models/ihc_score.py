@@ -1,6 +1,6 @@
 """Rule-based HER2 IHC tile scorer: colour deconvolution plus the ASCO/CAP 2018 membrane rules.
 
-:class:`IhcDabScorer` needs no trained weights. It is a ``torch.nn.Module`` that turns ``(B, 3, H, W)`` RGB tiles into logits over
+:class:`IhcDabScorer` needs no trained weights (its optional epithelium detector ships its own ~1 KB). It is a ``torch.nn.Module`` that turns ``(B, 3, H, W)`` RGB tiles into logits over
 ``("0", "1+", "2+", "3+")`` by measuring what a pathologist looks at under ASCO/CAP 2018
 (breast): membrane staining **intensity** (faint/barely perceptible, weak-moderate, intense),
 its **completeness** (circumferential or not) and the **percentage of cells** showing each
@@ -10,9 +10,12 @@ pattern. Steps, all per tile:
    (:func:`wsi_her2.stain.od.estimate_background`), then decimal optical density
    ``-log10(I / I0)`` and Ruifrok & Johnston colour deconvolution into hematoxylin and DAB OD.
 2. Tissue: pixels whose summed RGB OD exceeds a floor.
-3. Cells: nuclei as blobs of hematoxylin OD (difference of Gaussians at the nucleus scale,
-   local maxima at least a nucleus radius apart); one seed per cell. Cell-scale evidence
-   (nuclei, cohesion, tumour area, the DAB hue) is computed on the cell grid, ~1 µm/px
+3. Cells: nuclei as blobs of the counterstain OD (:data:`COUNTERSTAIN_FROM_RGB`: orthogonal to
+   DAB; difference of Gaussians at the nucleus scale, local maxima at least a nucleus radius
+   apart, contrast and OD above shares of the tile's own counterstain level); one seed per cell.
+   Each nucleus is weighted as tumour by the tumour model (:data:`TUMOUR_MODELS`: the cohesion
+   rule, or the epithelium detector of :mod:`wsi_her2.models.epithelium`). Cell-scale evidence
+   (nuclei, tumour weights, tumour area, the DAB hue) is computed on the cell grid, ~1 µm/px
    (:data:`CELL_GRID_UM`); the tissue statistics and membrane DAB at the tile's resolution.
 4. Membrane: from each seed, rays in ``n_directions`` directions from just outside the nucleus
    to the cell radius (micrometres converted with ``mpp_um``); each ray takes the maximum DAB
@@ -37,10 +40,13 @@ Limits
 - IHC only: DAB (brown) with hematoxylin counterstain. H&E, fluorescence, or red/other
   chromogens (AP-Red, Fast Red) are outside the model: on H&E the "DAB" channel is eosin
   crosstalk and the calls are meaningless.
-- Tumour cells are nuclei in cohesive sheets (see ``IhcThresholds``: cohesion window), not a
-  trained tumour detector: in situ carcinoma and dense benign epithelium count as tumour,
-  single infiltrating cells little. In very solid intense 3+ sheets, DAB can mask the
-  hematoxylin of nuclei and lower the cell count.
+- Tumour cells: under the cohesion rule (the default), nuclei in cohesive sheets (see
+  ``IhcThresholds``: cohesion window): dense stroma and inflammation count as tumour as well.
+  The epithelium detector (``tumour_model="epithelium"``) is trained on 20 real patches and
+  reaches, held out, ~55 % precision at ~50 % recall against drawn annotations
+  (``qc/tumour_agreement.py``); in situ carcinoma counts as tumour under both. In very solid
+  intense 3+ sheets, DAB can mask the counterstain of nuclei and lower the cell count
+  (``nuclear_density_low`` reports such tiles).
 - Stain and scanner variation: the OD cut-points assume a DAB hue close to the Ruifrok vector
   and a roughly linear (gamma-free) scanner response. Over- or under-developed DAB, heavy JPEG
   compression or a gamma curve shift intensities and move calls across the 1+/2+/3+ borders.
@@ -60,11 +66,19 @@ import torch.nn.functional as F
 
 from wsi_her2.errors import ConfigError
 from wsi_her2.criteria import DEFAULT_CRITERIA, Criteria, get_criteria
+from wsi_her2.models.epithelium import (
+    COUNT_WINDOWS_UM,
+    MAP_SCALES,
+    EpitheliumModel,
+    load_default_model,
+    nucleus_features,
+    nucleus_stencil,
+)
 from wsi_her2.models.ihc_cells import cell_grades, cell_table, ray_contrast, ring_patterns
-from wsi_her2.models.ihc_thresholds import IhcThresholds
+from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds
 from wsi_her2.vocab import HER2_CLASSES
 from wsi_her2.stain.membrane import membrane_response, membrane_smoothing_um
-from wsi_her2.stain.od import estimate_background, od_to_hed, od_to_hnd, rgb_to_od
+from wsi_her2.stain.od import RGB_FROM_HED, RGB_FROM_HND, estimate_background, od_to_hed, od_to_hnd, rgb_to_od
 
 __all__ = [
     "CLASS_NAMES",
@@ -73,6 +87,8 @@ __all__ = [
     "IhcDabScorer",
     "CellEvidence",
     "CELL_GRID_UM",
+    "COUNTERSTAIN_FROM_RGB",
+    "TUMOUR_MODELS",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,6 +103,27 @@ CELL_GRID_UM = 1.0
 _GRADED_VIEW = 0.84
 #: Implementations of the same measurements (see :class:`IhcDabScorer`).
 KERNELS = ("auto", "torch", "opencv")
+#: How a nucleus is weighted as tumour: the trained epithelium detector (:mod:`wsi_her2.models.epithelium`,
+#: the default) or the cohesion rule of earlier releases (4-24 other nuclei in a 40 µm square).
+TUMOUR_MODELS = ("epithelium", "cohesion")
+
+
+def _counterstain_vector() -> torch.Tensor:
+    """``(3,)`` float64: the counterstain OD is ``od_rgb @`` this (see ``IhcThresholds``: counterstain OD).
+
+    The direction halfway between hematoxylin and neutral (grey), made orthogonal to the Ruifrok
+    DAB vector and scaled so that hematoxylin reads its own OD: DAB reads 0, grey ~0.6 of its OD.
+    """
+    hema, neutral = RGB_FROM_HND[0], RGB_FROM_HND[1]
+    dab = RGB_FROM_HED[2] / RGB_FROM_HED[2].norm()
+    mid = (hema + neutral) / (hema + neutral).norm()
+    u = mid - (mid @ dab) * dab
+    u = u / u.norm()
+    return u / (hema @ u)
+
+
+#: RGB optical density -> counterstain OD, the nuclear channel (a linear functional, no DAB).
+COUNTERSTAIN_FROM_RGB = _counterstain_vector()
 
 
 @dataclass
@@ -98,7 +135,9 @@ class CellEvidence:
     ``(N,)`` (its tile), ``seed_yx`` ``(N, 2)`` (its centre, tile pixels), ``ray_contrast``
     ``(N, n_directions)`` (the largest outward rise of the brown DAB's light loss, blurred to
     ``membrane_blur_um``, along each ray, over what the ray crossed before it:
-    :func:`ray_contrast`, :mod:`wsi_her2.stain.membrane`), ``tumour_weight`` ``(N,)`` (cohesion);
+    :func:`ray_contrast`, :mod:`wsi_her2.stain.membrane`), ``tumour_weight`` ``(N,)`` (the
+    tumour model's: epithelium detector or cohesion rule); what that weight was computed from
+    (``counts``, ``samples``, per tile ``level``);
     ``tumour_area_fraction`` ``(B,)``: fraction of the tile within the cell-radius box of a
     nucleus of weight > 0.5.
     """
@@ -109,6 +148,12 @@ class CellEvidence:
     ray_contrast: torch.Tensor
     tumour_weight: torch.Tensor
     tumour_area_fraction: torch.Tensor
+    #: ``(N, len(count_windows_px()))`` edge-corrected counts of other nuclei per window.
+    counts: torch.Tensor | None = None
+    #: ``(N, S)`` counterstain samples of the epithelium stencil (None under the cohesion model).
+    samples: torch.Tensor | None = None
+    #: ``(B,)`` each tile's counterstain level (``IhcThresholds.counterstain_quantile``).
+    level: torch.Tensor | None = None
 
 #: Output classes, in logit order.
 CLASS_NAMES: tuple[str, ...] = HER2_CLASSES
@@ -121,7 +166,7 @@ MEASUREMENT_NAMES: tuple[str, ...] = (
     "stained_fraction",  # fraction of tissue pixels with DAB OD above the faint level
     "cell_count",  # nuclei detected in the tile
     "cell_density_per_mm2",  # nuclei per mm² of tile area
-    "tumour_cell_count",  # nuclei weighted by their evidence of cohesive epithelium (tumour)
+    "tumour_cell_count",  # nuclei weighted by their evidence of tumour epithelium (the tumour model)
     "graded_cell_count",  # the tumour cells whose ring lies in the tile
     "tumour_area_mm2",  # tile area within a cell radius of a tumour nucleus
     "neutral_od_mean",  # mean achromatic (grey) OD over tissue: absorbance that is not stain
@@ -132,6 +177,8 @@ MEASUREMENT_NAMES: tuple[str, ...] = (
     "frac_cells_3plus",  # fraction with complete, intense membrane DAB
     "her2_index",  # membrane H-score / 100: sum of the three fractions above, in [0, 3]
     "reliability",  # 0-1 weight of the rule vs the flat prior (cells and tissue present)
+    "nuclei_per_mm2_tissue",  # nuclei per mm² of the tile's tissue (summed OD above tissue_od_sum)
+    "nuclear_density_low",  # 0-1: mostly tissue, yet implausibly few nuclei found in it (see IhcThresholds)
 )
 
 
@@ -174,6 +221,11 @@ def _ray_offsets(n_directions: int, start_px: float, stop_px: float) -> list[lis
     return rays
 
 
+def counterstain_rank(n: int, quantile: float) -> int:
+    """1-based rank of the ``quantile`` order statistic of ``n`` values (both kernels use it)."""
+    return min(n, max(1, int(round(quantile * n))))
+
+
 def _odd(size_px: float) -> int:
     return max(3, 2 * int(round(size_px / 2.0)) + 1)
 
@@ -210,6 +262,12 @@ class IhcDabScorer(torch.nn.Module):
         definitions; ``tests/test_ihc_kernels.py`` holds them to the same calls and measurements.
     threads
         Threads the OpenCV kernel spreads a batch's tiles over (None: the CPU count, at most 8).
+    tumour_model
+        How nuclei are weighted as tumour (:data:`TUMOUR_MODELS`): ``"cohesion"`` (4-24 other
+        nuclei in a 40 µm square) or ``"epithelium"`` (the trained counterstain-morphology
+        detector, :mod:`wsi_her2.models.epithelium`).
+    epithelium_model
+        The detector's weights (default: the shipped ``epithelium_v1.safetensors``).
     """
 
     class_names: tuple[str, ...] = CLASS_NAMES
@@ -217,11 +275,19 @@ class IhcDabScorer(torch.nn.Module):
 
     def __init__(self, *, mpp_um: float = 0.5, thresholds: IhcThresholds | None = None, kernel: str = "auto",
                  threads: int | None = None, glass_rgb: tuple[float, float, float] | None = None,
-                 criteria: str = DEFAULT_CRITERIA) -> None:
+                 criteria: str = DEFAULT_CRITERIA, tumour_model: str = "cohesion",
+                 epithelium_model: EpitheliumModel | None = None) -> None:
         super().__init__()
         if kernel not in KERNELS:
             raise ConfigError(f"IhcDabScorer kernel must be one of {KERNELS}, got {kernel!r}.")
+        if tumour_model not in TUMOUR_MODELS:
+            raise ConfigError(f"IhcDabScorer tumour_model must be one of {TUMOUR_MODELS}, got {tumour_model!r}.")
         self.kernel = kernel
+        #: How nuclei are weighted as tumour (:data:`TUMOUR_MODELS`).
+        self.tumour_model = tumour_model
+        #: The epithelium detector (the shipped weights unless given).
+        self.epithelium_model = epithelium_model if epithelium_model is not None else (
+            load_default_model() if tumour_model == "epithelium" else None)
         self.threads = threads  # tile threads of the OpenCV kernel (None: the CPU count, at most 8)
         self.glass_rgb = glass_rgb  # the slide's glass colour, when the slide shows glass (see glass_chroma)
         #: The guideline whose membrane patterns make a cell 2+ or 3+ (:data:`wsi_her2.criteria.CRITERIA`).
@@ -290,25 +356,69 @@ class IhcDabScorer(torch.nn.Module):
         share = _gaussian_blur(dab_hnd, sigma) / _gaussian_blur(dab_hed, sigma).clamp(min=t.chroma_min_od)
         return (share / t.brown_full_share).clamp(0.0, 1.0)
 
-    def edge_corrected_neighbours(self, neighbours: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
-                                  grid_hw: tuple[int, int]) -> torch.Tensor:
-        """Neighbour counts scaled to the whole cohesion window where the tile edge cuts it off.
+    def nucleus_sigma_px(self, mpp_c: float) -> float:
+        """The nucleus scale (DoG ~ LoG at ``nucleus_diameter_um / (2 sqrt 2)``) in cell-grid px."""
+        return self.thresholds.nucleus_diameter_um / (2.0 * math.sqrt(2.0)) / mpp_c
+
+    def counterstain_level(self, h1: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` each tile's counterstain level from its ``(B, hc, wc)`` nucleus-scale smoothed
+        counterstain OD: the ``counterstain_quantile`` order statistic over every second cell-grid
+        pixel in each direction (the map is smooth at that scale; a quarter of the work)."""
+        sub = h1[:, ::2, ::2].flatten(1)
+        if sub.shape[0] == 0:
+            return sub.new_zeros(0)
+        k = counterstain_rank(sub.shape[1], self.thresholds.counterstain_quantile)
+        return sub.kthvalue(k, dim=1).values
+
+    def nucleus_thresholds(self, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(contrast_min, od_min)`` float32 per tile: shares of its counterstain level, floored
+        (``IhcThresholds``: thresholds relative to the tile's counterstain)."""
+        t = self.thresholds
+        level = level.float()
+
+        def cut(rel: float, floor: float) -> torch.Tensor:
+            scaled = level * torch.tensor(rel, dtype=torch.float32, device=level.device)
+            return torch.maximum(scaled, torch.tensor(floor, dtype=torch.float32, device=level.device))
+
+        return cut(t.nuclear_contrast_rel, t.nuclear_contrast_min), cut(t.nuclear_od_rel, t.nuclear_od_min)
+
+    def count_windows_um(self) -> tuple[float, ...]:
+        """Squares (µm) in which other nuclei are counted: the epithelium model's, and the cohesion window."""
+        windows = tuple(COUNT_WINDOWS_UM)
+        if self.thresholds.cohesion_window_um not in windows:
+            windows = windows + (self.thresholds.cohesion_window_um,)
+        return windows
+
+    def count_windows_px(self) -> list[int]:
+        """:meth:`count_windows_um` as odd side lengths on the cell grid."""
+        mpp_c = self.mpp_um * self.cell_grid_factor
+        return [_odd(um / mpp_c) for um in self.count_windows_um()]
+
+    def nucleus_stencil(self):
+        """The epithelium model's samples around each nucleus (:func:`wsi_her2.models.epithelium.nucleus_stencil`)."""
+        return nucleus_stencil(self.mpp_um * self.cell_grid_factor)
+
+    def edge_corrected_counts(self, counts: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+                              grid_hw: tuple[int, int]) -> torch.Tensor:
+        """``(N, K)`` counts of other nuclei per window scaled to the whole window where the tile edge cuts it off.
 
         A nucleus near the tile edge sees only the part of its window inside the tile; counted as
         is, carcinoma along every tile border (over half the area of a 112 µm tile at 0.5 µm/px)
-        would look sparse and lose its tumour weight, so the weighting would depend on the tile
-        size. The count of other nuclei in the in-tile part is scaled by (window area / in-tile
-        area), the usual edge correction of a density estimate (at most 4x, in a corner).
-        ``y``, ``x``: the nuclei's cell-grid rows and columns; ``grid_hw``: the cell grid's shape.
+        would look sparse, so the weighting would depend on the tile size. The count of other
+        nuclei in the in-tile part is scaled by (window area / in-tile area), the usual edge
+        correction of a density estimate (at most 4x, in a corner). ``y``, ``x``: the nuclei's
+        cell-grid rows and columns; ``grid_hw``: the cell grid's shape.
         """
-        half = _odd(self.thresholds.cohesion_window_um / (self.mpp_um * self.cell_grid_factor)) // 2
         h, w = grid_hw
+        cols = []
+        for j, k in enumerate(self.count_windows_px()):
+            half = k // 2
 
-        def inside(c: torch.Tensor, n: int) -> torch.Tensor:
-            return (torch.clamp(c + half, max=n - 1) - torch.clamp(c - half, min=0) + 1).float()
+            def inside(c: torch.Tensor, n: int) -> torch.Tensor:
+                return (torch.clamp(c + half, max=n - 1) - torch.clamp(c - half, min=0) + 1).float()
 
-        full = float((2 * half + 1) ** 2)
-        return neighbours * (full / (inside(y, h) * inside(x, w)))
+            cols.append(counts[:, j] * (float(k * k) / (inside(y, h) * inside(x, w))))
+        return torch.stack(cols, dim=1) if cols else counts
 
     def _cohesion_weight(self, neighbours: torch.Tensor) -> torch.Tensor:
         """Weight of cohesive epithelium from the count of other nuclei in the cohesion window."""
@@ -316,6 +426,19 @@ class IhcDabScorer(torch.nn.Module):
         return _logistic(neighbours, t.min_neighbours, t.neighbours_softness) * (
             1.0 - _logistic(neighbours, t.max_neighbours, 3.0 * t.neighbours_softness)
         )
+
+    def tumour_weights(self, counts: torch.Tensor, samples: torch.Tensor | None, level: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` tumour weight of each nucleus under :attr:`tumour_model` (both kernels call this).
+
+        ``counts``: :meth:`edge_corrected_counts`; ``samples``: the stencil's counterstain samples
+        (epithelium model); ``level``: each nucleus's tile counterstain level.
+        """
+        if self.tumour_model == "cohesion":
+            return self._cohesion_weight(counts[:, self.count_windows_um().index(self.thresholds.cohesion_window_um)])
+        if counts.shape[0] == 0:
+            return counts.new_zeros(0)
+        n_model = len(COUNT_WINDOWS_UM)
+        return self.epithelium_model(nucleus_features(samples, counts[:, :n_model], level))
 
     # ------------------------------------------------------------------ public
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -430,19 +553,29 @@ class IhcDabScorer(torch.nn.Module):
             "stained_fraction": ((dab > t.dab_faint_od).float() * tissue).sum(dim=(1, 2, 3)) / denom,
         }
 
-        # 3. Nuclei: blobs of the non-DAB absorbance at the nucleus scale (DoG ~ LoG, sigma r / sqrt 2).
-        nuclear = coarse(hema + neutral)
-        sigma1 = t.nucleus_diameter_um / (2.0 * math.sqrt(2.0)) / mpp_c
+        # 3. Nuclei: blobs of the counterstain OD at the nucleus scale (DoG ~ LoG, sigma r / sqrt 2),
+        # against thresholds relative to the tile's own counterstain level.
+        cs = COUNTERSTAIN_FROM_RGB.to(device=od.device, dtype=torch.float32)
+        nuclear = coarse((od * cs.view(1, 3, 1, 1)).sum(dim=1, keepdim=True).clamp(min=0.0))
+        sigma1 = self.nucleus_sigma_px(mpp_c)
         h1 = _gaussian_blur(nuclear, sigma1)
-        dog = h1 - _gaussian_blur(nuclear, 1.6 * sigma1)
+        h2 = _gaussian_blur(nuclear, MAP_SCALES[1] * sigma1)
+        dog = h1 - h2
+        level = self.counterstain_level(h1[:, 0])
+        contrast_min, od_min = self.nucleus_thresholds(level)
         win = _odd(t.seed_min_distance_um / mpp_c)
-        is_max = dog >= F.max_pool2d(dog, win, stride=1, padding=win // 2)
-        seed_map = is_max & (dog > t.dog_contrast_min) & (h1 > t.hema_od_min)
-        neighbours_map = _box_sum(seed_map.float(), _odd(t.cohesion_window_um / mpp_c)) - 1.0
+        dog_q = torch.round(dog * DOG_QUANTUM_INV)  # ties decided alike in both kernels (see DOG_QUANTUM_INV)
+        is_max = dog_q >= F.max_pool2d(dog_q, win, stride=1, padding=win // 2)
+        seed_map = is_max & (dog > contrast_min.view(-1, 1, 1, 1)) & (h1 > od_min.view(-1, 1, 1, 1))
         tile_i, _, yc, xc = seed_map.nonzero(as_tuple=True)
-        neighbours = self.edge_corrected_neighbours(neighbours_map[tile_i, 0, yc, xc], yc, xc, (hc, wc))
-        weights = self._cohesion_weight(neighbours)
-        keep = torch.zeros_like(neighbours_map)
+        windows = self.count_windows_px()
+        counts = torch.stack([_box_sum(seed_map.float(), k)[tile_i, 0, yc, xc] - 1.0 for k in windows], dim=1) \
+            if windows else torch.zeros(0)
+        counts = self.edge_corrected_counts(counts, yc, xc, (hc, wc))
+        samples = self._stencil_samples(torch.cat([h1, h2], dim=1), tile_i, yc, xc) \
+            if self.tumour_model == "epithelium" else None
+        weights = self.tumour_weights(counts, samples, level[tile_i])
+        keep = torch.zeros_like(nuclear)
         keep[tile_i, 0, yc, xc] = (weights > 0.5).float()
         area = _box_max(keep, _odd(2 * t.cell_radius_um / mpp_c)).mean(dim=(1, 2, 3))
 
@@ -455,8 +588,20 @@ class IhcDabScorer(torch.nn.Module):
         return CellEvidence(
             stats=stats, seed_tile=tile_i, seed_yx=torch.stack([sy, sx], dim=1),
             ray_contrast=self._ray_contrast(loss_s.reshape(-1), base, w + 2 * pad, pad),
-            tumour_weight=weights, tumour_area_fraction=area,
+            tumour_weight=weights, tumour_area_fraction=area, counts=counts, samples=samples, level=level,
         )
+
+    def _stencil_samples(self, maps: torch.Tensor, tile_i: torch.Tensor, yc: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+        """``(N, S)``: the epithelium detector's stencil around each nucleus, read from ``maps``
+        (``(B, 2, hc, wc)``: the nucleus-scale and surround blurs, :data:`MAP_SCALES`), reflect-padded."""
+        stencil = self.nucleus_stencil()
+        hc, wc = maps.shape[-2:]
+        sp = min(stencil.pad, hc - 1, wc - 1)
+        padded = F.pad(maps, (sp, sp, sp, sp), mode="reflect")
+        dy = torch.as_tensor(stencil.dy, device=maps.device).clamp(-sp, sp)
+        dx = torch.as_tensor(stencil.dx, device=maps.device).clamp(-sp, sp)
+        mi = torch.as_tensor(stencil.map_index, device=maps.device)
+        return padded[tile_i.view(-1, 1), mi.view(1, -1), (yc + sp).view(-1, 1) + dy, (xc + sp).view(-1, 1) + dx]
 
     def _rays_inside(self, seed_yx: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """``(N, n_directions)``: whether each seed's ray ends inside its ``h x w`` tile."""
@@ -505,6 +650,8 @@ class IhcDabScorer(torch.nn.Module):
         loss = cells.ray_contrast / self.membrane_response
         known = self._rays_inside(cells.seed_yx, h, w)
         ring = ring_patterns(loss, t, known=known)
+        # Grades are estimated on the cells whose ring lies in the tile (>= 14 of 16 rays): a cell cut by the
+        # tile edge cannot show whether its ring closes. Tile edges fall at random, so this is unbiased.
         graded = tumour * _logistic(known.float().mean(dim=1), _GRADED_VIEW, 0.02)
         n_graded = per_tile(graded)
         grades = cell_grades(ring, t, self.criteria)
@@ -531,6 +678,11 @@ class IhcDabScorer(torch.nn.Module):
         prior = torch.tensor(t.prior, dtype=torch.float32, device=dev).unsqueeze(0)
         probs = reliability.unsqueeze(1) * rule + (1 - reliability.unsqueeze(1)) * prior
         area_mm2 = h * w * mpp * mpp * 1e-6
+        tissue_fraction = stats["tissue_fraction"]
+        per_mm2_tissue = n_cells / (tissue_fraction * area_mm2).clamp(min=1e-9)
+        per_mm2_tissue = torch.where(tissue_fraction > 0, per_mm2_tissue, torch.zeros_like(per_mm2_tissue))
+        density_low = _logistic(tissue_fraction, t.cellular_tissue_fraction, t.tissue_softness) * (
+            1.0 - _logistic(per_mm2_tissue, t.min_nuclei_per_mm2, 0.2 * t.min_nuclei_per_mm2))
         return {
             "logits": torch.log(probs.clamp(min=1e-8)),
             **stats,
@@ -546,5 +698,7 @@ class IhcDabScorer(torch.nn.Module):
             "frac_cells_3plus": f3,
             "her2_index": f1 + f2 + f3,
             "reliability": reliability,
+            "nuclei_per_mm2_tissue": per_mm2_tissue,
+            "nuclear_density_low": density_low,
             "cells": cell_table(cells, ring, grades, known.float().mean(dim=1)),
         }

@@ -8,7 +8,6 @@ that the scorer's shared steps 4-6 take.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,14 +22,15 @@ from wsi_her2.models.ihc_cpu_kernel import (
     chunk_evidence,
     tile_threads,
 )
-from wsi_her2.models.ihc_score import CellEvidence, IhcDabScorer, _gaussian_taps, _odd
+from wsi_her2.models.epithelium import MAP_SCALES
+from wsi_her2.models.ihc_score import COUNTERSTAIN_FROM_RGB, CellEvidence, IhcDabScorer, _gaussian_taps, _odd
 from wsi_her2.stain.od import HED_FROM_RGB, HND_FROM_RGB, MIN_INTENSITY
 
 __all__ = ["cell_evidence_opencv", "evidence_from_chunks", "kernel_plan", "tile_threads"]
 
-#: Rows: hematoxylin, neutral, DAB (neutral basis), DAB (Ruifrok), summed OD; columns R, G, B.
+#: Rows: hematoxylin, neutral, DAB (neutral basis), DAB (Ruifrok), summed OD, counterstain; columns R, G, B.
 _UNMIX = np.concatenate([
-    HND_FROM_RGB.T.numpy(), HED_FROM_RGB.T.numpy()[2:3], np.ones((1, 3)),
+    HND_FROM_RGB.T.numpy(), HED_FROM_RGB.T.numpy()[2:3], np.ones((1, 3)), COUNTERSTAIN_FROM_RGB.numpy()[None, :],
 ]).astype(np.float32)
 #: log10 of the 256 intensity levels, the darkest clamped to one grey level (``MIN_INTENSITY``).
 _LOG10_LEVELS = np.log10(np.maximum(np.arange(256, dtype=np.float32) / np.float32(255.0), np.float32(MIN_INTENSITY)))
@@ -42,7 +42,7 @@ _PLANS: "weakref.WeakKeyDictionary[IhcDabScorer, dict]" = weakref.WeakKeyDiction
 def kernel_plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
     """The scorer's plan for ``h x w`` tiles, built once (taps and ray offsets cost ~0.1 ms)."""
     plans = _PLANS.setdefault(scorer, {})
-    key = (scorer.thresholds, scorer.glass_rgb, scorer.mpp_um, scorer.cell_grid_factor, h, w)
+    key = (scorer.thresholds, scorer.glass_rgb, scorer.mpp_um, scorer.cell_grid_factor, scorer.tumour_model, h, w)
     plan = plans.get(key)
     if plan is None:
         plan = plans[key] = _plan(scorer, h, w)
@@ -58,11 +58,18 @@ def _plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
         k = _gaussian_taps(sigma_px, hh, ww)
         return None if k is None else k.numpy().reshape(-1, 1)
 
-    sigma1 = t.nucleus_diameter_um / (2.0 * math.sqrt(2.0)) / mpp_c
+    sigma1 = scorer.nucleus_sigma_px(mpp_c)
     seed_win = _odd(t.seed_min_distance_um / mpp_c)
     area_win = _odd(2 * t.cell_radius_um / mpp_c)
     pad = scorer.ray_pad_px(h, w)
     offsets = scorer.ray_offsets_flat(w + 2 * pad, pad).numpy().astype(np.int32)
+    stencil_offsets, stencil_maps, stencil_pad = None, None, 0
+    if scorer.tumour_model == "epithelium":
+        stencil = scorer.nucleus_stencil()
+        stencil_pad = min(stencil.pad, hc - 1, wc - 1)
+        dy, dx = np.clip(stencil.dy, -stencil_pad, stencil_pad), np.clip(stencil.dx, -stencil_pad, stencil_pad)
+        stencil_offsets = (dy * (wc + 2 * stencil_pad) + dx).astype(np.int64)
+        stencil_maps = stencil.map_index.astype(np.int64)
     return KernelPlan(
         thresholds=t,
         glass_chroma=None if scorer.glass_chroma is None else scorer.glass_chroma.numpy(),
@@ -70,14 +77,17 @@ def _plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
         h=h, w=w, f=f,
         chroma=taps(t.chroma_sigma_um / mpp_c, hc, wc),
         nucleus=taps(sigma1, hc, wc),
-        surround=taps(1.6 * sigma1, hc, wc),
+        surround=taps(MAP_SCALES[1] * sigma1, hc, wc),
         smooth=taps(scorer.membrane_sigma_px, h, w),
         seed_window=np.ones((seed_win, seed_win), np.uint8),
-        cohesion_px=_odd(t.cohesion_window_um / mpp_c),
+        count_windows=tuple(scorer.count_windows_px()),
         area_window=np.ones((area_win, area_win), np.uint8),
         pad=pad,
         ray_offsets=offsets,
         ray_offsets_t=np.ascontiguousarray(offsets.T)[:, None, :],
+        stencil_pad=stencil_pad,
+        stencil_offsets=stencil_offsets,
+        stencil_maps=stencil_maps,
     )
 
 
@@ -102,15 +112,20 @@ def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int 
 
 
 def evidence_from_chunks(chunks: list[ChunkEvidence], scorer: IhcDabScorer, plan: KernelPlan, b: int) -> CellEvidence:
-    """The :class:`CellEvidence` of ``b`` tiles from their chunks, in order: cohesion weights, tumour area."""
+    """The :class:`CellEvidence` of ``b`` tiles from their chunks, in order: tumour weights (the
+    scorer's tumour model, applied once to every nucleus of the batch), tumour area."""
     grid_hw = (plan.h // plan.f, plan.w // plan.f)
     offsets = np.cumsum([0] + [c.stats.shape[0] for c in chunks[:-1]]) * (grid_hw[0] * grid_hw[1])
     idx_np = np.concatenate([c.idx + o for c, o in zip(chunks, offsets)]).astype(np.int64)
     tile_np, cell = np.divmod(idx_np, grid_hw[0] * grid_hw[1])
-    neighbours = torch.from_numpy(np.concatenate([c.neighbours for c in chunks]).astype(np.float32))
     cell_t = torch.from_numpy(cell)
-    neighbours = scorer.edge_corrected_neighbours(neighbours, cell_t // grid_hw[1], cell_t % grid_hw[1], grid_hw)
-    weights = scorer._cohesion_weight(neighbours)
+    counts = torch.from_numpy(np.concatenate([c.counts for c in chunks]).astype(np.float32, copy=False))
+    counts = scorer.edge_corrected_counts(counts, cell_t // grid_hw[1], cell_t % grid_hw[1], grid_hw)
+    level = torch.from_numpy(np.concatenate([c.level for c in chunks]).astype(np.float32, copy=False))
+    samples = None
+    if plan.stencil_offsets is not None:
+        samples = torch.from_numpy(np.concatenate([c.samples for c in chunks]).astype(np.float32, copy=False))
+    weights = scorer.tumour_weights(counts, samples, level[torch.from_numpy(tile_np)])
     area = _area_fractions(idx_np[(weights > 0.5).numpy()], b, plan)
     stats = torch.from_numpy(np.concatenate([c.stats for c in chunks]).astype(np.float32))
     rays = plan.ray_offsets.shape[0]
@@ -121,4 +136,5 @@ def evidence_from_chunks(chunks: list[ChunkEvidence], scorer: IhcDabScorer, plan
         stats={name: stats[:, j] for j, name in enumerate(STAT_NAMES)}, seed_tile=torch.from_numpy(tile_np),
         seed_yx=torch.from_numpy(seed_yx), ray_contrast=torch.from_numpy(contrast.astype(np.float32, copy=False)),
         tumour_weight=weights, tumour_area_fraction=torch.from_numpy(area.astype(np.float32)),
+        counts=counts, samples=samples, level=level,
     )

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 from wsi_her2.errors import ConfigError
 
+#: Local maxima of the DoG are found on it rounded to 2**-20 OD (~1e-6): a plateau whose two
+#: highest pixels differ by float rounding only is then a tie in both kernels (both pixels are
+#: maxima), not one maximum in one kernel and the other in the other. Scaling by a power of two
+#: is exact, and both round half to even.
+DOG_QUANTUM_INV = 2.0 ** 20
+
 
 @dataclass(frozen=True)
 class IhcThresholds:
@@ -76,13 +82,33 @@ class IhcThresholds:
 
     Nuclei and tissue:
 
-    - ``hema_od_min = 0.05``: non-DAB (hematoxylin + neutral) OD of a nucleus, smoothed at the
-      nucleus scale. HER2 kits keep the counterstain light so membranes stay visible, and
-      nuclei of pale HER2 0/1+ carcinoma measure only ~0.05-0.15; 0.05 is ~25x the JPEG noise
-      left after that smoothing (< 0.002 OD).
-    - ``dog_contrast_min = 0.012``: a nucleus must stand out from its ~10 µm surroundings by
-      this much OD (a blob, not a smear): 6x the smoothed noise, so pale nuclei count while
-      smooth stroma and fat, which make no blobs, do not.
+    - **Counterstain OD** (the nuclear channel): the absorbance orthogonal to the DAB vector,
+      read along the hematoxylin-neutral direction and scaled so that hematoxylin reads its own
+      OD (:data:`wsi_her2.models.ihc_score.COUNTERSTAIN_FROM_RGB`; grey reads ~0.6 of its OD,
+      Ruifrok DAB 0). Real brown is often yellower than the Ruifrok DAB vector; unmixed with a
+      neutral vector, its excess went to the neutral channel, and brown cytoplasm read darker
+      than the nuclei inside it (4x the nuclei counted by eye on a pale 1+ patch). Any hue of
+      brown between Ruifrok's and grey now reads at most a fraction of its OD, and JPEG noise is
+      amplified 1.7x instead of the 3.8x of the hematoxylin + neutral sum.
+    - **Thresholds relative to the tile's counterstain**: by Beer-Lambert a paler counterstain
+      (less hematoxylin, a shorter bath, a thinner section) scales every nucleus's OD and its
+      contrast by the same factor, so a nucleus is a blob whose contrast is a fixed share of the
+      tile's own counterstain level: the ``counterstain_quantile = 0.99`` quantile of the
+      nucleus-scale smoothed counterstain OD over the tile (the darkest ~1 % of it: nuclei in any
+      tile that holds some). ``nuclear_contrast_rel = 0.10``: a nucleus stands out from its ~10 µm
+      surroundings (difference of Gaussians) by 10 % of that level; ``nuclear_od_rel = 0.30``: its
+      smoothed OD reaches 30 % of it (a blob of counterstain, not a crease in pale cytoplasm). At
+      a normal HER2-kit counterstain (level ~0.12) these are the fixed cut-points used before
+      (contrast 0.012, OD ~0.04); on the palest real tiles (level ~0.05-0.07) they fall to a
+      half, where the fixed ones missed half the nuclei of vesicular carcinoma (18 of 34 counted
+      by eye). Floors keep glass, fat and smooth stroma free of invented nuclei where the level
+      is noise: ``nuclear_contrast_min = 0.007`` and ``nuclear_od_min = 0.025``, ~10x and ~40x the
+      JPEG/camera noise left after the nucleus-scale smoothing (< 0.0007 OD measured on glass and fat).
+      Measured: nuclei found / counted by eye on 12 dev crops 0.73-1.54 (median 0.97; before
+      0.54-4.08); fat, stroma and glass patches gain none; synthetic fibrous stroma and muscle
+      give their planted nuclei (+5-12 %, as before). Limit: tissue with a granular counterstain
+      and no nuclei in it (a synthetic cytoplasm of OD 0.07 with +-25 % granules of 1.5 µm) shows
+      blobs as contrasty, at the nucleus scale, as real pale nuclei, and some are counted.
     - ``tissue_od_sum = 0.08``: summed RGB OD. After background correction glass and fat read
       <= ~0.04 in 90 % of pixels even in JPEG-compressed scans; a pale HER2-kit counterstain
       alone (cytoplasm hematoxylin OD ~0.07) sums to ~0.11. Pixels below count as glass/fat.
@@ -94,15 +120,33 @@ class IhcThresholds:
     (grey when unknown; the score stage passes the colour the tile stage measured on the slide's
     glass, so lavender or yellowish glass is not read as a cast, and a yellow cast never as DAB).
 
+    Implausibly few nuclei (``nuclear_density_low``, a per-tile measurement in [0, 1]): a tile
+    whose tissue (summed OD above ``tissue_od_sum``) covers at least ``cellular_tissue_fraction
+    = 0.4`` of it (more than a rim or a few strands: tissue that absorbs light, so neither fat nor
+    glass), yet holds fewer than ``min_nuclei_per_mm2 = 500`` nuclei found per mm² of that tissue
+    (logistic edges: ``tissue_softness``, 20 % of the density cut). Carcinoma holds 3,000-8,000
+    nuclei per mm² of epithelium (cells 12-20 µm across), inflamed stroma and lymphoid tissue
+    3,000-5,000, smooth muscle ~2,800 (one nucleus per ~360 µm²), fibrous stroma ~1,000, and even
+    paucicellular collagen ~550 (counted by eye on a dev patch, ``qc/nuclei_counts.csv``; the
+    palest real tissue tiles measure 650-850 found). Below 500 the tissue is either acellular
+    (mucin, necrosis, hyalinised collagen) or its nuclei are being missed (a counterstain too faint
+    to see, hematoxylin masked by intense DAB): either way its tumour-cell count is not to be
+    trusted, and the tile is reported instead of silently under-counted. The real failure this
+    catches: a faint 1+ core of glands that gave 641 nuclei in ~1.5 mm² (~430 per mm²).
+
     Tumour, not everything (ASCO/CAP percentages are over invasive tumour cells): each nucleus
-    is weighted by how much it looks like part of a cohesive epithelial sheet, counted as the
+    is weighted by how much it looks like tumour epithelium. The epithelium detector
+    (``IhcDabScorer(tumour_model="epithelium")``, :mod:`wsi_her2.models.epithelium`) is a small
+    model trained on the counterstain morphology of the dev patches (``qc/train_epithelium.py``);
+    it has no cut-points here. The cohesion rule (``tumour_model="cohesion"``) weights a nucleus
+    by how much it looks like part of a cohesive epithelial sheet, counted as the
     other nuclei in a ``cohesion_window_um = 40`` µm square around it. Carcinoma cells are
     12-20 µm across, so such a square holds 5-14 of them (4-13 neighbours); fibroblasts, smooth
     muscle and fat in stroma leave 0-3. The weight is a logistic in the neighbour count,
     centred on ``min_neighbours = 4`` (``neighbours_softness = 1``), times one falling at
     ``max_neighbours = 24``: cells over ~8 µm cannot pack more densely, so denser blobs are
     lymphocyte aggregates. Where the tile edge cuts the window, the count inside the tile is
-    scaled up to the whole window (:meth:`IhcDabScorer.edge_corrected_neighbours`), so the weight
+    scaled up to the whole window (:meth:`IhcDabScorer.edge_corrected_counts`), so the weight
     does not depend on the tile size. ``cell_radius_um = 8`` turns tumour nuclei into tumour area. Limits:
     in situ carcinoma and dense benign epithelium count as tumour; single infiltrating tumour
     cells in stroma count little.
@@ -146,8 +190,11 @@ class IhcThresholds:
     membrane_width_um: float = 1.0
     optics_blur_um: float = 0.16
     membrane_od_cap: float = 2.0
-    hema_od_min: float = 0.05
-    dog_contrast_min: float = 0.012
+    nuclear_od_min: float = 0.025
+    nuclear_contrast_min: float = 0.007
+    nuclear_od_rel: float = 0.30
+    nuclear_contrast_rel: float = 0.10
+    counterstain_quantile: float = 0.99
     tissue_od_sum: float = 0.08
     background_quantile: float = 0.99
     background_min_intensity: float = 0.65
@@ -161,6 +208,8 @@ class IhcThresholds:
     chroma_sigma_um: float = 1.5
     chroma_min_od: float = 0.03
     brown_full_share: float = 0.5
+    cellular_tissue_fraction: float = 0.4
+    min_nuclei_per_mm2: float = 500.0
     min_cells: float = 8.0
     cells_softness: float = 2.0
     min_tissue_fraction: float = 0.10
