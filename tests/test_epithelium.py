@@ -181,3 +181,13 @@ def test_real_patches_without_tumour_count_next_to_none(dev_agreement):
     counted = sum(a.counted for stem, a in rows.items() if stem[:5] in NO_TUMOUR)
     nuclei = sum(a.nuclei for stem, a in rows.items() if stem[:5] in NO_TUMOUR)
     assert counted <= MAX_COUNTED_SHARE_WITHOUT_TUMOUR * nuclei, (counted, nuclei)
+
+
+def test_cli_tumour_model_choices_are_the_scorer_s():
+    from wsi_her2.cli.score import TUMOUR_MODEL_CHOICES
+    from wsi_her2.models.ihc_score import TUMOUR_MODELS
+
+    assert set(TUMOUR_MODEL_CHOICES) == set(TUMOUR_MODELS)
+    scorer = IhcDabScorer()
+    scorer.tumour_model = "epithelium"  # as the score stage sets --tumour-model: the detector's weights load
+    assert scorer.epithelium_model is not None

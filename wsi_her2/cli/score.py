@@ -8,6 +8,7 @@ from pathlib import Path
 AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.score.aggregate.AGGREGATORS keys (checked in tests)
 CRITERIA_CHOICES = ("breast", "gastric")  # must equal wsi_her2.criteria.CRITERIA keys (checked in tests)
 SPECIMEN_CHOICES = ("resection", "biopsy")  # must equal wsi_her2.criteria.SPECIMENS (checked in tests)
+TUMOUR_MODEL_CHOICES = ("epithelium", "cohesion")  # must equal wsi_her2.models.ihc_score.TUMOUR_MODELS (checked in tests)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +44,9 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
                    help="the tumour's own guideline: breast (ASCO/CAP 2018 with the 2023 HER2-low/ultralow update; default) or "
                         "gastric (CAP/ASCP/ASCO 2016 gastroesophageal: basolateral or lateral staining counts as complete, "
                         ">= 10 %% of tumour cells, clusters of >= 5 cells in biopsies)")
+    g.add_argument("--tumour-model", choices=TUMOUR_MODEL_CHOICES, default=None,
+                   help="how ihc_dab weighs nuclei as tumour: cohesion (4-24 neighbours in 40 µm) or epithelium (the "
+                        "detector trained on counterstain morphology); default: the scorer's own")
     g.add_argument("--specimen", choices=SPECIMEN_CHOICES, default=None,
                    help="with --criteria gastric: resection (percentage rule) or biopsy (a cluster of >= 5 cohesive stained "
                         "tumour cells decides); default resection, biopsy for --tma cores")
@@ -76,7 +80,8 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
         roi=getattr(args, "roi", None), roi_class=getattr(args, "roi_class", None), tma=getattr(args, "tma", False),
         overwrite=getattr(args, "overwrite", False), progress=progress, force=getattr(args, "force", False),
         calibration=getattr(args, "calibration", None), criteria=getattr(args, "criteria", "breast"),
-        specimen=getattr(args, "specimen", None), cells=getattr(args, "cells", False), no_report=getattr(args, "no_report", False),
+        specimen=getattr(args, "specimen", None), cells=getattr(args, "cells", False),
+        tumour_model=getattr(args, "tumour_model", None), no_report=getattr(args, "no_report", False),
     )
 
 

@@ -74,7 +74,7 @@ from wsi_her2.models.epithelium import (
     nucleus_features,
     nucleus_stencil,
 )
-from wsi_her2.models.ihc_cells import cell_grades, cell_table, ray_contrast, ring_patterns
+from wsi_her2.models.ihc_cells import cell_grades, cell_table, membrane_loss, ray_contrast, ring_patterns
 from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds
 from wsi_her2.vocab import HER2_CLASSES
 from wsi_her2.stain.membrane import membrane_response, membrane_smoothing_um
@@ -280,16 +280,16 @@ class IhcDabScorer(torch.nn.Module):
         super().__init__()
         if kernel not in KERNELS:
             raise ConfigError(f"IhcDabScorer kernel must be one of {KERNELS}, got {kernel!r}.")
-        if tumour_model not in TUMOUR_MODELS:
-            raise ConfigError(f"IhcDabScorer tumour_model must be one of {TUMOUR_MODELS}, got {tumour_model!r}.")
         self.kernel = kernel
-        #: How nuclei are weighted as tumour (:data:`TUMOUR_MODELS`).
+        #: The epithelium detector (the shipped weights, loaded on first use, unless given).
+        self.epithelium_model = epithelium_model
         self.tumour_model = tumour_model
-        #: The epithelium detector (the shipped weights unless given).
-        self.epithelium_model = epithelium_model if epithelium_model is not None else (
-            load_default_model() if tumour_model == "epithelium" else None)
         self.threads = threads  # tile threads of the OpenCV kernel (None: the CPU count, at most 8)
         self.glass_rgb = glass_rgb  # the slide's glass colour, when the slide shows glass (see glass_chroma)
+        #: Tile pixels per colour sample (2: a 4:2:0 JPEG read at its own resolution; the score stage sets
+        #: it from the store's ``tiling.chroma_mpp_um``): a membrane's DAB is corrected for the colour lost
+        #: (:func:`wsi_her2.models.ihc_cells.membrane_loss`).
+        self.chroma_factor = 1
         #: The guideline whose membrane patterns make a cell 2+ or 3+ (:data:`wsi_her2.criteria.CRITERIA`).
         self.criteria: Criteria = get_criteria(criteria)
         if not (0.05 <= mpp_um <= 4.0):
@@ -319,6 +319,20 @@ class IhcDabScorer(torch.nn.Module):
             mpp_um, t.nucleus_diameter_um / mpp_um, t.ray_start_um / mpp_um, t.ray_stop_um / mpp_um,
             t.n_directions,
         )
+
+    @property
+    def tumour_model(self) -> str:
+        """How nuclei are weighted as tumour (:data:`TUMOUR_MODELS`); settable (the score stage sets
+        ``--tumour-model``), loading the epithelium detector's weights when it is chosen."""
+        return self._tumour_model
+
+    @tumour_model.setter
+    def tumour_model(self, name: str) -> None:
+        if name not in TUMOUR_MODELS:
+            raise ConfigError(f"tumour_model {name!r}: choose one of {', '.join(TUMOUR_MODELS)} (--tumour-model)")
+        if name == "epithelium" and self.epithelium_model is None:
+            self.epithelium_model = load_default_model()
+        self._tumour_model = name
 
     @property
     def glass_rgb(self) -> tuple[float, float, float] | None:
@@ -647,7 +661,7 @@ class IhcDabScorer(torch.nn.Module):
         n_tumour = per_tile(tumour)
 
         # 4 (second half) and 5. Membrane OD per ray, the ring's pattern, the guideline's grades per cell.
-        loss = cells.ray_contrast / self.membrane_response
+        loss = membrane_loss(cells.ray_contrast, response=self.membrane_response, chroma_factor=self.chroma_factor, t=t)
         known = self._rays_inside(cells.seed_yx, h, w)
         ring = ring_patterns(loss, t, known=known)
         # Grades are estimated on the cells whose ring lies in the tile (>= 14 of 16 rays): a cell cut by the

@@ -74,6 +74,7 @@ class ScoreConfig:
     criteria: str = DEFAULT_CRITERIA  # --criteria: the tumour's own guideline (wsi_her2.criteria.CRITERIA)
     specimen: str | None = None  # --specimen resection|biopsy (None: biopsy for TMA cores, else resection)
     cells: bool = False  # --cells: every scored cell as a QuPath detection and a parquet row
+    tumour_model: str | None = None  # --tumour-model: how ihc_dab weighs nuclei as tumour (None: its default)
     no_report: bool = False  # --no-report: no <id>.report.html / <id>.report.pdf
 
 
@@ -176,7 +177,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         extra_outputs.update(write_slide_cells(out, store, pred.cells))
     outputs = {**_write_slide_files(out, store, calls, classes, reasons, measurements, slide_call, config, group_part),
                **group_part["outputs"], **extra_outputs}
-    tumour = tumour_summary(pred.measurements, pred.scored)
+    tumour = tumour_summary(pred.measurements, pred.scored, tumour_model=getattr(model, "tumour_model", None))
     row = _slides_csv_row(store.slide_id, config, slide_call, tumour, n_used=int(pred.scored.sum()),
                           n_rejected=int(store.n_tiles - pred.scored.sum()))
     result = _result_record(store, config, model, slide_call=slide_call, tumour=tumour, calibration=calibration,
@@ -312,6 +313,8 @@ def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None,
         model.glass_rgb = glass  # the rule-based scorer measures OD against the slide's own glass colour
     if hasattr(model, "criteria"):
         model.criteria = rule.criteria  # which membrane patterns make a cell 2+ and 3+
+    if config.tumour_model is not None and hasattr(model, "tumour_model"):
+        model.tumour_model = config.tumour_model
     if calibration is not None:
         from wsi_her2.score.calibrate import Calibration
 
@@ -408,23 +411,36 @@ def _calibration_record(config: ScoreConfig) -> dict | None:
             "n_slides": data.get("n_slides"), "leave_one_out": data.get("leave_one_out")}
 
 
-def tumour_summary(measurements: dict, scored) -> dict:
-    """Scored tumour (cells, mm²) over the QC-passed tiles, when the scorer measures it."""
+#: A warning when more than this share of the scored tiles have implausibly few nuclei.
+LOW_NUCLEI_WARN_FRACTION = 0.10
+
+
+def tumour_summary(measurements: dict, scored, *, tumour_model: str | None = None) -> dict:
+    """Scored tumour (cells, mm²) over the QC-passed tiles, when the scorer measures it; and the tissue
+    tiles with implausibly few nuclei (``nuclear_density_low``: tumour cells may be under-counted there)."""
     if "tumour_cell_count" not in measurements:
         return {}
     cells = np.nan_to_num(np.asarray(measurements["tumour_cell_count"], np.float64)[scored])
     area = np.nan_to_num(np.asarray(measurements.get("tumour_area_mm2", np.zeros_like(cells)), np.float64)[scored])
     nuclei = np.nan_to_num(np.asarray(measurements.get("cell_count", cells), np.float64)[scored])
-    return {"cells": int(round(cells.sum())), "area_mm2": round(float(area.sum()), 4),
-            "all_cells": int(round(nuclei.sum())),  # every nucleus found: the tumour share is cells / all_cells
-            "rule": "nuclei weighted by epithelial cohesion (wsi_her2.models.ihc_score.IhcThresholds)"}
+    low = np.nan_to_num(np.asarray(measurements.get("nuclear_density_low", np.zeros_like(cells)), np.float64)[scored]) > 0.5
+    summary = {"cells": int(round(cells.sum())), "area_mm2": round(float(area.sum()), 4),
+               "all_cells": int(round(nuclei.sum())),  # every nucleus found: the tumour share is cells / all_cells
+               "rule": f"nuclei weighted as tumour by the {tumour_model or 'scorer'}'s rule (wsi_her2.models.ihc_score)",
+               "tiles_few_nuclei": int(low.sum())}
+    if low.size and low.mean() > LOW_NUCLEI_WARN_FRACTION:
+        summary["warning"] = (f"nuclei implausibly few in {int(low.sum())} of {low.size} tissue tiles (fewer than 500 per mm² "
+                              "of tissue): faint counterstain or DAB-masked nuclei; tumour cells may be under-counted")
+        log.warning("%s", summary["warning"])
+    return summary
 
 
 def _parts_key(config: ScoreConfig) -> dict:
     """What was scored and how (regions file and class, TMA cores, the guideline, cell outputs): a change re-scores."""
     rule = scoring_rule_of(config)
     return {"roi": str(config.roi) if config.roi else None, "roi_class": config.roi_class, "tma": bool(config.tma),
-            "criteria": rule.criteria.name, "specimen": rule.specimen, "cells": bool(config.cells)}
+            "criteria": rule.criteria.name, "specimen": rule.specimen, "cells": bool(config.cells),
+            "tumour_model": config.tumour_model}
 
 
 def _tile_groups(store: PatchStore, config: ScoreConfig):
