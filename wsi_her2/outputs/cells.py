@@ -81,7 +81,10 @@ def write_cells_geojson(path: Path, cells, xy_level0: NDArray[np.float64], *, ra
     (level-0 px, the bounds offset already taken off), gzip-compressed, streamed block by block."""
     path = Path(path)
     columns = {k: np.nan_to_num(np.asarray(cells[k])) for k in CELL_COLUMNS}
-    with atomic_target(path) as tmp, gzip.GzipFile(tmp, "wb", compresslevel=1, mtime=0) as fh:
+    # No file name in the gzip header (GzipFile would record the temporary name) and no time: a rebuilt
+    # file has the bytes, and the SHA-256, recorded in <id>.json.
+    with atomic_target(path) as tmp, tmp.open("wb") as raw, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as fh:
         fh.write(b'{"type":"FeatureCollection","features":[')
         for start in range(0, len(cells), BLOCK_CELLS):
             stop = min(start + BLOCK_CELLS, len(cells))
