@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_her2.score.aggregate import to_jsonable
+from wsi_her2.jsonable import to_jsonable
 from wsi_her2.vocab import CLASS_COLORS, HER2_CLASSES, INDETERMINATE, QC_REJECTED
 from wsi_her2.errors import ConfigError
 

@@ -186,7 +186,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     if not config.no_report:  # <id>.report.html and .pdf, from the result (before <id>.json: its presence means done)
         from wsi_her2.outputs.report import write_slide_report
         outputs.update(write_slide_report(out, result, reasons=reasons, qc_png=store.path.parent / f"{store.slide_id}.qc.png"))
-    write_result_json(json_path, result, default=_json_default)  # with its outputs' SHA-256 and its own
+    write_result_json(json_path, result)  # with its outputs' SHA-256 and its own
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(store.slide_id, slide_call, row, outputs)
 
@@ -263,7 +263,7 @@ def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | No
     result = {"slide": sid, "store": None, "slide_path": record.get("slide"), "call": call, "row": row,
               "aggregation": config.agg, "model": {"name": _model_label(config)}, "package_version": __version__,
               "no_tissue": record, "outputs": {}}
-    write_result_json(out / f"{sid}.json", result, default=_json_default)
+    write_result_json(out / f"{sid}.json", result)
     upsert_slides_csv(out / "slides.csv", [row])
     return SlideScore(sid, call, row, {})
 
@@ -445,16 +445,6 @@ def _model_label(config: ScoreConfig) -> str:
     from wsi_her2.models.weights import is_weights_path
 
     return Path(config.model).name if is_weights_path(config.model) else config.model
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
 def find_stores(root: str | Path) -> list[Path]:
