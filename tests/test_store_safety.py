@@ -235,7 +235,7 @@ def test_two_inputs_with_one_name_are_one_error(graded_slide, tmp_path, capsys):
 
 # --- one run per store ------------------------------------------------------------------------------
 def test_second_run_on_a_locked_store_exits_with_a_clear_line(graded_slide, store_copy, capsys):
-    from wsi_her2.files import store_lock
+    from wsi_her2.locks import store_lock
 
     with store_lock(store_copy):  # another run (here: this process) is writing the store
         with pytest.raises(StoreError, match="another wsi-her2 run.*is writing this store"):
