@@ -109,6 +109,13 @@ def test_agg_choices_match_aggregators():
     assert set(AGG_CHOICES) == set(AGGREGATORS)
 
 
+def test_the_command_line_default_model_is_the_score_stage_s():
+    from wsi_her2.cli.score import DEFAULT_MODEL_NAME
+    from wsi_her2.score.scorer import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL_NAME == DEFAULT_MODEL
+
+
 def test_explain_writes_saliency_overlay_and_measurement(tmp_path):
     from conftest import fixture_slide
     from wsi_her2.models import create_model, save_model

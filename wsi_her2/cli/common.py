@@ -91,10 +91,15 @@ def use_worker_threads_for_opencv() -> None:
 
 
 def use_one_torch_thread_on_cpu(model: str, device: str) -> None:
-    """For the rule-based ``ihc_dab`` on CPU: torch on one thread for this process. The scorer's
-    OpenCV kernel runs its own tile threads, and torch's OpenMP workers would only spin beside
-    them (15-25 % of the rate). Process-wide, so the command line decides it, not the library."""
-    if model != "ihc_dab" or device == "cuda" or device.startswith("cuda:"):
+    """For a scorer with its own CPU kernel (the ``cpu_kernel`` capability: the default ``ihc_dab``) on CPU:
+    torch on one thread for this process. The scorer's OpenCV kernel runs its own tile threads, and torch's
+    OpenMP workers would only spin beside them (15-25 % of the rate). Process-wide, so the command line
+    decides it, not the library."""
+    if device == "cuda" or device.startswith("cuda:"):
+        return
+    from wsi_her2.score.scorer import scorer_capabilities
+
+    if not scorer_capabilities(model).cpu_kernel:
         return
     import torch
 

@@ -35,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
     use_worker_threads_for_opencv()
     tiled = tile_slide(slide, out, config=TileConfig(workers=args.workers or default_workers()))
     from wsi_her2.cli.common import use_one_torch_thread_on_cpu
+    from wsi_her2.score.scorer import DEFAULT_MODEL
 
-    use_one_torch_thread_on_cpu("ihc_dab", "auto")
+    use_one_torch_thread_on_cpu(DEFAULT_MODEL, "auto")
     res = score_store(tiled.store, config=ScoreConfig(agg=args.agg, overwrite=True))
     c = res.call
     print(f"{'slide':<14} {slide}  (synthetic; planted call HER2 2+)")

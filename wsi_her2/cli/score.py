@@ -8,6 +8,7 @@ from pathlib import Path
 AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.score.aggregate.AGGREGATORS keys (checked in tests)
 CRITERIA_CHOICES = ("breast", "gastric")  # must equal wsi_her2.criteria.CRITERIA keys (checked in tests)
 SPECIMEN_CHOICES = ("resection", "biopsy")  # must equal wsi_her2.criteria.SPECIMENS (checked in tests)
+DEFAULT_MODEL_NAME = "ihc_dab"  # must equal wsi_her2.score.scorer.DEFAULT_MODEL (checked in tests); --help stays light
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_score_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
-    g.add_argument("--model", default="ihc_dab", help="registered model name (see `wsi-her2 models`) or a trained .safetensors (default ihc_dab, needs no weights)")
+    g.add_argument("--model", default=DEFAULT_MODEL_NAME, help="registered model name (see `wsi-her2 models`) or a trained "
+                   f".safetensors (default {DEFAULT_MODEL_NAME}, needs no weights)")
     g.add_argument("--weights", default=None, help="weights file for a registered architecture (.safetensors, or .pt loaded with weights_only)")
     g.add_argument("--agg", choices=AGG_CHOICES, default="asco", help="slide aggregation: vote (majority), mean (mean probability), asco (ASCO/CAP percentage rule; default)")
     g.add_argument("--criteria", choices=CRITERIA_CHOICES, default="breast",
@@ -58,11 +60,11 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--explain", nargs="?", const="gradcam++", choices=("gradcam", "gradcam++"), default=None,
                    help="also write a Grad-CAM(++) saliency overlay and a per-tile saliency measurement (trained models)")
     g.add_argument("--calibration", default=None, metavar="CAL.json",
-                   help="lab calibration of the ihc_dab cut-points from `wsi-her2 calibrate` (recorded in every output)")
+                   help="lab calibration of the default scorer's cut-points from `wsi-her2 calibrate` (recorded in every output)")
     g.add_argument("--no-report", action="store_true",
                    help="do not write the one-page report (<id>.report.html and <id>.report.pdf)")
     g.add_argument("--force", action="store_true",
-                   help="score with ihc_dab even when the stain check says the slide is not DAB IHC (e.g. H&E)")
+                   help="score with a DAB scorer (the default) even when the stain check says the slide is not DAB IHC (e.g. H&E)")
 
 
 def score_config_from_args(args: argparse.Namespace, *, progress: bool):

@@ -15,10 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DAB_IHC", "PLAIN_CLASSIFIER", "Capabilities", "capabilities_of"]
-
-#: The stain a DAB membrane scorer measures: brown DAB on a blue hematoxylin counterstain.
-DAB_IHC = "dab_ihc"
+__all__ = ["PLAIN_CLASSIFIER", "Capabilities", "capabilities_of"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class Capabilities:
         Reports per-cell evidence: tumour-cell percentages (the cell-level ASCO/CAP call), the scored
         tumour (cells, mm²) and the table of scored cells (``score --cells``).
     stain
-        The stain it measures (:data:`DAB_IHC`: a slide that is not DAB IHC is refused unless
+        The stain it measures (:data:`wsi_her2.vocab.DAB_IHC`: a slide that is not DAB IHC is refused unless
         ``--force``); None: any stain its training saw.
     calibration
         Takes a lab calibration (``--calibration``): a DAB gain on its ``thresholds`` and the

@@ -15,7 +15,8 @@ from wsi_her2.errors import ConfigError, WsiHer2Error
 from wsi_her2.models.archs import create_timm, resolve_pretrained_file, timm_input_kwargs
 from wsi_her2.models.config import HER2_CLASSES, ModelConfig
 from wsi_her2.models.heads import FeatureClassifier, build_head, timm_gradcam_layer
-from wsi_her2.models.capabilities import DAB_IHC, Capabilities
+from wsi_her2.vocab import DAB_IHC
+from wsi_her2.models.capabilities import Capabilities
 from wsi_her2.models.entry import ModelEntry, declare
 
 

@@ -36,7 +36,8 @@ from wsi_her2.outputs.slide_outputs import (
 )
 from wsi_her2.outputs.tables import SLIDES_CSV_COLUMNS, ensure_slides_csv_row, upsert_slides_csv, write_tiles_parquet  # noqa: F401 (SLIDES_CSV_COLUMNS re-exported)
 from wsi_her2.tile.qc import reject_reason
-from wsi_her2.stain.check import check_stain_for_model
+from wsi_her2.score.calibration import Calibration, load_calibration
+from wsi_her2.score.scorer import DEFAULT_MODEL, load_scoring_model, prepare_scorer, scorer_capabilities
 from wsi_her2.store.no_tissue import SUFFIX as NO_TISSUE_SUFFIX
 from wsi_her2.store.no_tissue import read_record as read_no_tissue_record
 from wsi_her2.store.no_tissue import store_path_of as no_tissue_store_path
@@ -45,13 +46,9 @@ from wsi_her2.store.verify import verify_store
 
 log = logging.getLogger(__name__)
 
-# Physical field of view must match what the model was trained on (tile px x µm/px).
-MPP_MATCH_TOLERANCE = 0.10
-
-
 @dataclass
 class ScoreConfig:
-    model: str = "ihc_dab"  # registry name or a path to a trained .safetensors
+    model: str = DEFAULT_MODEL  # registry name or a path to a trained .safetensors
     weights: str | None = None
     agg: str = "asco"
     batch_size: int = 64
@@ -89,42 +86,6 @@ class SlideScore:
 def result_json_path(store_path: Path, out_dir: Path | None = None) -> Path:
     store_path = Path(store_path)
     return Path(out_dir or store_path.parent) / f"{store_path.name.removesuffix('.zarr')}.json"
-
-
-def load_scoring_model(config: ScoreConfig, *, store_mpp_um: float | None = None, store_tile_px: int | None = None):
-    """Load the classifier named (or pointed to) by ``config``; the default scorer adapts to the store's
-    MPP and tile size (it measures in micrometres: a tile resized to another size would be read at the wrong scale)."""
-    from wsi_her2.models import create_model, get_config, load_model
-    from wsi_her2.models.weights import is_weights_path
-
-    name = config.model
-    if is_weights_path(name):
-        return load_model(name)
-    cfg = get_config(name)
-    if not cfg.needs_weights and config.weights is None:
-        overrides = {"mpp_um": store_mpp_um} if store_mpp_um else {}
-        if store_tile_px:
-            overrides.update(tile_px=int(store_tile_px), input_px=int(store_tile_px))
-        return create_model(name, **overrides)
-    return load_model(name, weights=config.weights)
-
-
-def check_model_matches_store(model_cfg: Any, store: PatchStore) -> None:
-    """Refuse to score tiles whose physical size differs from the model's training tiles."""
-    if not getattr(model_cfg, "needs_weights", True):
-        return  # rule-based scorer measures in µm and adapts to the store's MPP
-    tiling = store.attrs["tiling"]
-    mpp = float(tiling["effective_mpp_um"])
-    if abs(mpp - model_cfg.mpp_um) / model_cfg.mpp_um > MPP_MATCH_TOLERANCE:
-        raise ConfigError(
-            f"{store.path.name}: tiles are {mpp:.3f} µm/px but model {model_cfg.name} was trained at {model_cfg.mpp_um} µm/px; "
-            f"re-tile with --mpp {model_cfg.mpp_um} --tile-px {model_cfg.tile_px}"
-        )
-    if store.tile_px != model_cfg.tile_px:
-        raise ConfigError(
-            f"{store.path.name}: tiles are {store.tile_px} px but model {model_cfg.name} expects {model_cfg.tile_px} px tiles; "
-            f"re-tile with --tile-px {model_cfg.tile_px} --mpp {model_cfg.mpp_um}"
-        )
 
 
 def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, config: ScoreConfig | None = None, model=None,
@@ -304,30 +265,12 @@ def _write_slide_files(out: Path, store: PatchStore, calls, classes, reasons, me
 
 
 def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None, rule: ScoringRule, model=None):
-    """The model to score ``store`` with, calibrated, after the checks that it fits the store's tiles."""
+    """The model to score ``store`` with, set up for the slide, after the checks that it fits the store's tiles."""
     if model is None:
-        model = load_scoring_model(config, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]),
-                                   store_tile_px=store.tile_px)
-    if hasattr(model, "glass_rgb") and (glass := measured_glass_rgb(store)) is not None:
-        model.glass_rgb = glass  # the rule-based scorer measures OD against the slide's own glass colour
-    if hasattr(model, "criteria"):
-        model.criteria = rule.criteria  # which membrane patterns make a cell 2+ and 3+
-    if calibration is not None:
-        from wsi_her2.score.calibrate import Calibration
-
-        Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"]).apply_to(model)
-    check_model_matches_store(model.wsi_her2_config, store)
-    check_stain_for_model(store, model.wsi_her2_config, force=config.force)  # H&E given to the DAB scorer is refused
-    return model
-
-
-def measured_glass_rgb(store: PatchStore) -> tuple[float, float, float] | None:
-    """The glass colour the tile stage measured on the slide's glass, or None (no glass in view,
-    or a store written before the tile stage recorded it)."""
-    tissue = store.attrs.get("tissue", {})
-    if not tissue.get("glass_measured"):
-        return None
-    return tuple(float(v) for v in tissue["glass_rgb"])
+        model = load_scoring_model(config.model, weights=config.weights, store_tile_px=store.tile_px,
+                                   store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
+    lab = None if calibration is None else Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"])
+    return prepare_scorer(store, model, criteria=rule.criteria, calibration=lab, force=config.force)
 
 
 def _tile_measurements(store: PatchStore, pred, classes: list[str]) -> dict[str, np.ndarray]:
@@ -382,8 +325,9 @@ def validate_score_config(config: ScoreConfig) -> dict | None:
 
     if config.agg not in AGGREGATORS:
         raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
-    if config.explain and config.model == "ihc_dab":
-        raise ConfigError("--explain needs a trained model (Grad-CAM has no gradients to follow in the rule-based ihc_dab)")
+    if config.explain and not scorer_capabilities(config.model).gradients:
+        raise ConfigError(f"--explain needs a trained network: Grad-CAM has no gradients to follow in {config.model} "
+                          "(rule-based: its measurements are its explanation); drop --explain or give a trained --model")
     if config.cpu_workers is not None and int(config.cpu_workers) < 1:
         raise ConfigError(f"--workers must be >= 1, got {config.cpu_workers}")
     scoring_rule_of(config)  # --criteria and --specimen
@@ -399,10 +343,9 @@ def _calibration_record(config: ScoreConfig) -> dict | None:
     """What ``--calibration`` sets (recorded in ``<id>.json``), or None."""
     if config.calibration is None:
         return None
-    from wsi_her2.score.calibrate import load_calibration
-
-    if config.model != "ihc_dab":
-        raise ConfigError("--calibration is for the rule-based ihc_dab scorer; a trained model is calibrated by training")
+    if not scorer_capabilities(config.model).calibration:
+        raise ConfigError(f"--calibration: {config.model} takes no lab calibration (a trained model is calibrated by "
+                          "training); drop --calibration or score with a scorer that takes one, such as the default")
     cal, data = load_calibration(config.calibration)
     return {"file": str(config.calibration), "dab_gain": cal.dab_gain, "cell_fraction_cut": cal.cell_fraction_cut,
             "n_slides": data.get("n_slides"), "leave_one_out": data.get("leave_one_out")}
@@ -442,7 +385,7 @@ def _tile_groups(store: PatchStore, config: ScoreConfig):
 
 
 def _model_label(config: ScoreConfig) -> str:
-    from wsi_her2.models.weights import is_weights_path
+    from wsi_her2.models.checkpoint import is_weights_path
 
     return Path(config.model).name if is_weights_path(config.model) else config.model
 
