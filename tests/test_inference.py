@@ -98,7 +98,7 @@ def _make_store(path: Path, tiles: np.ndarray, *, chunk_tiles: int, qc_flags: np
         attrs={"tiling": {"effective_mpp_um": 0.5, "tile_px": tile_px}},
         per_tile={"qc_flags": flags}, images={},
     )
-    store.tiles[...] = tiles
+    store.write_tiles(0, tiles)
     store.update_attrs(complete=True)
     return open_store(path)
 

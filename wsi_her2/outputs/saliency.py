@@ -35,7 +35,7 @@ def tile_saliency(store, model, *, indices: NDArray[np.integer], method: str = "
     out = np.zeros((len(indices), GRID_PX, GRID_PX), np.float32)
     for start in range(0, len(indices), batch_size):
         idx = np.asarray(indices[start : start + batch_size])
-        tiles = torch.from_numpy(np.asarray(store.tiles.oindex[idx])).to(dev)
+        tiles = torch.from_numpy(store.read_tiles_at(idx)).to(dev)
         x = preprocess_tiles(tiles, input_px=cfg.input_px, mean=cfg.mean, std=cfg.std, stain_norm=cfg.stain_norm)
         cams = gradcam(model, x, method=method, layer="auto")
         small = F.adaptive_avg_pool2d(cams[:, None].float(), GRID_PX)[:, 0]
