@@ -44,10 +44,10 @@ def test_outputs_written_and_consistent(graded_scored):
     for name in ("graded.geojson", "graded.tiles.parquet", "graded.json", "graded.heatmap.png", "slides.csv"):
         assert (out / name).is_file(), name
     meta = json.loads((out / "graded.json").read_text())
-    assert meta["call"]["her2_score"] == res.call["her2_score"]
+    assert meta["call"]["her2_score"] == res.call.her2_score
     assert meta["model"]["name"] == "ihc_dab"
     rows = pd.read_csv(out / "slides.csv", dtype=str)
-    assert list(rows.slide) == ["graded"] and rows.her2_score[0] == res.call["her2_score"]
+    assert list(rows.slide) == ["graded"] and rows.her2_score[0] == res.call.her2_score
     table = pd.read_parquet(out / "graded.tiles.parquet")
     assert len(table) == open_store(store_path).n_tiles
     assert {"p_0", "p_1+", "p_2+", "p_3+", "dab_od_membrane", "completeness", "laplacian_var", "sharpness", "tumour_cell_count"} <= set(table.columns)
@@ -72,7 +72,7 @@ def test_demo_slide_gets_planted_call_with_every_aggregator(demo_slide, tmp_path
     out = tmp_path / "demo-score"
     store = tile_slide(demo_slide, out, config=TileConfig(workers=1)).store
     res = score_store(store, config=ScoreConfig(agg="asco"))
-    assert res.call["her2_score"] == planted
+    assert res.call.her2_score == planted
     table = pd.read_parquet(out / "demo.tiles.parquet")
     probs = table.loc[table.qc_pass, ["p_0", "p_1+", "p_2+", "p_3+"]].to_numpy()
     for name, aggregate in AGGREGATORS.items():

@@ -34,7 +34,7 @@ def test_he_slide_is_refused_by_the_dab_scorer_unless_forced(tmp_path):
     assert not (tmp_path / "CMU-1-Small-Region.json").exists()
     assert main(["score", str(store), "-q"]) == 1  # one line, exit non-zero
     forced = score_store(store, config=ScoreConfig(min_tiles=5, force=True))
-    assert forced.call["her2_score"]
+    assert forced.call.her2_score
 
 
 def test_synthetic_ihc_store_passes_and_other_models_are_not_checked(graded_slide, tmp_path):

@@ -196,7 +196,7 @@ def test_left_over_temporary_files_are_cleaned(graded_slide, clean_store):
 
 def test_result_files_follow_the_umask(tmp_path):
     from wsi_her2.files import atomic_write_text
-    from wsi_her2.score.pipeline import upsert_slides_csv
+    from wsi_her2.outputs.tables import upsert_slides_csv
 
     old = os.umask(0o022)
     try:

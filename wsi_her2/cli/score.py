@@ -123,8 +123,7 @@ def _print_each(each, args: argparse.Namespace) -> int:
     for _, res in each:
         c = res.call
         note = " (already scored)" if res.skipped else ""
-        reason = c.get("details", {}).get("reason")
-        note += f": {reason}" if reason and c["her2_score"] == "indeterminate" else ""
-        print(f"{res.slide_id}: HER2 {c['her2_score']} (confidence {c['confidence']:.2f}, {args.agg}, "
-              f"{res.row['tiles_used']} tiles used, {res.row['tiles_rejected']} rejected){note}")
+        note += f": {c.reason}" if c.reason and c.her2_score == "indeterminate" else ""
+        print(f"{res.slide_id}: HER2 {c.her2_score} (confidence {c.confidence:.2f}, {args.agg}, "
+              f"{res.tiles_used} tiles used, {res.tiles_rejected} rejected){note}")
     return each.exit_code()
