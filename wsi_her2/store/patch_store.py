@@ -30,7 +30,9 @@ chunk as its fill value) and, where the array has one, its checksum.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
@@ -224,6 +226,20 @@ class PatchStore:
         quality = getattr(array.metadata.codecs[0], "quality", None)  # the JPEG codec carries its quality
         return TileChunks(shape=tuple(int(c) for c in array.chunks), codecs=codecs, jpeg_quality=quality,
                           root=self.path / "tiles", chunk_key=array.metadata.encode_chunk_key)
+
+    def chunk_keys(self, name: str) -> tuple[list[str], bool]:
+        """The chunk keys (``c/0/0/...``, under ``<store>/<name>/``) array ``name`` must have on disk, and
+        whether its chunks carry a CRC32C; a missing array is the store's one-line error."""
+        try:
+            array = self._group[name]
+        except (KeyError, FileNotFoundError) as exc:
+            raise self.damaged(f"array {name!r} is missing") from exc
+        summed = any(getattr(c, "to_dict", dict)().get("name") == "crc32c" for c in array.metadata.codecs)
+        if any(s == 0 for s in array.shape):
+            return [], summed
+        counts = [math.ceil(s / c) for s, c in zip(array.shape, array.chunks)]
+        encode = array.metadata.encode_chunk_key
+        return [encode(idx) for idx in itertools.product(*(range(n) for n in counts))], summed
 
     def has_array(self, name: str) -> bool:
         """Whether the store holds array ``name`` (older schemas lack newer QC arrays)."""
