@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -152,3 +153,35 @@ def test_console_script_returns_mains_code_and_readies_a_quick_exit(monkeypatch)
     monkeypatch.setattr(cli, "main", lambda argv=None: 3)
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
     assert cli.entry() == 3 and frozen == [True]
+
+
+def _readme_result_keys() -> set[str]:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("#### `<id>.json`: the slide's result"):]
+    table = table[table.index("| key |"):].split("\n\n")[0]
+    return {k for line in table.splitlines()[2:] for k in re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])}
+
+
+def test_score_store_returns_the_result_its_json_records(graded_scored):
+    """The returned SlideResult is what <id>.json holds (SlideResult.from_record reads it back), and every key is in
+    the README's table of the schema."""
+    from wsi_her2.outputs.manifest import OUTPUT_FILES_KEY, RESULT_DIGEST_KEY
+    from wsi_her2.result import SCHEMA_VERSION, SlideResult
+
+    store_path, res = graded_scored
+    meta = json.loads((store_path.parent / "graded.json").read_text())
+    assert meta["schema_version"] == SCHEMA_VERSION and list(meta)[0] == "schema_version"
+    recorded = {k: v for k, v in meta.items() if k not in (OUTPUT_FILES_KEY, RESULT_DIGEST_KEY)}
+    assert res.to_record() == recorded
+    again = SlideResult.from_record(meta)
+    assert again == res and again.to_record() == recorded and again.tiles is None
+    assert res.tumour is not None and res.row["tumour_cells"] == res.tumour.cells
+    assert res.call.percentages is None and res.call.method == "vote"  # tile votes: no tumour-cell percentages
+    assert res.tiles.calls.shape == (open_store(store_path).n_tiles,) and not res.tiles.calls.flags.writeable
+    with pytest.raises(TypeError, match="read-only"):
+        res.call.details["reason"] = "edited"
+    documented = _readme_result_keys()
+    assert set(meta) <= documented
+    assert documented - set(meta) == {"cores", "regions", "slide_path", "no_tissue"}

@@ -84,7 +84,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.cli.common import cudnn_autotune, use_one_torch_thread_on_cpu, use_worker_threads_for_opencv
-    from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.errors import StoreError
     from wsi_her2.score.pipeline import find_stores, validate_score_config
 
     targets = args.stores or ["wsi-her2-out"]
@@ -93,14 +93,9 @@ def run(args: argparse.Namespace) -> int:
         path = Path(t)
         stores.extend([path] if path.name.endswith(".zarr") else find_stores(path))
     if not stores:
-        print(f"wsi-her2 score: error: no patch stores in {', '.join(targets)}; run `wsi-her2 tile` first", file=sys.stderr)
-        return 2
+        raise StoreError(f"no patch stores in {', '.join(targets)}; run `wsi-her2 tile` first")
     config = score_config_from_args(args, progress=not args.quiet and sys.stderr.isatty())
-    try:
-        validate_score_config(config)  # every option checked before any slide is touched
-    except WsiHer2Error as exc:
-        print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
-        return 2
+    validate_score_config(config)  # every option checked before any slide is touched
     use_one_torch_thread_on_cpu(config.model, config.device)
     use_worker_threads_for_opencv()  # ihc_dab's kernel threads are the parallelism, as in tile/demo/app
     with cudnn_autotune(config.device):
@@ -109,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _score_each(stores: list[Path], args: argparse.Namespace, config) -> int:
     """Score the stores one by one, printing a line per slide; the exit code."""
-    from wsi_her2.cli.common import EachItem
+    from wsi_her2.cli.exits import EachItem
     from wsi_her2.score.cpu_pool import ChunkPool
     from wsi_her2.score.pipeline import score_store
 
