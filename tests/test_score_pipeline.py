@@ -185,3 +185,16 @@ def test_score_store_returns_the_result_its_json_records(graded_scored):
     documented = _readme_result_keys()
     assert set(meta) <= documented
     assert documented - set(meta) == {"cores", "regions", "slide_path", "no_tissue"}
+
+
+def test_options_a_scorer_cannot_serve_are_refused_by_its_capabilities(graded_scored):
+    """--cells, --explain and --calibration are asked of the model's capabilities before any work, whatever its name."""
+    from wsi_her2.errors import ConfigError
+    from wsi_her2.score.pipeline import validate_score_config
+
+    with pytest.raises(ConfigError, match="--cells: resnet18 reports no cells"):
+        validate_score_config(ScoreConfig(model="resnet18", cells=True))
+    with pytest.raises(ConfigError, match="--calibration: resnet18 takes no lab calibration"):
+        validate_score_config(ScoreConfig(model="resnet18", calibration="cal.json"))
+    assert validate_score_config(ScoreConfig(model="resnet18", explain="gradcam")) is None
+    assert validate_score_config(ScoreConfig(cells=True)) is None

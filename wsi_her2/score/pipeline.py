@@ -244,6 +244,9 @@ def validate_score_config(config: ScoreConfig) -> dict | None:
     if config.explain and not scorer_capabilities(config.model).gradients:
         raise ConfigError(f"--explain needs a trained network: Grad-CAM has no gradients to follow in {config.model} "
                           "(rule-based: its measurements are its explanation); drop --explain or give a trained --model")
+    if config.cells and not scorer_capabilities(config.model).cell_evidence:
+        raise ConfigError(f"--cells: {config.model} reports no cells (it calls tiles); drop --cells or score with a "
+                          "scorer that counts cells, such as the default")
     if config.cpu_workers is not None and int(config.cpu_workers) < 1:
         raise ConfigError(f"--workers must be >= 1, got {config.cpu_workers}")
     scoring_rule_of(config)  # --criteria and --specimen
