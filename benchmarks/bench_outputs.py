@@ -1,7 +1,7 @@
 """Score outputs stay linear in tiles: the parquet table, the QuPath GeoJSON and the call heatmap.
 
-Writes the three per-slide outputs of ``wsi-her2 score`` (the same private writers that
-``score_pipeline.score_store`` calls) for synthetic slides of growing tile counts (default 10k,
+Writes the three per-slide outputs of ``wsi-her2 score`` (the writers of ``wsi_her2.outputs.slide_outputs``
+that ``score_store`` uses, fed per-tile results) for synthetic slides of growing tile counts (default 10k,
 30k, 100k tiles: a 100k-tile slide is ~5 cm² of tissue at 0.5 µm/px), with random calls, QC
 reasons and every ihc_dab measurement, and prints seconds and microseconds per tile for each.
 Linear writers keep µs/tile flat as the slide grows; the 100k column is the "seconds, not
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_her2.score.aggregate import SlideCall
 from wsi_her2.models.ihc_score import MEASUREMENT_NAMES
-from wsi_her2.tile.qc import QC_FLAGS, reject_reason
 from wsi_her2.outputs.slide_outputs import run_side_by_side, write_slide_geojson, write_slide_heatmap
 from wsi_her2.outputs.tables import write_tiles_parquet
+from wsi_her2.result import PartCall, TileResults
+from wsi_her2.tile.qc import QC_FLAGS, reject_reason
 
 CLASSES = ("0", "1+", "2+", "3+")
 TILE_LEVEL0_PX = 224  # 224 px tiles at 0.5 µm/px on a 0.5 µm/px slide
@@ -65,24 +65,25 @@ def time_writers(n: int, out: Path) -> dict[str, float]:
     calls = np.where(store.qc_pass, rng.integers(0, 4, n), -1)
     reasons = [reject_reason(int(f)) for f in store.qc_flags]
     measurements = {name: np.where(store.qc_pass, rng.random(n), np.nan).astype(np.float32) for name in MEASUREMENT_NAMES}
-    slide_call = SlideCall(her2_score="2+", confidence=0.9, class_fractions={c: 0.25 for c in CLASSES},
-                           n_tiles_used=int(store.qc_pass.sum()), method="vote").to_dict()
+    call = PartCall(her2_score="2+", confidence=0.9, class_fractions={c: 0.25 for c in CLASSES},
+                    n_tiles_used=int(store.qc_pass.sum()), method="vote", details={}, her2_category="equivocal",
+                    her2_category_text="HER2 2+ equivocal", criteria={})
+    tiles = TileResults(CLASSES, calls, reasons, measurements)
     seconds = {}
     t0 = time.perf_counter()
-    write_tiles_parquet(out / f"{n}.tiles.parquet", store, calls, CLASSES, reasons, measurements)
+    write_tiles_parquet(out / f"{n}.tiles.parquet", store, tiles)
     seconds["parquet"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    write_slide_geojson(out, store.slide_id, store, calls, CLASSES, reasons, measurements, slide_call, gz=False)
+    write_slide_geojson(out / f"{store.slide_id}.geojson", store, tiles, call)
     seconds["geojson"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    write_slide_heatmap(out / f"{n}.heatmap.png", store, calls, CLASSES, slide_call)
+    write_slide_heatmap(out / f"{n}.heatmap.png", store, tiles, call)
     seconds["heatmap"] = time.perf_counter() - t0
     t0 = time.perf_counter()  # the three at once, as `wsi-her2 score` writes them
     run_side_by_side({
-        "parquet": lambda: write_tiles_parquet(out / f"{n}.b.tiles.parquet", store, calls, CLASSES, reasons, measurements),
-        "geojson": lambda: write_slide_geojson(out, f"{store.slide_id}.b", store, calls, CLASSES, reasons, measurements,
-                                               slide_call, gz=False),
-        "heatmap": lambda: write_slide_heatmap(out / f"{n}.b.heatmap.png", store, calls, CLASSES, slide_call),
+        "parquet": lambda: write_tiles_parquet(out / f"{n}.b.tiles.parquet", store, tiles),
+        "geojson": lambda: write_slide_geojson(out / f"{store.slide_id}.b.geojson", store, tiles, call),
+        "heatmap": lambda: write_slide_heatmap(out / f"{n}.b.heatmap.png", store, tiles, call),
     })
     seconds["side_by_side"] = time.perf_counter() - t0
     return seconds

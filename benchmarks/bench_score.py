@@ -83,7 +83,7 @@ def build_bench_store(tiles: np.ndarray, path: Path, *, n_tiles: int, chunk_tile
     )
     for start in range(0, n_tiles, chunk_tiles):
         stop = min(start + chunk_tiles, n_tiles)
-        store.tiles[start:stop] = tiles[np.arange(start, stop) % tiles.shape[0]]
+        store.write_tiles(start, tiles[np.arange(start, stop) % tiles.shape[0]])
     store.update_attrs(complete=True)
     return open_store(path)
 

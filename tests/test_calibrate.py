@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from wsi_her2.score.calibrate import DAB_GAINS, calibrate, load_calibration
+from wsi_her2.score.calibrate import DAB_GAINS, calibrate
+from wsi_her2.score.calibration import load_calibration
 from wsi_her2.cli import main
 from wsi_her2.errors import ConfigError
 from wsi_her2.synthetic.slides import Region, SyntheticSlideSpec, write_synthetic_slide

@@ -56,3 +56,17 @@ def test_each_block_s_cells_carry_its_planted_grade(scored):
         share = float((inside.grade == region.grade).mean())
         # 1+ rings are partial and faint: a share of the cells shows no membrane at all
         assert share > (0.5 if region.grade == 1 else 0.7), (region.grade, inside.grade.value_counts().to_dict())
+
+
+def test_the_cells_geojson_has_the_same_bytes_whatever_its_name_and_time(tmp_path):
+    """Regression: the gzip header named the temporary file, so a rebuilt file never matched its SHA-256."""
+    from wsi_her2.outputs.cells import write_cells_geojson
+    from wsi_her2.result import Cells
+
+    n = 5
+    xy = np.arange(2 * n, dtype=np.float64).reshape(n, 2)
+    cells = Cells({k: np.zeros(n, np.float32) for k in CELL_COLUMNS}, xy)
+    a = write_cells_geojson(tmp_path / "a.cells.geojson.gz", cells, xy, radius_px=4.0)
+    b = write_cells_geojson(tmp_path / "b.cells.geojson.gz", cells, xy, radius_px=4.0)
+    assert a.read_bytes() == b.read_bytes()
+    assert len(json.loads(gzip.decompress(a.read_bytes()))["features"]) == n

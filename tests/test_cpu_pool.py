@@ -23,9 +23,9 @@ def graded_store(graded_slide, tmp_path_factory):
 
 
 def _scorer(store) -> IhcDabScorer:
-    from wsi_her2.score.pipeline import ScoreConfig, load_scoring_model
+    from wsi_her2.score.scorer import DEFAULT_MODEL, load_scoring_model
 
-    return load_scoring_model(ScoreConfig(), store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
+    return load_scoring_model(DEFAULT_MODEL, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])

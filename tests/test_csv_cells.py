@@ -47,11 +47,12 @@ def test_slides_csv_neutralises_the_slide_name_once(tmp_path):
 
 
 def test_region_table_neutralises_names(tmp_path):
-    from wsi_her2.score.tile_groups import upsert_rows_csv
+    from wsi_her2.outputs.tables import upsert_rows
+    from wsi_her2.result import PART_CSV_COLUMNS
 
     path = tmp_path / "regions.csv"
     for _ in range(2):
-        upsert_rows_csv(path, "-s", [{"name": "=1+1", "status": "scored", "x_level0": -12.5}])
+        upsert_rows(path, PART_CSV_COLUMNS, ["-s"], [{"slide": "-s", "name": "=1+1", "status": "scored", "x_level0": -12.5}])
     rows = _rows(path)
     assert [(r["slide"], r["name"], r["x_level0"]) for r in rows] == [("'-s", "'=1+1", "-12.5")]
 
@@ -74,7 +75,7 @@ def test_every_csv_writer_of_the_package_uses_the_one_rule():
         if calls:
             writers.append(path.relative_to(PACKAGE.parent))
             assert "from wsi_her2.csv_cells import safe_" in source, f"{path} writes CSV without wsi_her2.csv_cells"
-    assert len(writers) >= 6  # slides.csv, regions/cores.csv, cohort slides.csv, split/labels, metrics, predictions
+    assert len(writers) >= 5  # slides.csv and regions/cores.csv (one upsert), cohort slides.csv, split/labels, metrics, predictions
 
 
 def test_a_slide_named_like_a_formula_is_text_in_slides_csv(tmp_path):

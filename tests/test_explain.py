@@ -6,13 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from wsi_her2.outputs.saliency import overlay_heatmap, paste_tile_heatmaps, save_overlay_png
 from wsi_her2.train.explain import (
     _to_grid,
     gradcam,
-    overlay_heatmap,
-    paste_tile_heatmaps,
     resolve_layer,
-    save_overlay_png,
     save_stage_row_png,
     stage_cams,
     stage_layers,

@@ -98,7 +98,7 @@ def _make_store(path: Path, tiles: np.ndarray, *, chunk_tiles: int, qc_flags: np
         attrs={"tiling": {"effective_mpp_um": 0.5, "tile_px": tile_px}},
         per_tile={"qc_flags": flags}, images={},
     )
-    store.tiles[...] = tiles
+    store.write_tiles(0, tiles)
     store.update_attrs(complete=True)
     return open_store(path)
 
@@ -443,3 +443,10 @@ def test_loader_threads_follow_the_device(monkeypatch):
     assert inference.loader_threads(InferenceConfig(), cuda_plan) == 2
     with pytest.raises(ConfigError, match="--loader-workers must be >= 1"):
         InferenceConfig(loader_workers=0).validate()
+
+
+def test_a_model_made_for_other_tiles_is_refused_as_score_refuses_it(tmp_path):
+    """One model-vs-store check (score.scorer.check_model_matches_store): predict_store raises as score_store does."""
+    store = _make_store(tmp_path / "s.zarr", _tiles(4, 48), chunk_tiles=4)
+    with pytest.raises(ConfigError, match="tiles are 48 px but model standin expects 32 px tiles; re-tile with --tile-px 32"):
+        predict_store(store, OrientedNet(_config(tile_px=32, input_px=32)), config=InferenceConfig(device="cpu"))

@@ -364,3 +364,35 @@ def test_the_registry_fills_itself_on_first_use_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_every_registered_scorer_holds_what_its_capabilities_declare():
+    """Generic code sets and calls these on the word of the capabilities alone (score/scorer.py, inference.py)."""
+    from dataclasses import replace
+
+    from wsi_her2.criteria import get_criteria
+    from wsi_her2.models import capabilities_of, get_capabilities, list_models
+    from wsi_her2.models.capabilities import PLAIN_CLASSIFIER
+
+    declared = [name for name in list_models() if get_capabilities(name) != PLAIN_CLASSIFIER]
+    assert "ihc_dab" in declared
+    for name in declared:
+        model = create_model(name, tile_px=64, input_px=64)
+        caps = capabilities_of(model)
+        assert caps == get_capabilities(name)
+        if caps.glass_colour:
+            model.glass_rgb = (240.0, 235.0, 220.0)
+        if caps.criteria:
+            model.criteria = get_criteria("gastric")
+        if caps.calibration:
+            model.thresholds = replace(model.thresholds, dab_gain=1.5)
+        for tumour_model in caps.tumour_models:
+            model.tumour_model = tumour_model
+        if caps.colour_subsampling:
+            model.chroma_mpp_um = 2.0
+        if caps.cpu_kernel:
+            assert model.kernel in ("auto", "opencv", "torch") and callable(model.measure_evidence)
+        if caps.cell_evidence:
+            out = model.measure(torch.rand(2, 3, 64, 64))
+            assert {"tumour_cell_count", "cells"} <= set(out)
+    assert capabilities_of(create_model("resnet18")) == PLAIN_CLASSIFIER

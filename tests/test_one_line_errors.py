@@ -117,3 +117,44 @@ def test_score_with_a_calibration_folder(tmp_path, capsys):
     assert main(["score", str(tmp_path / "s.zarr"), "--calibration", str(tmp_path)]) == 2
     line = one_line_error(capsys, exactly_one=True)
     assert str(tmp_path) in line and "is a folder, not a calibration file" in line
+
+
+# --- one error path for every command -------------------------------------------------------------
+def test_every_command_reports_errors_through_one_function():
+    """No command prints an ``error:`` line of its own: cli/exits.py formats them all (report_error, EachItem)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "wsi_her2"
+    own = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "exits.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+            if ": error:" in text:
+                own.append(f"{path.relative_to(package.parent)}:{node.lineno}")
+    assert own == []
+
+
+def test_an_os_error_of_a_single_item_command_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """Regression: an OSError (a full disk, no permission) escaped main as a traceback unless the command looped items."""
+    import errno
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "review.html"))
+
+    monkeypatch.setattr("wsi_her2.outputs.review.collect_rows", disk_full)
+    assert main(["review", str(tmp_path)]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith("wsi-her2 review: error: ") and "No space left on device" in line
+
+
+def test_the_exit_codes_are_the_readme_s():
+    import re
+
+    from wsi_her2.cli.exits import ExitCode
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| exit code |"):].split("\n\n")[0]
+    documented = {int(code) for code in re.findall(r"^\| `(\d+)` \|", table, flags=re.M)}
+    assert documented == {int(code) for code in ExitCode}

@@ -160,8 +160,7 @@ def test_the_slides_csv_row_is_checked_and_restored(scored_copy, scored_dir, edi
 def test_result_json_never_holds_infinity(tmp_path):
     from wsi_her2.outputs.manifest import write_result_json
 
-    record = write_result_json(tmp_path / "x.json", {"a": float("inf"), "b": [float("nan"), 1.5], "outputs": {}},
-                               default=str)
+    record = write_result_json(tmp_path / "x.json", {"a": float("inf"), "b": [float("nan"), 1.5], "outputs": {}})
     text = (tmp_path / "x.json").read_text()
     assert record["a"] is None and "Infinity" not in text and "NaN" not in text
     assert json.loads(text)["b"] == [None, 1.5]

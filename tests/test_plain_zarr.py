@@ -33,7 +33,7 @@ def jpeg_store(tmp_path):
     tiles[:, 4:12, 4:12] = (120, 80, 40)
     store = PatchStore.create(tmp_path / "s.zarr", n_tiles=5, tile_px=16, chunk_tiles=4, codec="jpeg",
                               attrs={}, per_tile={}, images={})
-    store.tiles[...] = tiles
+    store.write_tiles(0, tiles)
     return store.path, tiles
 
 

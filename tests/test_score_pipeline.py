@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,10 +45,10 @@ def test_outputs_written_and_consistent(graded_scored):
     for name in ("graded.geojson", "graded.tiles.parquet", "graded.json", "graded.heatmap.png", "slides.csv"):
         assert (out / name).is_file(), name
     meta = json.loads((out / "graded.json").read_text())
-    assert meta["call"]["her2_score"] == res.call["her2_score"]
+    assert meta["call"]["her2_score"] == res.call.her2_score
     assert meta["model"]["name"] == "ihc_dab"
     rows = pd.read_csv(out / "slides.csv", dtype=str)
-    assert list(rows.slide) == ["graded"] and rows.her2_score[0] == res.call["her2_score"]
+    assert list(rows.slide) == ["graded"] and rows.her2_score[0] == res.call.her2_score
     table = pd.read_parquet(out / "graded.tiles.parquet")
     assert len(table) == open_store(store_path).n_tiles
     assert {"p_0", "p_1+", "p_2+", "p_3+", "dab_od_membrane", "completeness", "laplacian_var", "sharpness", "tumour_cell_count"} <= set(table.columns)
@@ -72,7 +73,7 @@ def test_demo_slide_gets_planted_call_with_every_aggregator(demo_slide, tmp_path
     out = tmp_path / "demo-score"
     store = tile_slide(demo_slide, out, config=TileConfig(workers=1)).store
     res = score_store(store, config=ScoreConfig(agg="asco"))
-    assert res.call["her2_score"] == planted
+    assert res.call.her2_score == planted
     table = pd.read_parquet(out / "demo.tiles.parquet")
     probs = table.loc[table.qc_pass, ["p_0", "p_1+", "p_2+", "p_3+"]].to_numpy()
     for name, aggregate in AGGREGATORS.items():
@@ -107,6 +108,13 @@ def test_agg_choices_match_aggregators():
     from wsi_her2.cli.score import AGG_CHOICES
 
     assert set(AGG_CHOICES) == set(AGGREGATORS)
+
+
+def test_the_command_line_default_model_is_the_score_stage_s():
+    from wsi_her2.cli.score import DEFAULT_MODEL_NAME
+    from wsi_her2.score.scorer import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL_NAME == DEFAULT_MODEL
 
 
 def test_explain_writes_saliency_overlay_and_measurement(tmp_path):
@@ -145,3 +153,48 @@ def test_console_script_returns_mains_code_and_readies_a_quick_exit(monkeypatch)
     monkeypatch.setattr(cli, "main", lambda argv=None: 3)
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
     assert cli.entry() == 3 and frozen == [True]
+
+
+def _readme_result_keys() -> set[str]:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("#### `<id>.json`: the slide's result"):]
+    table = table[table.index("| key |"):].split("\n\n")[0]
+    return {k for line in table.splitlines()[2:] for k in re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])}
+
+
+def test_score_store_returns_the_result_its_json_records(graded_scored):
+    """The returned SlideResult is what <id>.json holds (SlideResult.from_record reads it back), and every key is in
+    the README's table of the schema."""
+    from wsi_her2.outputs.manifest import OUTPUT_FILES_KEY, RESULT_DIGEST_KEY
+    from wsi_her2.result import SCHEMA_VERSION, SlideResult
+
+    store_path, res = graded_scored
+    meta = json.loads((store_path.parent / "graded.json").read_text())
+    assert meta["schema_version"] == SCHEMA_VERSION and list(meta)[0] == "schema_version"
+    recorded = {k: v for k, v in meta.items() if k not in (OUTPUT_FILES_KEY, RESULT_DIGEST_KEY)}
+    assert res.to_record() == recorded
+    again = SlideResult.from_record(meta)
+    assert again == res and again.to_record() == recorded and again.tiles is None
+    assert res.tumour is not None and res.row["tumour_cells"] == res.tumour.cells
+    assert res.call.percentages is None and res.call.method == "vote"  # tile votes: no tumour-cell percentages
+    assert res.tiles.calls.shape == (open_store(store_path).n_tiles,) and not res.tiles.calls.flags.writeable
+    with pytest.raises(TypeError, match="read-only"):
+        res.call.details["reason"] = "edited"
+    documented = _readme_result_keys()
+    assert set(meta) <= documented
+    assert documented - set(meta) == {"cores", "regions", "slide_path", "no_tissue"}
+
+
+def test_options_a_scorer_cannot_serve_are_refused_by_its_capabilities(graded_scored):
+    """--cells, --explain and --calibration are asked of the model's capabilities before any work, whatever its name."""
+    from wsi_her2.errors import ConfigError
+    from wsi_her2.score.pipeline import validate_score_config
+
+    with pytest.raises(ConfigError, match="--cells: resnet18 reports no cells"):
+        validate_score_config(ScoreConfig(model="resnet18", cells=True))
+    with pytest.raises(ConfigError, match="--calibration: resnet18 takes no lab calibration"):
+        validate_score_config(ScoreConfig(model="resnet18", calibration="cal.json"))
+    assert validate_score_config(ScoreConfig(model="resnet18", explain="gradcam")) is None
+    assert validate_score_config(ScoreConfig(cells=True)) is None

@@ -85,13 +85,14 @@ def test_html_in_chromium_one_a4_page(scored, browser, tmp_path):  # noqa: F811 
 
 def test_damaged_and_missing_pictures_give_a_clear_line(scored, tmp_path):
     from wsi_her2.outputs.report import write_slide_report
+    from wsi_her2.result import SlideResult
 
     out = tmp_path / "out"
     out.mkdir()
-    result = json.loads((scored / "demo.json").read_text())
+    result = SlideResult.from_record(json.loads((scored / "demo.json").read_text()))
     heatmap = out / "demo.heatmap.png"
     heatmap.write_bytes((scored / "demo.heatmap.png").read_bytes()[:3000])  # truncated PNG
-    result["outputs"]["heatmap_png"] = str(heatmap)
+    result = result.with_outputs({**result.outputs, "heatmap_png": str(heatmap)})
     written = write_slide_report(out, result, qc_png=out / "demo.qc.png")  # no QC picture there
     page = Path(written["report_html"]).read_text()
     assert "Picture not shown." in page and "demo.heatmap.png cannot be read" in page

@@ -34,15 +34,15 @@ def test_he_slide_is_refused_by_the_dab_scorer_unless_forced(tmp_path):
     assert not (tmp_path / "CMU-1-Small-Region.json").exists()
     assert main(["score", str(store), "-q"]) == 1  # one line, exit non-zero
     forced = score_store(store, config=ScoreConfig(min_tiles=5, force=True))
-    assert forced.call["her2_score"]
+    assert forced.call.her2_score
 
 
 def test_synthetic_ihc_store_passes_and_other_models_are_not_checked(graded_slide, tmp_path):
-    from types import SimpleNamespace
-
+    from wsi_her2.models import get_capabilities
     from wsi_her2.stain.check import check_stain_for_model
 
     store = open_store(tile_slide(graded_slide, tmp_path, config=TileConfig(workers=1)).store)
-    report = check_stain_for_model(store, SimpleNamespace(name="ihc_dab"))
+    report = check_stain_for_model(store, get_capabilities("ihc_dab").stain)
     assert report is not None and report.eosin_share < MAX_EOSIN_SHARE / 4 and report.dab_share > 0.3
-    assert check_stain_for_model(store, SimpleNamespace(name="convnext_tiny")) is None  # trained models decide themselves
+    # trained models decide themselves: they declare no stain
+    assert check_stain_for_model(store, get_capabilities("convnext_tiny").stain) is None

@@ -93,11 +93,11 @@ def test_directly_written_chunks_are_byte_identical_to_zarr(codec, tmp_path):
         writer.write(unit, tiles[unit * 4 : unit * 4 + 4])
     theirs = PatchStore.create(tmp_path / "b.zarr", n_tiles=8, tile_px=16, chunk_tiles=4, codec=codec, attrs={},
                                per_tile={}, images={})
-    theirs.tiles[...] = tiles
+    theirs.write_tiles(0, tiles)
     for unit in range(2):
         key = f"tiles/c/{unit}/0/0/0"
         assert (tmp_path / "a.zarr" / key).read_bytes() == (tmp_path / "b.zarr" / key).read_bytes(), key
-    assert any(c.to_dict()["name"] == "crc32c" for c in ours.tiles.metadata.codecs)
+    assert "crc32c" in ours.tile_chunks().codecs
 
 
 def test_every_array_carries_a_checksum(clean_store):
@@ -196,7 +196,7 @@ def test_left_over_temporary_files_are_cleaned(graded_slide, clean_store):
 
 def test_result_files_follow_the_umask(tmp_path):
     from wsi_her2.files import atomic_write_text
-    from wsi_her2.score.pipeline import upsert_slides_csv
+    from wsi_her2.outputs.tables import upsert_slides_csv
 
     old = os.umask(0o022)
     try:
@@ -235,7 +235,7 @@ def test_two_inputs_with_one_name_are_one_error(graded_slide, tmp_path, capsys):
 
 # --- one run per store ------------------------------------------------------------------------------
 def test_second_run_on_a_locked_store_exits_with_a_clear_line(graded_slide, store_copy, capsys):
-    from wsi_her2.files import store_lock
+    from wsi_her2.locks import store_lock
 
     with store_lock(store_copy):  # another run (here: this process) is writing the store
         with pytest.raises(StoreError, match="another wsi-her2 run.*is writing this store"):

@@ -18,7 +18,7 @@ def _store(tmp_path, codec: str = "jpeg") -> PatchStore:
     tiles[:, :8] = rng.integers(100, 140, size=3, dtype=np.uint8)  # flat areas as well as noise
     store = PatchStore.create(tmp_path / f"{codec}.zarr", n_tiles=N_TILES, tile_px=TILE_PX, chunk_tiles=CHUNK_TILES,
                               codec=codec, attrs={}, per_tile={}, images={})
-    store.tiles[...] = tiles
+    store.write_tiles(0, tiles)
     return store
 
 
@@ -76,3 +76,17 @@ def test_loader_batches_hold_the_selected_tiles(tmp_path, codec, batch_size, wor
             loader.release(batch)
     assert np.array_equal(np.concatenate(where), indices)
     assert np.array_equal(np.concatenate(got), every[indices])
+
+
+def test_the_store_hands_out_tiles_through_its_own_api_only(tmp_path):
+    """No raw zarr array leaves the store: reads go through read_tiles / read_tiles_at (one-line damage errors)."""
+    store = _store(tmp_path)
+    assert not hasattr(store, "tiles") and not hasattr(store, "_tiles")
+    every = store.read_tiles(0, N_TILES)
+    picked = [7, 2, 9]
+    assert np.array_equal(store.read_tiles_at(picked), every[picked])
+    chunks = store.tile_chunks()
+    assert chunks.shape == (CHUNK_TILES, TILE_PX, TILE_PX, 3) and chunks.path(1).is_file()
+    chunks.path(2).write_bytes(b"not a chunk")
+    with pytest.raises(StoreError, match="damaged patch store .*tiles 2-9 unreadable"):
+        store.read_tiles_at([2, 9])

@@ -69,3 +69,14 @@ def test_a_slide_that_is_not_a_tma_is_one_line(tmp_path, capsys):
     assert main(["score", str(store), "--tma"]) == 1
     err = capsys.readouterr().err
     assert "does not look like a tissue microarray" in err and "Traceback" not in err
+
+
+def test_the_cores_read_back_from_the_result_json_give_the_same_rows(tma_scored):
+    from wsi_her2.result import MISSING, SlideResult
+
+    d, _ = tma_scored
+    meta = json.loads((d / "tma.json").read_text())
+    result = SlideResult.from_record(meta)
+    assert result.groups.kind == "core" and [p.row() for p in result.groups.parts] == meta["cores"]
+    assert {p.name for p in result.groups.parts if p.status == MISSING} == {"B2"}
+    assert result.to_record()["cores"] == meta["cores"]

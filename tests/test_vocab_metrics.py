@@ -77,7 +77,8 @@ def test_slides_csv_keeps_every_row_under_concurrent_writers(tmp_path):
     import csv
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsi_her2.score.pipeline import SLIDES_CSV_COLUMNS, upsert_slides_csv
+    from wsi_her2.outputs.tables import upsert_slides_csv
+    from wsi_her2.result import SLIDES_CSV_COLUMNS
 
     path = tmp_path / "slides.csv"
 

@@ -11,7 +11,6 @@ without a browser; :func:`build_app` wires them to the page and :func:`serve` st
 from __future__ import annotations
 
 import html
-import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from wsi_her2.errors import ConfigError, MppMissingError, SlideOpenError, WsiHer2Error
+from wsi_her2.result import SlideResult
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +42,19 @@ class AppSettings:
 
 @dataclass
 class RunResult:
-    """What one run produced: the call and the paths of every picture, table and download."""
+    """What one run produced: the slide's result (the call, the tumour numbers, the files written) and the tiling's."""
 
     run_dir: Path
-    slide_id: str
-    call: dict
-    row: dict
-    tumour: dict
-    outputs: dict[str, str]
+    result: SlideResult
+    store: Path
     qc_png: Path
     n_tiles: int
     n_passed: int
-    json_path: Path
     downloads: list[str] = field(default_factory=list)
+
+    @property
+    def json_path(self) -> Path:
+        return self.run_dir / f"{self.result.slide_id}.json"
 
 
 def _no_progress(*_args: Any, **_kwargs: Any) -> None:
@@ -146,40 +146,39 @@ def analyse(settings: AppSettings, upload: Path | None, mpp_um: float | None = N
     tile_cfg = TileConfig(workers=settings.workers or default_workers(), slide_mpp_um=slide_mpp_um, progress=True)
     tiled = tile_slide(slide, run_dir, config=tile_cfg)
     progress(0.3, desc="Scoring")
-    scored = score_store(tiled.store, config=ScoreConfig(progress=True))
+    result = score_store(tiled.store, config=ScoreConfig(progress=True))
     progress(1.0, desc="Done")
-    json_path = run_dir / f"{scored.slide_id}.json"
-    result = json.loads(json_path.read_text())
-    outputs = dict(scored.outputs)
+    run = RunResult(run_dir, result, Path(tiled.store), run_dir / f"{result.slide_id}.qc.png", tiled.n_tiles, tiled.n_passed)
     # the report's HTML is shown on the page itself (Gradio does not offer .html files for download)
-    downloads = [outputs[k] for k in ("report_pdf", "geojson", "tiles_parquet") if k in outputs] + [str(json_path)]
-    return RunResult(run_dir, scored.slide_id, scored.call, scored.row, result.get("tumour", {}), outputs,
-                     run_dir / f"{scored.slide_id}.qc.png", tiled.n_tiles, tiled.n_passed, json_path, downloads)
+    run.downloads = [result.outputs[k] for k in ("report_pdf", "geojson", "tiles_parquet") if k in result.outputs]
+    run.downloads.append(str(run.json_path))
+    return run
 
 
 def call_markdown(res: RunResult) -> str:
     """The call as the page shows it: score, category, confidence, tumour cells and area, tiles."""
-    c = res.call
-    lines = [f"## HER2 {c['her2_score']}", f"**{c.get('her2_category_text', c.get('her2_category', ''))}**", ""]
-    facts = [f"confidence {float(c['confidence']):.2f}"]
-    if res.tumour.get("cells") not in (None, ""):
-        facts.append(f"{int(res.tumour['cells']):,} tumour cells over {float(res.tumour['area_mm2']):.2f} mm²")
-    facts.append(f"{res.row['tiles_used']} of {res.n_tiles} tiles scored ({res.n_passed} passed QC)")
+    c, tumour = res.result.call, res.result.tumour
+    lines = [f"## HER2 {c.her2_score}", f"**{c.her2_category_text or c.her2_category}**", ""]
+    facts = [f"confidence {float(c.confidence):.2f}"]
+    if tumour is not None:
+        facts.append(f"{tumour.cells:,} tumour cells over {tumour.area_mm2:.2f} mm²")
+    facts.append(f"{res.result.tiles_used} of {res.n_tiles} tiles scored ({res.n_passed} passed QC)")
     lines.append(" · ".join(facts))
-    fractions = c.get("class_fractions", {})
-    if fractions:
-        lines += ["", "Class fractions: " + ", ".join(f"{k}: {float(v):.2f}" for k, v in fractions.items())]
-    lines += ["", f"Slide `{res.slide_id}`; outputs in `{res.run_dir}`"]
+    if c.class_fractions:
+        lines += ["", "Class fractions: " + ", ".join(f"{k}: {float(v):.2f}" for k, v in c.class_fractions.items())]
+    lines += ["", f"Slide `{res.result.slide_id}`; outputs in `{res.run_dir}`"]
     return "\n".join(lines)
 
 
-def tile_table(parquet: str | Path, *, max_rows: int = TABLE_ROWS):
-    """The first ``max_rows`` tiles with the key columns, floats rounded for reading."""
+def tile_table(res: RunResult, *, max_rows: int = TABLE_ROWS):
+    """The first ``max_rows`` tiles with the key columns (from the result and its store), floats rounded for reading."""
     import pandas as pd
 
-    df = pd.read_parquet(parquet)
-    cols = [c for c in TABLE_COLUMNS if c in df.columns]
-    head = df[cols].head(max_rows)
+    from wsi_her2.outputs.tables import tile_columns
+    from wsi_her2.store.patch_store import open_store
+
+    columns = tile_columns(open_store(res.store), res.result.tiles)
+    head = pd.DataFrame({c: list(columns[c][:max_rows]) for c in TABLE_COLUMNS if c in columns})
     floats = head.select_dtypes("floating").columns
     return head.astype({c: "float64" for c in floats}).round(3)  # float32 would show 0.9769999980926514
 
@@ -225,13 +224,14 @@ def handle_run(settings: AppSettings, upload: str | Path | None, mpp_um: str | f
     except Exception as exc:  # a bug: the traceback goes to the server log, not the page
         log.exception("wsi-her2 app: run failed")
         return "", error_html(f"internal error ({type(exc).__name__}: {exc}); see the server log"), None, None, None, None, ""
-    return (call_markdown(res), "", res.outputs.get("heatmap_png"), str(res.qc_png) if res.qc_png.is_file() else None,
-            tile_table(res.outputs["tiles_parquet"]), res.downloads, report_html(res))
+    outputs = res.result.outputs
+    return (call_markdown(res), "", outputs.get("heatmap_png"), str(res.qc_png) if res.qc_png.is_file() else None,
+            tile_table(res), res.downloads, report_html(res))
 
 
 def report_html(res: RunResult) -> str:
     """The slide report shown on the page: the report itself in a frame (it is self-contained HTML)."""
-    path = res.outputs.get("report_html")
+    path = res.result.outputs.get("report_html")
     if not path or not Path(path).is_file():
         return ""
     doc = html.escape(Path(path).read_text(encoding="utf-8"), quote=True)

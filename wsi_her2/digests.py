@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from wsi_her2.jsonable import plain_value
+
 
 def sha256_file(path: str | Path, *, block_bytes: int = 1 << 20) -> str:
     """SHA-256 of a file read in 1 MiB blocks (hashlib releases the GIL on each block)."""
@@ -21,19 +23,9 @@ def sha256_file(path: str | Path, *, block_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _plain(obj: Any) -> Any:
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
-
-
 def canonical_json(record: Any) -> bytes:
     """The canonical JSON bytes of ``record`` (sorted keys, compact, UTF-8)."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain).encode("utf-8")
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=plain_value).encode("utf-8")
 
 
 def record_sha256(record: Any) -> str:

@@ -2,15 +2,13 @@
 
 Every error the user can cause inherits :class:`WsiHer2Error` *and* the matching builtin, so
 callers may catch either. Messages say what happened, why, and what to do; the CLI prints them
-as one line and exits non-zero.
+as one line and exits non-zero (:mod:`wsi_her2.cli.exits`).
 """
 from __future__ import annotations
 
 
 class WsiHer2Error(Exception):
     """Base class of every error raised on purpose by wsi-her2."""
-
-    exit_code = 2
 
 
 class SlideNotFoundError(WsiHer2Error, FileNotFoundError):

@@ -8,7 +8,7 @@
   mode follows the umask like every other output (``mkstemp`` would make it 0600), and
   :func:`clean_stale_tmp` removes the temporary files a killed run left behind.
 - :func:`check_unique_slide_ids`: two slides of one call may not share a store name.
-- :func:`store_lock`: one ``tile`` run per store at a time (the cohort runner's expiring locks).
+- :func:`pid_alive`: whether the process that wrote a temporary file (or a lock) still runs.
 """
 from __future__ import annotations
 
@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from wsi_her2.errors import ConfigError, OutputError, StoreError
+from wsi_her2.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
-STORE_LOCK_TIMEOUT_S = 120.0
 STALE_TMP_S = 3600.0  # a temporary file this old is left over from a killed run, whoever wrote it
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.(?P<tid>\d+)\.tmp$")
 
@@ -145,6 +144,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still exists (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
 def _tmp_is_stale(path: Path, *, now: float) -> bool:
     m = _TMP_RE.match(path.name)
     try:
@@ -155,8 +167,6 @@ def _tmp_is_stale(path: Path, *, now: float) -> bool:
         return True
     if m is None or m["host"] != socket.gethostname().split(".")[0]:
         return False
-    from wsi_her2.locks import pid_alive
-
     return not pid_alive(int(m["pid"]))
 
 
@@ -188,36 +198,3 @@ def remove_tmp_files(directory: str | Path) -> int:
     if found:
         log.info("%s: removed %d temporary files left by an interrupted run", directory, len(found))
     return len(found)
-
-
-# --- one tile run per store ------------------------------------------------------------------------
-def store_lock_path(store_path: Path) -> Path:
-    return store_path.with_name(f"{store_path.name}.lock")
-
-
-@contextlib.contextmanager
-def store_lock(store_path: str | Path, *, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold ``<store>.lock`` while writing the store; another live holder is one clear :class:`StoreError`.
-
-    The lock is the cohort runner's expiring lock (:mod:`wsi_her2.batch.state`): its heartbeat
-    is refreshed in the background, and a lock left by a killed process is taken over at once on
-    the same host, or after ``timeout_s`` without a heartbeat from another host.
-    """
-    from wsi_her2.locks import LockKeeper, acquire_lock, read_lock
-
-    path = store_lock_path(Path(store_path))
-    lock = acquire_lock(path, timeout_s=timeout_s)
-    if lock is None:
-        info = read_lock(path) or {}
-        raise StoreError(
-            f"{store_path}: another wsi-her2 run ({info.get('hostname', '?')}, pid {info.get('pid', '?')}) is writing "
-            f"this store; wait for it to finish, or stop it and re-run (its lock {path.name} expires "
-            f"{timeout_s:.0f} s after it stops)"
-        )
-    keeper = LockKeeper(interval_s=timeout_s / 5)
-    keeper.add("store", lock)
-    with keeper:
-        try:
-            yield
-        finally:
-            keeper.release_all()

@@ -23,11 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_her2.files import atomic_write_text, tmp_path_for
+from wsi_her2.errors import OutputError, StoreError
+from wsi_her2.files import atomic_write_text, pid_alive, tmp_path_for
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_TIMEOUT_S = 300.0
+STORE_LOCK_TIMEOUT_S = 120.0
 _TAKEOVER_MUTEX_STALE_S = 30.0
 
 
@@ -54,18 +56,6 @@ def read_lock(path: Path) -> dict | None:
         return info if isinstance(info, dict) else {}
     except ValueError:
         return {}
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return True
-    return True
 
 
 def lock_staleness(path: Path, info: dict | None, *, timeout_s: float, now: float | None = None) -> str | None:
@@ -259,8 +249,6 @@ class LockKeeper:
 def held(path: str | Path, *, wait_s: float = 60.0, timeout_s: float = 30.0) -> Iterator[None]:
     """Hold the lock at ``path`` for a short read-modify-write, waiting up to ``wait_s`` for a
     live holder (a dead one's lock is taken over at once, an expired one after ``timeout_s``)."""
-    from wsi_her2.errors import OutputError
-
     deadline = time.monotonic() + wait_s
     while (lock := acquire_lock(path, timeout_s=timeout_s)) is None:
         if time.monotonic() > deadline:
@@ -270,3 +258,34 @@ def held(path: str | Path, *, wait_s: float = 60.0, timeout_s: float = 30.0) -> 
         yield
     finally:
         lock.release()
+
+
+# --- one tile run per store ------------------------------------------------------------------------
+def store_lock_path(store_path: Path) -> Path:
+    return store_path.with_name(f"{store_path.name}.lock")
+
+
+@contextlib.contextmanager
+def store_lock(store_path: str | Path, *, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold ``<store>.lock`` while writing the store; another live holder is one clear :class:`StoreError`.
+
+    The lock is the cohort runner's expiring lock (:mod:`wsi_her2.batch.state`): its heartbeat
+    is refreshed in the background, and a lock left by a killed process is taken over at once on
+    the same host, or after ``timeout_s`` without a heartbeat from another host.
+    """
+    path = store_lock_path(Path(store_path))
+    lock = acquire_lock(path, timeout_s=timeout_s)
+    if lock is None:
+        info = read_lock(path) or {}
+        raise StoreError(
+            f"{store_path}: another wsi-her2 run ({info.get('hostname', '?')}, pid {info.get('pid', '?')}) is writing "
+            f"this store; wait for it to finish, or stop it and re-run (its lock {path.name} expires "
+            f"{timeout_s:.0f} s after it stops)"
+        )
+    keeper = LockKeeper(interval_s=timeout_s / 5)
+    keeper.add("store", lock)
+    with keeper:
+        try:
+            yield
+        finally:
+            keeper.release_all()

@@ -1,12 +1,19 @@
-"""Agreement metrics for ordinal HER2 scores, defined once (evaluation, cohorts, calibration, qc)."""
+"""Agreement metrics for ordinal HER2 scores, defined once (evaluation, cohorts, calibration, qc, the review page)."""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from typing import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
 from wsi_her2.errors import ConfigError
+from wsi_her2.vocab import HER2_CLASSES, parse_her2_label
+
+GROUPS = ("negative", "equivocal", "positive")
+#: HER2 score index (0..3) -> clinical group index: 0 and 1+ negative, 2+ equivocal, 3+ positive.
+GROUP_OF_SCORE = np.array([0, 0, 1, 2])
 
 
 def confusion_matrix(truth: Sequence[int], pred: Sequence[int], *, n_classes: int) -> NDArray[np.int64]:
@@ -53,3 +60,56 @@ def weighted_kappa(confusion: NDArray, *, weights: str = "quadratic") -> float:
 def quadratic_weighted_kappa(truth: Sequence[int], pred: Sequence[int], *, n_classes: int = 4) -> float:
     """Quadratic-weighted kappa of two ordinal ratings in ``0..n_classes-1``."""
     return weighted_kappa(confusion_matrix(truth, pred, n_classes=n_classes), weights="quadratic")
+
+
+# --- a cohort's agreement with its labels -----------------------------------------------------------
+def _score_index(value: object) -> int | None:
+    try:
+        label = parse_her2_label(value)  # "2+", 2, "2" all map to "2+"
+    except ConfigError:
+        return None  # "indeterminate" and other non-calls
+    return None if label is None else HER2_CLASSES.index(label)
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if not math.isfinite(x) else round(x, 6)
+
+
+def agreement_report(rows: Iterable[Mapping]) -> dict | None:
+    """Agreement of ``her2_score`` with ``label`` over the rows that have a label; None if none has one."""
+    labelled = [r for r in rows if _score_index(r.get("label")) is not None]
+    if not labelled:
+        return None
+    truth, pred, missing = [], [], []
+    for r in labelled:
+        p = _score_index(r.get("her2_score")) if r.get("status") == "done" else None
+        if p is None:
+            missing.append(str(r["slide"]))
+            continue
+        truth.append(_score_index(r["label"]))
+        pred.append(p)
+    cm = confusion_matrix(truth, pred, n_classes=4)
+    n = int(cm.sum())
+    g_truth = GROUP_OF_SCORE[np.asarray(truth, dtype=np.int64)] if n else np.zeros(0, np.int64)
+    g_pred = GROUP_OF_SCORE[np.asarray(pred, dtype=np.int64)] if n else np.zeros(0, np.int64)
+    gm = confusion_matrix(g_truth, g_pred, n_classes=3)
+    per_group = {}
+    for g, name in enumerate(GROUPS):
+        n_g = int(gm[g].sum())
+        per_group[name] = {"n": n_g, "agreement": round(float(gm[g, g]) / n_g, 6) if n_g else None}
+    return {
+        "n_labelled": len(labelled),
+        "n_compared": n,
+        "not_scored": sorted(missing),
+        "classes": list(HER2_CLASSES),
+        "confusion_matrix": cm.tolist(),
+        "accuracy": round(float(np.trace(cm)) / n, 6) if n else None,
+        "quadratic_weighted_kappa": _nan_to_none(weighted_kappa(cm)) if n else None,
+        "groups": {
+            "definition": {"negative": ["0", "1+"], "equivocal": ["2+"], "positive": ["3+"]},
+            "confusion_matrix": gm.tolist(),
+            "accuracy": round(float(np.trace(gm)) / n, 6) if n else None,
+            "kappa": _nan_to_none(weighted_kappa(gm, weights="none")) if n else None,
+            "per_group": per_group,
+        },
+    }

@@ -14,6 +14,10 @@ HER2_CLASSES: tuple[str, ...] = ("0", "1+", "2+", "3+")
 #: Score given when a slide (or region, or core) cannot be called.
 INDETERMINATE = "indeterminate"
 
+#: The stain a DAB membrane scorer measures (its ``stain`` capability): brown DAB on a blue hematoxylin
+#: counterstain; the stain check refuses other slides for it (:mod:`wsi_her2.stain.check`).
+DAB_IHC = "dab_ihc"
+
 #: Membrane pattern of a cell, from the least to the most stained ring (a cell's ``pattern`` code
 #: is the index). ``lateral``: two opposite sides; ``basolateral``: a U, all but the luminal side.
 PATTERNS: tuple[str, ...] = ("none", "partial", "lateral", "basolateral", "complete")

@@ -27,9 +27,9 @@ import numpy as np
 from wsi_her2.batch.manifest import SlideJob
 from wsi_her2.csv_cells import safe_cell
 from wsi_her2.files import atomic_write_text
-from wsi_her2.metrics import confusion_matrix, quadratic_weighted_kappa, weighted_kappa  # noqa: F401 (re-exported)
-from wsi_her2.vocab import HER2_CLASSES, parse_her2_label
-from wsi_her2.errors import ConfigError
+from wsi_her2.metrics import (  # noqa: F401 (re-exported: the cohort's agreement)
+    GROUPS, agreement_report, confusion_matrix, quadratic_weighted_kappa, weighted_kappa,
+)
 
 #: The columns of ``slides.csv``, in order; extra keys a scorer adds follow, sorted by name.
 CSV_COLUMNS = (
@@ -37,9 +37,6 @@ CSV_COLUMNS = (
     "tiles_used", "tiles_rejected", "model", "aggregation", "label", "patient_id", "mpp_um",
     "error_type", "reason",
 )
-GROUPS = ("negative", "equivocal", "positive")
-#: HER2 score index (0..3) -> clinical group index: 0 and 1+ negative, 2+ equivocal, 3+ positive.
-GROUP_OF_SCORE = np.array([0, 0, 1, 2])
 
 
 # --- slides.csv ------------------------------------------------------------------------------------
@@ -97,59 +94,6 @@ def write_slides_csv(rows: Iterable[Mapping], path: str | Path) -> Path:
     return atomic_write_text(path, slides_csv_text(rows))
 
 
-
-
-# --- metrics ---------------------------------------------------------------------------------------
-def _score_index(value: object) -> int | None:
-    try:
-        label = parse_her2_label(value)  # "2+", 2, "2" all map to "2+"
-    except ConfigError:
-        return None  # "indeterminate" and other non-calls
-    return None if label is None else HER2_CLASSES.index(label)
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if not math.isfinite(x) else round(x, 6)
-
-
-def agreement_report(rows: Iterable[Mapping]) -> dict | None:
-    """Agreement of ``her2_score`` with ``label`` over the rows that have a label; None if none has one."""
-    labelled = [r for r in rows if _score_index(r.get("label")) is not None]
-    if not labelled:
-        return None
-    truth, pred, missing = [], [], []
-    for r in labelled:
-        p = _score_index(r.get("her2_score")) if r.get("status") == "done" else None
-        if p is None:
-            missing.append(str(r["slide"]))
-            continue
-        truth.append(_score_index(r["label"]))
-        pred.append(p)
-    cm = confusion_matrix(truth, pred, n_classes=4)
-    n = int(cm.sum())
-    g_truth = GROUP_OF_SCORE[np.asarray(truth, dtype=np.int64)] if n else np.zeros(0, np.int64)
-    g_pred = GROUP_OF_SCORE[np.asarray(pred, dtype=np.int64)] if n else np.zeros(0, np.int64)
-    gm = confusion_matrix(g_truth, g_pred, n_classes=3)
-    per_group = {}
-    for g, name in enumerate(GROUPS):
-        n_g = int(gm[g].sum())
-        per_group[name] = {"n": n_g, "agreement": round(float(gm[g, g]) / n_g, 6) if n_g else None}
-    return {
-        "n_labelled": len(labelled),
-        "n_compared": n,
-        "not_scored": sorted(missing),
-        "classes": list(HER2_CLASSES),
-        "confusion_matrix": cm.tolist(),
-        "accuracy": round(float(np.trace(cm)) / n, 6) if n else None,
-        "quadratic_weighted_kappa": _nan_to_none(weighted_kappa(cm)) if n else None,
-        "groups": {
-            "definition": {"negative": ["0", "1+"], "equivocal": ["2+"], "positive": ["3+"]},
-            "confusion_matrix": gm.tolist(),
-            "accuracy": round(float(np.trace(gm)) / n, 6) if n else None,
-            "kappa": _nan_to_none(weighted_kappa(gm, weights="none")) if n else None,
-            "per_group": per_group,
-        },
-    }
 
 
 def _matrix_text(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> list[str]:

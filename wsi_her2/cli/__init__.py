@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from wsi_her2 import __version__
-from wsi_her2.errors import WsiHer2Error
+from wsi_her2.cli.exits import REPORTED_ERRORS, ExitCode, report_error
 
 # Order here is the order shown in --help.
 COMMAND_MODULES = (
@@ -56,21 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code (:class:`~wsi_her2.cli.exits.ExitCode`). Every error the command raises
+    on purpose, and every ``OSError``, is one line on stderr (:func:`~wsi_her2.cli.exits.report_error`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return ExitCode.ERROR
     try:
-        return int(args.func(args) or 0)
-    except WsiHer2Error as exc:
-        print(f"wsi-her2 {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return int(args.func(args) or ExitCode.OK)
+    except REPORTED_ERRORS as exc:
+        report_error(args.command, exc)
+        return ExitCode.ERROR
     except KeyboardInterrupt:
         print(f"wsi-her2 {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 def entry() -> int:

@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
         settings = AppSettings(work_dir=work_dir, max_upload_mb=args.max_upload_mb, workers=args.workers)
         print(f"wsi-her2 app: http://{args.host}:{args.port}  (runs in {work_dir}; Ctrl+C stops)", file=sys.stderr)
         from wsi_her2.cli.common import use_one_torch_thread_on_cpu, use_worker_threads_for_opencv
+        from wsi_her2.score.scorer import DEFAULT_MODEL
 
         use_worker_threads_for_opencv()  # the app process tiles and scores as the commands do
-        use_one_torch_thread_on_cpu("ihc_dab", "auto")
+        use_one_torch_thread_on_cpu(DEFAULT_MODEL, "auto")
         try:
             serve(settings, host=args.host, port=args.port, open_browser=not args.no_browser)
         except OSError as exc:  # e.g. the port is taken

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from typing import Iterator
 
-from wsi_her2.errors import ConfigError, WsiHer2Error
+from wsi_her2.errors import ConfigError
 from wsi_her2.tile.qc import BLUR_METRICS, QcParams
 from wsi_her2.tile.tissue import THUMB_MAX_MPP_UM, THUMB_MPP_UM, TissueParams
 from wsi_her2.store.codecs import DEFAULT_TILE_CODEC, TILE_CODECS
@@ -91,10 +90,15 @@ def use_worker_threads_for_opencv() -> None:
 
 
 def use_one_torch_thread_on_cpu(model: str, device: str) -> None:
-    """For the rule-based ``ihc_dab`` on CPU: torch on one thread for this process. The scorer's
-    OpenCV kernel runs its own tile threads, and torch's OpenMP workers would only spin beside
-    them (15-25 % of the rate). Process-wide, so the command line decides it, not the library."""
-    if model != "ihc_dab" or device == "cuda" or device.startswith("cuda:"):
+    """For a scorer with its own CPU kernel (the ``cpu_kernel`` capability: the default ``ihc_dab``) on CPU:
+    torch on one thread for this process. The scorer's OpenCV kernel runs its own tile threads, and torch's
+    OpenMP workers would only spin beside them (15-25 % of the rate). Process-wide, so the command line
+    decides it, not the library."""
+    if device == "cuda" or device.startswith("cuda:"):
+        return
+    from wsi_her2.score.scorer import scorer_capabilities
+
+    if not scorer_capabilities(model).cpu_kernel:
         return
     import torch
 
@@ -121,36 +125,3 @@ def cudnn_autotune(device: str) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = old
-
-
-class EachItem:
-    """Run ``work`` on each of ``items`` (slides, stores), yielding ``(item, result)``.
-
-    A :class:`~wsi_her2.errors.WsiHer2Error` or ``OSError`` (e.g. a full disk mid-run) of one item
-    is printed as one line, ``wsi-her2 COMMAND: error: ...``, and counted in :attr:`failed`; the
-    other items go on. :meth:`exit_code` prints the summary line: 0 all done, 1 some failed.
-    """
-
-    def __init__(self, command: str, items, work, *, noun: str) -> None:
-        self.command, self.items, self.work, self.noun = command, list(items), work, noun
-        self.failed = 0
-
-    def __iter__(self):
-        for item in self.items:
-            try:
-                result = self.work(item)
-            except WsiHer2Error as exc:
-                self.failed += 1
-                print(f"wsi-her2 {self.command}: error: {exc}", file=sys.stderr)
-                continue
-            except OSError as exc:
-                self.failed += 1
-                print(f"wsi-her2 {self.command}: error: {item}: {exc}", file=sys.stderr)
-                continue
-            yield item, result
-
-    def exit_code(self) -> int:
-        if not self.failed:
-            return 0
-        print(f"wsi-her2 {self.command}: {self.failed} of {len(self.items)} {self.noun} failed", file=sys.stderr)
-        return 1

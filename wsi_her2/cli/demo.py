@@ -35,15 +35,15 @@ def run(args: argparse.Namespace) -> int:
     use_worker_threads_for_opencv()
     tiled = tile_slide(slide, out, config=TileConfig(workers=args.workers or default_workers()))
     from wsi_her2.cli.common import use_one_torch_thread_on_cpu
+    from wsi_her2.score.scorer import DEFAULT_MODEL
 
-    use_one_torch_thread_on_cpu("ihc_dab", "auto")
+    use_one_torch_thread_on_cpu(DEFAULT_MODEL, "auto")
     res = score_store(tiled.store, config=ScoreConfig(agg=args.agg, overwrite=True))
     c = res.call
     print(f"{'slide':<14} {slide}  (synthetic; planted call HER2 2+)")
     print(f"{'tiles':<14} {tiled.n_tiles} cut, {tiled.n_passed} passed QC")
-    print(f"{'call':<14} HER2 {c['her2_score']}  (confidence {c['confidence']:.2f}, aggregation {args.agg})")
-    fr = c.get("class_fractions", {})
-    print(f"{'fractions':<14} " + "  ".join(f"{k}: {v:.2f}" for k, v in fr.items()))
+    print(f"{'call':<14} HER2 {c.her2_score}  (confidence {c.confidence:.2f}, aggregation {args.agg})")
+    print(f"{'fractions':<14} " + "  ".join(f"{k}: {v:.2f}" for k, v in c.class_fractions.items()))
     for name, path in res.outputs.items():
         print(f"{name.replace('_', ' '):<14} {path}")
     print(f"{'qc picture':<14} {out / (tiled.store.name.removesuffix('.zarr') + '.qc.png')}")

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from wsi_her2.errors import ConfigError
     from wsi_her2.models import load_model
     from wsi_her2.train.data import IMAGE_SUFFIXES, load_tile, to_tensor
-    from wsi_her2.train.explain import cams_for_layers, resolve_layer, save_overlay_png, save_stage_row_png, stage_layers
+    from wsi_her2.outputs.saliency import save_overlay_png
+    from wsi_her2.train.explain import cams_for_layers, resolve_layer, save_stage_row_png, stage_layers
     from wsi_her2.stain.normalize import normalizer_from_config
     from wsi_her2.devices import resolve_device
 

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from wsi_her2.cli.exits import ExitCode
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a slide's levels, MPP (and its source), vendor and tissue estimate")
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     info = slide_info(args.slide, backend=args.backend, slide_mpp_um=args.slide_mpp_um)
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0 if info.get("mpp_um") else 1
+        return ExitCode.OK if info.get("mpp_um") else ExitCode.PROBLEMS
     print(f"slide    {info['slide']}")
     dicom = info.get("dicom")
     source = f" (from {dicom['id_source']}, {dicom['n_files']} DICOM files)" if dicom else ""
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"level {lv['level']}  {lv['width_px']} x {lv['height_px']} px  downsample {lv['downsample']}")
     if info.get("mpp_um") is None:
         print(f"mpp      MISSING: {info['mpp_problem']}")
-        return 1
+        return ExitCode.PROBLEMS
     print(f"mpp      {info['mpp_um']} µm/px (from {info['mpp_source']})")
     print(f"tissue   {info['tissue_area_mm2']} mm² ({100 * info['tissue_fraction']:.1f}% of the slide); pen ink {info['pen_area_mm2']} mm²")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from wsi_her2.cli.exits import ExitCode
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         config = models.read_config(args.inspect)
         if config is None:
             print(f"{args.inspect}: no model config stored with this file (load it with --model NAME --weights FILE)")
-            return 1
+            return ExitCode.PROBLEMS
         print(config.to_json(indent=2))
         return 0
 

@@ -9,6 +9,7 @@ AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.score.aggregate.AG
 CRITERIA_CHOICES = ("breast", "gastric")  # must equal wsi_her2.criteria.CRITERIA keys (checked in tests)
 SPECIMEN_CHOICES = ("resection", "biopsy")  # must equal wsi_her2.criteria.SPECIMENS (checked in tests)
 TUMOUR_MODEL_CHOICES = ("epithelium", "cohesion")  # must equal wsi_her2.models.ihc_score.TUMOUR_MODELS (checked in tests)
+DEFAULT_MODEL_NAME = "ihc_dab"  # must equal wsi_her2.score.scorer.DEFAULT_MODEL (checked in tests); --help stays light
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_score_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
-    g.add_argument("--model", default="ihc_dab", help="registered model name (see `wsi-her2 models`) or a trained .safetensors (default ihc_dab, needs no weights)")
+    g.add_argument("--model", default=DEFAULT_MODEL_NAME, help="registered model name (see `wsi-her2 models`) or a trained "
+                   f".safetensors (default {DEFAULT_MODEL_NAME}, needs no weights)")
     g.add_argument("--weights", default=None, help="weights file for a registered architecture (.safetensors, or .pt loaded with weights_only)")
     g.add_argument("--agg", choices=AGG_CHOICES, default="asco", help="slide aggregation: vote (majority), mean (mean probability), asco (ASCO/CAP percentage rule; default)")
     g.add_argument("--criteria", choices=CRITERIA_CHOICES, default="breast",
@@ -62,11 +64,11 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--explain", nargs="?", const="gradcam++", choices=("gradcam", "gradcam++"), default=None,
                    help="also write a Grad-CAM(++) saliency overlay and a per-tile saliency measurement (trained models)")
     g.add_argument("--calibration", default=None, metavar="CAL.json",
-                   help="lab calibration of the ihc_dab cut-points from `wsi-her2 calibrate` (recorded in every output)")
+                   help="lab calibration of the default scorer's cut-points from `wsi-her2 calibrate` (recorded in every output)")
     g.add_argument("--no-report", action="store_true",
                    help="do not write the one-page report (<id>.report.html and <id>.report.pdf)")
     g.add_argument("--force", action="store_true",
-                   help="score with ihc_dab even when the stain check says the slide is not DAB IHC (e.g. H&E)")
+                   help="score with a DAB scorer (the default) even when the stain check says the slide is not DAB IHC (e.g. H&E)")
 
 
 def score_config_from_args(args: argparse.Namespace, *, progress: bool):
@@ -87,7 +89,7 @@ def score_config_from_args(args: argparse.Namespace, *, progress: bool):
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.cli.common import cudnn_autotune, use_one_torch_thread_on_cpu, use_worker_threads_for_opencv
-    from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.errors import StoreError
     from wsi_her2.score.pipeline import find_stores, validate_score_config
 
     targets = args.stores or ["wsi-her2-out"]
@@ -96,14 +98,9 @@ def run(args: argparse.Namespace) -> int:
         path = Path(t)
         stores.extend([path] if path.name.endswith(".zarr") else find_stores(path))
     if not stores:
-        print(f"wsi-her2 score: error: no patch stores in {', '.join(targets)}; run `wsi-her2 tile` first", file=sys.stderr)
-        return 2
+        raise StoreError(f"no patch stores in {', '.join(targets)}; run `wsi-her2 tile` first")
     config = score_config_from_args(args, progress=not args.quiet and sys.stderr.isatty())
-    try:
-        validate_score_config(config)  # every option checked before any slide is touched
-    except WsiHer2Error as exc:
-        print(f"wsi-her2 score: error: {exc}", file=sys.stderr)
-        return 2
+    validate_score_config(config)  # every option checked before any slide is touched
     use_one_torch_thread_on_cpu(config.model, config.device)
     use_worker_threads_for_opencv()  # ihc_dab's kernel threads are the parallelism, as in tile/demo/app
     with cudnn_autotune(config.device):
@@ -112,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _score_each(stores: list[Path], args: argparse.Namespace, config) -> int:
     """Score the stores one by one, printing a line per slide; the exit code."""
-    from wsi_her2.cli.common import EachItem
+    from wsi_her2.cli.exits import EachItem
     from wsi_her2.score.cpu_pool import ChunkPool
     from wsi_her2.score.pipeline import score_store
 
@@ -126,8 +123,7 @@ def _print_each(each, args: argparse.Namespace) -> int:
     for _, res in each:
         c = res.call
         note = " (already scored)" if res.skipped else ""
-        reason = c.get("details", {}).get("reason")
-        note += f": {reason}" if reason and c["her2_score"] == "indeterminate" else ""
-        print(f"{res.slide_id}: HER2 {c['her2_score']} (confidence {c['confidence']:.2f}, {args.agg}, "
-              f"{res.row['tiles_used']} tiles used, {res.row['tiles_rejected']} rejected){note}")
+        note += f": {c.reason}" if c.reason and c.her2_score == "indeterminate" else ""
+        print(f"{res.slide_id}: HER2 {c.her2_score} (confidence {c.confidence:.2f}, {args.agg}, "
+              f"{res.tiles_used} tiles used, {res.tiles_rejected} rejected){note}")
     return each.exit_code()

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from wsi_her2.cli.exits import ExitCode
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show what a cohort run has done: done / running / failed / pending per slide",
@@ -68,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['slide'].ljust(width)}  {r['status']:8} {(r['stage'] or '-'):6} {r['attempts']:>5}  {detail}")
         print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" of {len(rows)} slides", file=sys.stderr)
     if counts["failed"]:
-        return 1
-    return 3 if counts["running"] or counts["pending"] else 0
+        return ExitCode.PROBLEMS
+    return ExitCode.UNFINISHED if counts["running"] or counts["pending"] else ExitCode.OK

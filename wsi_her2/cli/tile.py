@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsi_her2.cli.common import EachItem, add_tile_options, tile_config_from_args, use_worker_threads_for_opencv
+from wsi_her2.cli.common import add_tile_options, tile_config_from_args, use_worker_threads_for_opencv
+from wsi_her2.cli.exits import EachItem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,19 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.errors import ConfigError
     from wsi_her2.files import check_unique_slide_ids
     from wsi_her2.tile.pipeline import default_workers, slide_id_for, tile_slide
 
     workers = args.workers or default_workers()
     use_worker_threads_for_opencv()
-    try:  # a bad option is one error, not one per slide
-        config = tile_config_from_args(args, workers=workers, progress=not args.quiet and sys.stderr.isatty())
-        config.validate()
-        check_unique_slide_ids(args.slides, slide_id_for)  # two slides may not share one store
-    except ConfigError as exc:
-        print(f"wsi-her2 tile: error: {exc}", file=sys.stderr)
-        return 2
+    # a bad option is one error, not one per slide
+    config = tile_config_from_args(args, workers=workers, progress=not args.quiet and sys.stderr.isatty())
+    config.validate()
+    check_unique_slide_ids(args.slides, slide_id_for)  # two slides may not share one store
     each = EachItem("tile", args.slides, lambda slide: tile_slide(slide, Path(args.out), config=config), noun="slides")
     for _, res in each:
         rate = res.n_tiles / res.seconds if res.seconds > 0 else 0.0

@@ -3,7 +3,6 @@ scored slides' outputs against the SHA-256 their ``<id>.json`` recorded, decodin
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -36,31 +35,25 @@ def targets(path: Path) -> tuple[list[Path], list[Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.errors import WsiHer2Error
+    from wsi_her2.cli.exits import EachItem
     from wsi_her2.outputs.manifest import verify_result
     from wsi_her2.store.verify import verify_store
 
-    failed = checked = 0
+    checks = []
     for path in map(Path, args.paths):
         stores, results = targets(path)
-        if not stores and not results:
-            print(f"wsi-her2 verify: error: {path}: no patch store or scored slide there; give a <slide-id>.zarr, "
-                  "a <slide-id>.json or a folder of them", file=sys.stderr)
-            failed, checked = failed + 1, checked + 1
-            continue
-        for item, check in [(s, verify_store) for s in stores] + [(r, verify_result) for r in results]:
-            checked += 1
-            try:
-                rep = check(item)
-            except WsiHer2Error as exc:
-                failed += 1
-                print(f"wsi-her2 verify: error: {exc}", file=sys.stderr)
-                continue
-            print(_ok_line(rep))
-    if failed:
-        print(f"wsi-her2 verify: {failed} of {checked} stores and scored slides damaged or unreadable", file=sys.stderr)
-        return 1
-    return 0
+        found = [(s, verify_store) for s in stores] + [(r, verify_result) for r in results]
+        checks += found or [(path, _nothing_there)]
+    each = EachItem("verify", checks, lambda check: check[1](check[0]), noun="stores and scored slides")
+    for _, rep in each:
+        print(_ok_line(rep))
+    return each.exit_code()
+
+
+def _nothing_there(path: Path) -> None:
+    from wsi_her2.errors import StoreError
+
+    raise StoreError(f"{path}: no patch store or scored slide there; give a <slide-id>.zarr, a <slide-id>.json or a folder of them")
 
 
 def _ok_line(rep) -> str:

@@ -17,11 +17,11 @@ from typing import Any
 #: does not import torch and timm (~2 s).
 _EXPORTS = {
     "HEAD_NAMES": "config", "HER2_CLASSES": "config", "IMAGENET_MEAN": "config", "IMAGENET_STD": "config",
-    "ModelConfig": "config",
+    "ModelConfig": "config", "Capabilities": "capabilities", "capabilities_of": "capabilities",
     "FeatureClassifier": "heads", "gradcam_layer": "heads", "parameter_groups": "heads",
     "build_model": "registry", "count_parameters": "registry", "create_model": "registry",
-    "get_config": "registry", "list_models": "registry", "register_model": "registry",
-    "load_model": "weights", "read_checkpoint": "weights", "read_config": "weights", "save_model": "weights",
+    "get_capabilities": "registry", "get_config": "registry", "list_models": "registry", "register_model": "registry",
+    "load_model": "weights", "read_checkpoint": "checkpoint", "read_config": "checkpoint", "save_model": "weights",
 }
 
 
@@ -39,6 +39,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Capabilities",
     "HEAD_NAMES",
     "HER2_CLASSES",
     "IMAGENET_MEAN",
@@ -46,8 +47,10 @@ __all__ = [
     "FeatureClassifier",
     "ModelConfig",
     "build_model",
+    "capabilities_of",
     "count_parameters",
     "create_model",
+    "get_capabilities",
     "get_config",
     "gradcam_layer",
     "list_models",

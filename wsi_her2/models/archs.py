@@ -21,9 +21,10 @@ from typing import Any
 from torch import nn
 
 from wsi_her2.errors import WeightsError
+from wsi_her2.models.checkpoint import read_checkpoint
 from wsi_her2.models.config import ModelConfig
 from wsi_her2.models.heads import FeatureClassifier, build_head
-from wsi_her2.models.registry import register_model
+from wsi_her2.models.entry import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ def create_timm(
     log.info("loading ImageNet weights for %s from %s", arch, path)
     # Read it with our own safe reader first: it refuses code-running pickles with the same
     # message as trained weights, whatever error timm's loader would raise for them.
-    from wsi_her2.models.weights import read_checkpoint
-
     read_checkpoint(path)
     try:
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
@@ -177,8 +176,8 @@ _TIMM_ENTRIES: tuple[tuple[str, int, str, str], ...] = (
     ("vit_base_patch16_224", 224, "linear", "ViT-B/16 (a branch of paper 002's hybrid); input size fixed at build"),
 )
 
-for _name, _input_px, _head, _description in _TIMM_ENTRIES:
-    register_model(
-        _name,
-        config=ModelConfig(name=_name, arch=_name, input_px=_input_px, head=_head, description=_description),
-    )(timm_classifier)
+#: The timm classifiers, registered by :mod:`wsi_her2.models.registry`.
+ENTRIES: list[ModelEntry] = [
+    ModelEntry(ModelConfig(name=name, arch=name, input_px=input_px, head=head, description=description), timm_classifier)
+    for name, input_px, head, description in _TIMM_ENTRIES
+]

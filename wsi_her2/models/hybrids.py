@@ -15,7 +15,13 @@ from wsi_her2.errors import ConfigError, WsiHer2Error
 from wsi_her2.models.archs import create_timm, resolve_pretrained_file, timm_input_kwargs
 from wsi_her2.models.config import HER2_CLASSES, ModelConfig
 from wsi_her2.models.heads import FeatureClassifier, build_head, timm_gradcam_layer
-from wsi_her2.models.registry import register_model
+from wsi_her2.vocab import DAB_IHC
+from wsi_her2.models.capabilities import Capabilities
+from wsi_her2.models.entry import ModelEntry, declare
+
+
+#: The hybrid networks and the rule-based IHC scorer, registered by :mod:`wsi_her2.models.registry`.
+ENTRIES: list[ModelEntry] = []
 
 
 class FusionFeatures(nn.Module):
@@ -76,7 +82,7 @@ def _fusion_model(
     return FeatureClassifier(features, build_head(features.num_features, config), num_features=features.num_features)
 
 
-@register_model("hybrid_resnet18_effb0", config=ModelConfig(
+@declare(ENTRIES, config=ModelConfig(
     name="hybrid_resnet18_effb0",
     arch="hybrid_resnet18_effb0",
     head="mlp512_256",
@@ -99,7 +105,7 @@ def hybrid_resnet18_effb0(
     return _fusion_model(("resnet18", "efficientnet_b0"), config, pretrained_file, pretrained=pretrained)
 
 
-@register_model("hybrid_effv2s_vitb16", config=ModelConfig(
+@declare(ENTRIES, config=ModelConfig(
     name="hybrid_effv2s_vitb16",
     arch="hybrid_effv2s_vitb16",
     head="fusion1024_512",
@@ -179,7 +185,7 @@ class SeDscFeatures(nn.Module):
         return self.dsc
 
 
-@register_model("resnet50_se_dsc", config=ModelConfig(
+@declare(ENTRIES, config=ModelConfig(
     name="resnet50_se_dsc",
     arch="resnet50_se_dsc",
     head="linear",
@@ -210,7 +216,7 @@ def resnet50_se_dsc(
     return FeatureClassifier(features, build_head(features.num_features, config), num_features=features.num_features)
 
 
-@register_model("ihc_dab", config=ModelConfig(
+@declare(ENTRIES, config=ModelConfig(
     name="ihc_dab",
     arch="ihc_dab",
     mean=(0.0, 0.0, 0.0),
@@ -219,7 +225,10 @@ def resnet50_se_dsc(
     dropout=0.0,
     needs_weights=False,
     description="rule-based DAB membrane-stain scorer for IHC tiles; needs no weights",
-))
+), capabilities=Capabilities(cell_evidence=True, stain=DAB_IHC, calibration=True, glass_colour=True, criteria=True,
+                             adapts_to_store=True, gradients=False, cpu_kernel=True,
+                             tumour_models=("epithelium", "cohesion"),  # = ihc_score.TUMOUR_MODELS (tested)
+                             colour_subsampling=True))
 def ihc_dab(config: ModelConfig, pretrained_file: str | Path | None = None, *, pretrained: bool = False) -> nn.Module:
     """Default rule-based IHC scorer (:class:`wsi_her2.models.ihc_score.IhcDabScorer`); input is RGB in [0, 1]."""
     if config.classes != HER2_CLASSES:

@@ -51,23 +51,26 @@ def ray_contrast(samples: torch.Tensor) -> torch.Tensor:
     return ((samples - base) / (1.0 - base).clamp(min=1e-3)).amax(dim=-1)
 
 
-def membrane_loss(contrast: torch.Tensor, *, response: float, chroma_factor: int, t: IhcThresholds) -> torch.Tensor:
-    """``(N, R)`` per-ray light loss of the reference band: the ray contrast over the band's response, its
-    OD multiplied by ``chroma_factor`` where the tiles' colour is subsampled.
+def membrane_loss(contrast: torch.Tensor, *, response: float, chroma_mpp_um: float | None,
+                  t: IhcThresholds) -> torch.Tensor:
+    """``(N, R)`` per-ray light loss of the reference band: the ray contrast over the band's response,
+    its OD scaled back by the colour lost where a colour sample is wider than the reference band.
 
-    A 4:2:0 JPEG keeps brightness at full resolution and colour at half. A membrane one pixel wide
-    shares its colour sample with a pixel of cytoplasm: it keeps its darkness, but its colour
-    difference from the cytoplasm, which is what unmixing reads as DAB, is averaged over
-    ``chroma_factor`` pixels, so its DAB OD reads ``1 / chroma_factor`` of its own (measured on
-    rendered 1 µm bands at 1.0 µm/px, JPEG 75-90: 0.51 of 0.15 and 0.5 OD; ``tests/test_membrane_intensity.py``).
-    The tile stage avoids such levels when the slide has a sharper one; where it has none (a 4:2:0
-    JPEG at the tile's own resolution) the OD is scaled back. Bands wider than a pixel lose less and
-    read darker than they are: at the 3+ end, where the grade is intense either way.
+    A 4:2:0 JPEG keeps brightness at full resolution and colour at half. A membrane narrower than a
+    colour sample shares that sample with cytoplasm: it keeps its darkness, but its colour difference
+    from the cytoplasm, which is what unmixing reads as DAB, is averaged over the sample, so the
+    reference band (``membrane_width_um``) keeps ``membrane_width_um / chroma_mpp_um`` of its DAB OD.
+    Measured on rendered 1 µm bands (``tests/test_membrane_intensity.py``): 0.51 of 0.15 and 0.5 OD
+    with 2 µm colour samples (4:2:0 at 1.0 µm/px), 0.94 with 1 µm samples (4:2:0 at 0.5 µm/px).
+    The tile stage avoids such levels when the slide has a sharper one; where it has none the OD is
+    scaled back. Bands wider than the reference lose less and then read darker than they are: at the
+    3+ end, where the grade is intense either way.
     """
     loss = contrast / response
-    if chroma_factor <= 1:
+    spread = 1.0 if chroma_mpp_um is None else chroma_mpp_um / t.membrane_width_um
+    if spread <= 1.0:
         return loss
-    return 1.0 - torch.pow(1.0 - loss.clamp(min=0.0, max=0.999), float(chroma_factor))
+    return 1.0 - torch.pow(1.0 - loss.clamp(min=0.0, max=0.999), spread)
 
 
 def loss_to_od(loss: torch.Tensor, t: IhcThresholds) -> torch.Tensor:

@@ -286,10 +286,10 @@ class IhcDabScorer(torch.nn.Module):
         self.tumour_model = tumour_model
         self.threads = threads  # tile threads of the OpenCV kernel (None: the CPU count, at most 8)
         self.glass_rgb = glass_rgb  # the slide's glass colour, when the slide shows glass (see glass_chroma)
-        #: Tile pixels per colour sample (2: a 4:2:0 JPEG read at its own resolution; the score stage sets
-        #: it from the store's ``tiling.chroma_mpp_um``): a membrane's DAB is corrected for the colour lost
-        #: (:func:`wsi_her2.models.ihc_cells.membrane_loss`).
-        self.chroma_factor = 1
+        #: Width in µm of one colour sample of the tiles (2.0: a 4:2:0 JPEG read at 1 µm/px; the score stage
+        #: sets it from the store's ``tiling.chroma_mpp_um``; None: colour as sharp as the pixels): a
+        #: membrane's DAB is corrected for the colour lost (:func:`wsi_her2.models.ihc_cells.membrane_loss`).
+        self.chroma_mpp_um: float | None = None
         #: The guideline whose membrane patterns make a cell 2+ or 3+ (:data:`wsi_her2.criteria.CRITERIA`).
         self.criteria: Criteria = get_criteria(criteria)
         if not (0.05 <= mpp_um <= 4.0):
@@ -661,7 +661,8 @@ class IhcDabScorer(torch.nn.Module):
         n_tumour = per_tile(tumour)
 
         # 4 (second half) and 5. Membrane OD per ray, the ring's pattern, the guideline's grades per cell.
-        loss = membrane_loss(cells.ray_contrast, response=self.membrane_response, chroma_factor=self.chroma_factor, t=t)
+        loss = membrane_loss(cells.ray_contrast, response=self.membrane_response,
+                             chroma_mpp_um=self.chroma_mpp_um, t=t)
         known = self._rays_inside(cells.seed_yx, h, w)
         ring = ring_patterns(loss, t, known=known)
         # Grades are estimated on the cells whose ring lies in the tile (>= 14 of 16 rays): a cell cut by the

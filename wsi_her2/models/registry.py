@@ -1,18 +1,18 @@
-"""The patch-classifier registry: ``register_model`` fills a dict, ``create_model`` builds from it.
+"""The patch-classifier registry: a dict of models by name, ``create_model`` builds from it.
 
 In the spirit of timm's registry, each entry pairs a :class:`ModelConfig` with a factory
-``factory(config, pretrained_file=None, *, pretrained=False) -> nn.Module``. The factory builds
-the network described by ``config`` (class count, input size, head); the registry attaches the
-config to the module as ``wsi_her2_config`` so that it travels with the model.
+``factory(config, pretrained_file=None, *, pretrained=False) -> nn.Module`` and the model's
+:class:`~wsi_her2.models.capabilities.Capabilities`. The factory builds the network described by
+``config`` (class count, input size, head); the registry attaches the config and the capabilities to
+the module as ``wsi_her2_config`` and ``wsi_her2_capabilities`` so that they travel with the model.
+The built-in entries are declared by :mod:`~wsi_her2.models.archs` and :mod:`~wsi_her2.models.hybrids`
+(imported here, never importing this module); :func:`register_model` adds others.
 """
 from __future__ import annotations
 
 import copy
 import difflib
-import importlib
 import logging
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,47 +20,28 @@ import torch
 from torch import nn
 
 from wsi_her2.errors import ConfigError, ModelNotFoundError
+from wsi_her2.models import archs, hybrids
+from wsi_her2.models.capabilities import PLAIN_CLASSIFIER, Capabilities
 from wsi_her2.models.config import ModelConfig
+from wsi_her2.models.entry import Factory, ModelEntry
 
 log = logging.getLogger(__name__)
 
-Factory = Callable[..., nn.Module]
-
-
-@dataclass(frozen=True)
-class _Entry:
-    config: ModelConfig
-    factory: Factory
-
-
-_REGISTRY: dict[str, _Entry] = {}
-_BUILTIN_LOADED = False
-_BUILTIN_LOCK = threading.RLock()
-
-
-def _load_builtin() -> None:
-    """Register the built-in architectures (importing their modules fills the registry), once.
-
-    Marked done only once both modules are in: a thread that looks while another is importing
-    them waits for the lock instead of finding the registry half filled."""
-    global _BUILTIN_LOADED
-    if _BUILTIN_LOADED:
-        return
-    with _BUILTIN_LOCK:
-        if not _BUILTIN_LOADED:
-            importlib.import_module("wsi_her2.models.archs")
-            importlib.import_module("wsi_her2.models.hybrids")
-            _BUILTIN_LOADED = True
+#: Every registered model by name: the built-in ones (declared by the architecture modules), then any
+#: registered with :func:`register_model`.
+_REGISTRY: dict[str, ModelEntry] = {entry.config.name: entry for entry in (*archs.ENTRIES, *hybrids.ENTRIES)}
 
 
 def registered(name: str) -> bool:
     """Whether ``name`` is a registered model."""
-    _load_builtin()
     return name in _REGISTRY
 
 
-def register_model(name: str, *, config: ModelConfig) -> Callable[[Factory], Factory]:
-    """Decorator registering ``factory(config, pretrained_file=None, *, pretrained=False)`` as ``name``.
+def register_model(name: str, *, config: ModelConfig,
+                   capabilities: Capabilities = PLAIN_CLASSIFIER) -> Callable[[Factory], Factory]:
+    """Decorator registering ``factory(config, pretrained_file=None, *, pretrained=False)`` as ``name``
+    (a model of your own; the built-in ones are declared in :mod:`~wsi_her2.models.archs` and
+    :mod:`~wsi_her2.models.hybrids`).
 
     Parameters
     ----------
@@ -68,6 +49,8 @@ def register_model(name: str, *, config: ModelConfig) -> Callable[[Factory], Fac
         Registry key; must equal ``config.name``.
     config
         Default configuration of the entry (callers may override fields in ``create_model``).
+    capabilities
+        What the model can do beyond class probabilities (:class:`~wsi_her2.models.capabilities.Capabilities`).
     """
     if config.name != name:
         raise ConfigError(f"register_model({name!r}): config.name is {config.name!r}; they must match")
@@ -78,7 +61,7 @@ def register_model(name: str, *, config: ModelConfig) -> Callable[[Factory], Fac
             raise ConfigError(
                 f"model {name!r} is already registered by {_qualname(old.factory)}; pick another name"
             )
-        _REGISTRY[name] = _Entry(config=copy.deepcopy(config), factory=factory)
+        _REGISTRY[name] = ModelEntry(copy.deepcopy(config), factory, capabilities)
         return factory
 
     return decorator
@@ -90,12 +73,10 @@ def _qualname(fn: Callable) -> str:
 
 def list_models() -> list[str]:
     """Registered model names, sorted."""
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
-def _entry(name: str) -> _Entry:
-    _load_builtin()
+def _entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -155,7 +136,13 @@ def build_model(
     use_pretrained = bool(pretrained or pretrained_file is not None)
     model = entry.factory(config, pretrained_file, pretrained=use_pretrained)
     model.wsi_her2_config = copy.deepcopy(config)
+    model.wsi_her2_capabilities = entry.capabilities
     return model
+
+
+def get_capabilities(name: str) -> Capabilities:
+    """What the registered model ``name`` can do (raises ModelNotFoundError)."""
+    return _entry(name).capabilities
 
 
 def count_parameters(name_or_config: str | ModelConfig) -> int | None:

@@ -1,19 +1,15 @@
 """Saving and loading trained classifiers without ever unpickling arbitrary objects.
 
 Weights are written as safetensors with the model's :class:`ModelConfig` (JSON) in the file's
-metadata, plus a readable ``<stem>.json`` beside it. Loading accepts safetensors, or torch
-``.pt/.pth/.bin`` files read with ``torch.load(weights_only=True)``: a checkpoint that would run
-code while unpickling is refused before anything in it runs.
+metadata, plus a readable ``<stem>.json`` beside it. Loading reads the file with
+:mod:`wsi_her2.models.checkpoint` (safetensors, or torch ``.pt/.pth/.bin`` with
+``torch.load(weights_only=True)``: a checkpoint that would run code while unpickling is refused
+before anything in it runs) and builds the model through the registry.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import pickle
-import warnings
 from pathlib import Path
-from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -21,21 +17,14 @@ from torch import nn
 from wsi_her2 import __version__
 from wsi_her2.files import atomic_target, atomic_write_text
 from wsi_her2.errors import ConfigError, WeightsError
+from wsi_her2.models.checkpoint import (
+    CONFIG_METADATA_KEY, config_from_dict, config_sidecar, file_config, is_weights_path, read_checkpoint,
+)
 from wsi_her2.models.config import ModelConfig
 from wsi_her2.models.registry import build_model, get_config, registered
 
 log = logging.getLogger(__name__)
 
-CONFIG_METADATA_KEY = "wsi_her2_config"
-WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
-
-def is_weights_path(name: str) -> bool:
-    """Whether ``--model`` names a weights file (by suffix or a path separator) rather than a
-    registered model name."""
-    return str(name).lower().endswith(WEIGHTS_SUFFIXES) or os.sep in str(name)
-# Keys under which training scripts commonly nest the state_dict of a checkpoint dict.
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -91,152 +80,6 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def config_sidecar(weights_path: str | Path) -> Path:
-    """The readable ``<stem>.json`` that accompanies a weights file."""
-    path = Path(weights_path)
-    return path.with_name(path.stem + ".json")
-
-
-def _is_safetensors(path: Path) -> bool:
-    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'.
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
-
-
-def _not_a_checkpoint(path: Path, why: str) -> WeightsError:
-    return WeightsError(
-        f"{path} is not a model checkpoint ({why}); pass a .safetensors written by `wsi-her2 train` "
-        "or a .pt/.pth holding a state_dict"
-    )
-
-
-def _refuse_pickle(path: Path) -> WeightsError:
-    return WeightsError(
-        f"{path} is not a plain tensor checkpoint; refusing to unpickle it; convert it to safetensors where it "
-        "was made (safetensors.torch.save_file(model.state_dict(), 'model.safetensors')) and pass that file"
-    )
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Read a weights file safely.
-
-    Returns
-    -------
-    (state_dict, config_dict)
-        Tensors on the CPU, and the embedded config dict (None when the file has none).
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise WeightsError(f"weights file {path} does not exist; check the path, or train one with `wsi-her2 train`")
-    if not path.is_file():
-        raise WeightsError(f"weights path {path} is not a file; pass the .safetensors file inside it")
-    if _is_safetensors(path):
-        return _read_safetensors(path)
-    return _read_torch(path)
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            metadata = fh.metadata() or {}
-            state_dict = {key: fh.get_tensor(key) for key in fh.keys()}
-    except Exception as exc:  # SafetensorError, OSError, ...: one message for a damaged file
-        raise _not_a_checkpoint(path, f"unreadable safetensors: {exc}") from exc
-    raw = metadata.get(CONFIG_METADATA_KEY)
-    if raw is None:
-        return state_dict, None
-    try:
-        return state_dict, json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"{path} carries a damaged model config ({exc}); pass the model name explicitly") from exc
-
-
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the result is what matters
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():
-            raise _refuse_pickle(path) from None
-        raise _not_a_checkpoint(path, _first_line(exc)) from None
-    except Exception as exc:  # torch raises KeyError/EOFError/RuntimeError for non-checkpoints
-        raise _not_a_checkpoint(path, _first_line(exc)) from None
-
-    config = None
-    if isinstance(obj, Mapping) and _all_tensors(obj) and obj:
-        state_dict = dict(obj)
-    elif isinstance(obj, Mapping):
-        nested = next((obj[k] for k in _STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if nested is None or not _all_tensors(nested):
-            keys = ", ".join(map(repr, list(obj)[:6]))
-            raise _not_a_checkpoint(path, f"a dict with keys {keys} but no state_dict of tensors")
-        state_dict = dict(nested)
-        if isinstance(obj.get("config"), Mapping):
-            config = dict(obj["config"])
-    else:
-        raise _not_a_checkpoint(path, f"it holds a {type(obj).__name__}, not a state_dict")
-    return state_dict, config
-
-
-def _all_tensors(d: Mapping) -> bool:
-    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
-def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in _WRAPPER_PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def read_config(path: str | Path) -> ModelConfig | None:
-    """The config stored with a weights file (metadata, else ``<stem>.json``), without loading tensors."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; check the path")
-    raw: Any = None
-    if _is_safetensors(path):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                text = (fh.metadata() or {}).get(CONFIG_METADATA_KEY)
-            raw = json.loads(text) if text else None
-        except Exception as exc:
-            raise _not_a_checkpoint(path, f"unreadable safetensors header: {exc}") from exc
-    if raw is None:
-        raw = _read_sidecar(path)
-    return None if raw is None else _config_from(raw, path)
-
-
-def _read_sidecar(path: Path) -> dict[str, Any] | None:
-    sidecar = config_sidecar(path)
-    if not sidecar.is_file():
-        return None
-    try:
-        return json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{sidecar} is not a readable model config ({exc}); fix or delete it") from exc
-
-
-def _config_from(raw: Any, path: Path) -> ModelConfig:
-    try:
-        return ModelConfig.from_dict(raw)
-    except ConfigError as exc:
-        raise WeightsError(f"the model config stored with {path} is invalid: {exc}") from exc
-
-
 def _looks_like_path(name_or_path: str | Path) -> bool:
     if isinstance(name_or_path, Path):
         return True
@@ -290,26 +133,24 @@ def load_model(
         model = build_model(config)
         return model.to(map_location).eval()
 
-    state_dict, raw_config = read_checkpoint(weights_path)
-    if raw_config is None:
-        raw_config = _read_sidecar(weights_path)
-    file_config = None if raw_config is None else _config_from(raw_config, weights_path)
+    state_dict, stored = read_checkpoint(weights_path)
+    stored_config = file_config(weights_path) if stored is None else config_from_dict(stored, weights_path)
 
     if name is not None:
         registered = get_config(name)
-        if file_config is not None and file_config.name != name:
+        if stored_config is not None and stored_config.name != name:
             raise WeightsError(
-                f"{weights_path} was saved for model {file_config.name!r} (arch {file_config.arch}), not {name!r}; "
-                f"pass --model {file_config.name} or give the file alone"
+                f"{weights_path} was saved for model {stored_config.name!r} (arch {stored_config.arch}), not {name!r}; "
+                f"pass --model {stored_config.name} or give the file alone"
             )
-        config = file_config or registered
-    elif file_config is None:
+        config = stored_config or registered
+    elif stored_config is None:
         raise WeightsError(
             f"{weights_path} does not say which model it holds (no embedded config, no {config_sidecar(weights_path).name}); "
             "pass the model name too, e.g. --model resnet50 --weights FILE"
         )
     else:
-        config = file_config
+        config = stored_config
 
     model = _build_and_load(config, state_dict, source=weights_path)
     log.info("loaded %s weights from %s", config.name, weights_path)
@@ -366,3 +207,10 @@ def load_state_dict_strict(
     if assign:
         state_dict = {k: v.to(dtype=expected[k].dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict

@@ -24,11 +24,13 @@ from numpy.typing import NDArray
 
 from wsi_her2.files import atomic_target
 from wsi_her2.outputs.geojson import class_color, qupath_class_name
+from wsi_her2.result import Cells
+from wsi_her2.store.patch_store import PatchStore
 from wsi_her2.vocab import CELL_COLUMNS, HER2_CLASSES, PATTERNS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BLOCK_CELLS", "NON_TUMOUR", "write_cells_geojson", "write_cells_parquet"]
+__all__ = ["BLOCK_CELLS", "CELL_RADIUS_UM", "NON_TUMOUR", "write_cells_geojson", "write_cells_parquet", "write_slide_cells"]
 
 #: Cells formatted and compressed at a time.
 BLOCK_CELLS = 20_000
@@ -76,12 +78,26 @@ def _features(cells: dict[str, NDArray], xy: NDArray[np.float64], radius_px: flo
     return out
 
 
-def write_cells_geojson(path: Path, cells, xy_level0: NDArray[np.float64], *, radius_px: float) -> Path:
-    """``cells`` (a :class:`~wsi_her2.score.cells.CellTable`) as QuPath detections at ``xy_level0``
-    (level-0 px, the bounds offset already taken off), gzip-compressed, streamed block by block."""
+def write_slide_cells(out: Path, store: PatchStore, cells: Cells) -> dict[str, str]:
+    """``--cells``: every scored cell as a QuPath detection (``<id>.cells.geojson.gz``) and a table row
+    (``<id>.cells.parquet``); their paths by output name."""
+    slide = store.attrs["slide"]
+    offset = np.asarray(slide.get("bounds_offset_px", (0, 0)), np.float64)  # QuPath's view of the slide
+    radius_px = CELL_RADIUS_UM / float(slide["mpp_um"])
+    sid = store.slide_id
+    geojson = write_cells_geojson(out / f"{sid}.cells.geojson.gz", cells, cells.xy_level0 - offset, radius_px=radius_px)
+    return {"cells_geojson": str(geojson), "cells_parquet": str(write_cells_parquet(out / f"{sid}.cells.parquet", cells))}
+
+
+def write_cells_geojson(path: Path, cells: Cells, xy_level0: NDArray[np.float64], *, radius_px: float) -> Path:
+    """``cells`` as QuPath detections at ``xy_level0`` (level-0 px, the bounds offset already taken off),
+    gzip-compressed, streamed block by block."""
     path = Path(path)
     columns = {k: np.nan_to_num(np.asarray(cells[k])) for k in CELL_COLUMNS}
-    with atomic_target(path) as tmp, gzip.GzipFile(tmp, "wb", compresslevel=1, mtime=0) as fh:
+    # No file name in the gzip header (GzipFile would record the temporary name) and no time: a rebuilt
+    # file has the bytes, and the SHA-256, recorded in <id>.json.
+    with atomic_target(path) as tmp, tmp.open("wb") as raw, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as fh:
         fh.write(b'{"type":"FeatureCollection","features":[')
         for start in range(0, len(cells), BLOCK_CELLS):
             stop = min(start + BLOCK_CELLS, len(cells))
@@ -93,7 +109,7 @@ def write_cells_geojson(path: Path, cells, xy_level0: NDArray[np.float64], *, ra
     return path
 
 
-def write_cells_parquet(path: Path, cells, xy_level0: NDArray[np.float64]) -> Path:
+def write_cells_parquet(path: Path, cells: Cells) -> Path:
     """``cells`` as a parquet table: level-0 ``x``, ``y``, then the scorer's per-cell columns, the
     pattern and grade both as codes and as names."""
     import pyarrow as pa
@@ -107,7 +123,7 @@ def write_cells_parquet(path: Path, cells, xy_level0: NDArray[np.float64]) -> Pa
         try:
             for start in range(0, max(len(cells), 1), BLOCK_CELLS):
                 stop = min(start + BLOCK_CELLS, len(cells))
-                cols = {"x_level0": xy_level0[start:stop, 0], "y_level0": xy_level0[start:stop, 1]}
+                cols = {"x_level0": cells.xy_level0[start:stop, 0], "y_level0": cells.xy_level0[start:stop, 1]}
                 cols.update({k: np.asarray(cells[k][start:stop]) for k in CELL_COLUMNS})
                 cols.update({f"{k}_name": np.asarray(v, dtype=object)[np.asarray(cells[k][start:stop], int)]
                              for k, v in names.items()})

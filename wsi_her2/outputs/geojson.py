@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_her2.score.aggregate import to_jsonable
+from wsi_her2.jsonable import to_jsonable
+from wsi_her2.result import Groups
 from wsi_her2.vocab import CLASS_COLORS, HER2_CLASSES, INDETERMINATE, QC_REJECTED
 from wsi_her2.errors import ConfigError
 
@@ -411,6 +412,45 @@ def _criteria_note(slide_call: Mapping) -> str:
     """``", gastric, biopsy (...)"`` for the annotation's name: the guideline the call was made under."""
     rule = (slide_call.get("criteria") or {}).get("rule")
     return f", {rule}" if rule else ""
+
+
+# --------------------------------------------------------------------------- TMA cores, regions
+
+
+def part_features(groups: Groups, *, bounds_offset_px: Sequence[float], id_namespace: str) -> list[dict]:
+    """One QuPath annotation per called part (TMA core, region): its outline, classified by its call, with
+    its measurements; parts not called (blank, missing) are in their table only."""
+    import shapely
+    from shapely.geometry import mapping
+
+    off = np.asarray(bounds_offset_px, dtype=np.float64)
+    label = "Core" if groups.kind == "core" else "Region"
+    features = []
+    for part in groups.parts:
+        if not part.called:
+            continue
+        r = part.columns
+        qname = qupath_class_name(str(r["her2_score"]))
+        geom = shapely.transform(part.geometry, lambda c: np.round(c - off, 2))
+        meas = {"confidence": r["confidence"], "n_tiles_used": part.tiles_used, "area_mm2": part.area_mm2,
+                **{f"fraction {qupath_class_name(c)}": r[f"frac_{c}"] for c in HER2_CLASSES},
+                **{f"tumour cells >={k} %": 100.0 * r[f"at_least_{k}"] for k in ("1+", "2+", "3+") if r[f"at_least_{k}"] != ""}}
+        if r["tumour_cells"] != "":
+            meas["tumour cells"] = r["tumour_cells"]
+        features.append({
+            "type": "Feature",
+            "id": feature_id(id_namespace, f"{groups.kind}:{part.name}"),
+            "geometry": json.loads(json.dumps(mapping(geom))),
+            "properties": {
+                "objectType": "annotation",
+                "name": f"{label} {part.name}: {qname} (confidence {float(r['confidence']):.2f})",
+                "classification": _classification(qname, None),
+                "measurements": {k: float(v) for k, v in meas.items() if np.isfinite(float(v))},
+                "metadata": {"her2_score": str(r["her2_score"]), groups.kind: part.name, "her2_category": str(r["her2_category"]),
+                             "criteria": part.call.criteria["rule"]},
+            },
+        })
+    return features
 
 
 # --------------------------------------------------------------------------- collection, file

@@ -24,12 +24,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from wsi_her2.csv_cells import safe_cell, written_row
 from wsi_her2.digests import record_sha256, sha256_file
 from wsi_her2.errors import OutputError
 from wsi_her2.files import atomic_write_text
+from wsi_her2.jsonable import to_jsonable
 
 RESULT_DIGEST_KEY = "result_sha256"
 OUTPUT_FILES_KEY = "output_files"
@@ -60,11 +61,11 @@ def finite(value: Any) -> Any:
     return value
 
 
-def write_result_json(path: Path, result: dict, *, default: Callable[[Any], Any]) -> dict:
-    """Write ``<id>.json``: ``result`` (finite numbers only), the digests of its per-slide outputs and
-    its own digest, atomically. ``default`` turns numpy values and paths into JSON. Returns the record."""
+def write_result_json(path: Path, result: dict) -> dict:
+    """Write ``<id>.json``: ``result`` (numpy values and paths as plain JSON, finite numbers only), the
+    digests of its per-slide outputs and its own digest, atomically. Returns the record."""
     path = Path(path)
-    record = finite(json.loads(json.dumps(result, default=default)))
+    record = finite(to_jsonable(result))
     record.pop(RESULT_DIGEST_KEY, None)
     record[OUTPUT_FILES_KEY] = {rel: _file_entry(path.parent / rel) for rel in _per_slide_files(record, path.parent)}
     record[RESULT_DIGEST_KEY] = record_sha256(record)

@@ -1,7 +1,7 @@
 """The one-page slide report a pathologist files with the case: ``<id>.report.html`` and ``<id>.report.pdf``.
 
-Both are drawn from the same :class:`Report` (built from the slide's result, the content of
-``<id>.json``), so they carry the same facts: the call and HER2 category, the criteria and
+Both are drawn from the same :class:`Report` (built from the slide's :class:`~wsi_her2.result.SlideResult`:
+what ``<id>.json`` records, and the tiles' QC reasons), so they carry the same facts: the call and HER2 category, the criteria and
 calibration used, the tumour-cell percentages that decided the call against their cut-points,
 the scored tumour (cells, area), QC (tiles kept, rejected by reason, slide flags), the heatmap
 over the thumbnail and the QC picture, the model and software version, and the intended-use line.
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from wsi_her2.files import atomic_write_bytes, atomic_write_text
+from wsi_her2.result import SlideResult
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +180,14 @@ def load_picture(title: str, path: str | Path | None) -> Picture:
     return Picture(title, path, image=rgb)
 
 
-def build_report(result: Mapping, *, reasons: Sequence[str | None] | None = None,
-                 heatmap_png: str | Path | None = None, qc_png: str | Path | None = None) -> Report:
-    """The report's content from a slide result (``<id>.json``) and its pictures."""
+def build_report(result: SlideResult, *, heatmap_png: str | Path | None = None, qc_png: str | Path | None = None) -> Report:
+    """The report's content from a slide's result (what ``<id>.json`` records, the tiles' QC reasons) and its pictures."""
+    reasons = None if result.tiles is None else result.tiles.reasons
+    return _report_of(result.to_record(), reasons=reasons, heatmap_png=heatmap_png, qc_png=qc_png)
+
+
+def _report_of(result: Mapping, *, reasons: Sequence[str | None] | None, heatmap_png: str | Path | None,
+               qc_png: str | Path | None) -> Report:
     call = result.get("call", {})
     tumour = result.get("tumour") or {}
     model = result.get("model", {})
@@ -395,11 +401,10 @@ def _pdf_picture(pdf, pic: Picture, x: float, y: float, w: float, max_h: float) 
 
 
 # --- files --------------------------------------------------------------------------------------
-def write_slide_report(out: str | Path, result: Mapping, *, reasons: Sequence[str | None] | None = None,
-                       qc_png: str | Path | None = None) -> dict[str, str]:
+def write_slide_report(out: str | Path, result: SlideResult, *, qc_png: str | Path | None = None) -> dict[str, str]:
     """Write ``<id>.report.html`` and ``<id>.report.pdf`` into ``out``; their paths by output name."""
     out = Path(out)
-    report = build_report(result, reasons=reasons, qc_png=qc_png)
+    report = build_report(result, qc_png=qc_png)
     sid = report.slide
     html_path = atomic_write_text(out / f"{sid}.report.html", render_html(report))
     pdf_path = atomic_write_bytes(out / f"{sid}.report.pdf", render_pdf(report))

@@ -7,7 +7,7 @@ moved or served as it is). Failed and indeterminate slides come first; clicking 
 sorts by it (again: reversed), and the filter and search box narrow the rows. Sorting and
 filtering are a few lines of inline JavaScript: the page needs no server and no network.
 With labels (``wsi-her2 review --labels CSV``, or a cohort manifest's ``label`` column) a label
-column and the agreement table (:func:`wsi_her2.batch.report.agreement_report`) are added.
+column and the agreement table (:func:`wsi_her2.metrics.agreement_report`) are added.
 
 Slides are found from ``<id>.json`` (scored, including slides where ``tile`` found no tissue)
 and, for a cohort run, ``state/<id>.json`` (failed, pending or running slides).
@@ -272,7 +272,7 @@ def _agreement_html(report: Mapping | None) -> str:
 
 def render_review(rows: list[dict], *, title: str, labels: Mapping[str, str] | None = None) -> str:
     """The page's HTML for ``rows`` (:func:`collect_rows`); ``labels`` (slide id -> score) add the agreement."""
-    from wsi_her2.batch.report import agreement_report
+    from wsi_her2.metrics import agreement_report
 
     e = html.escape
     with_labels = labels is not None

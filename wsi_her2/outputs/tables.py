@@ -1,5 +1,7 @@
-"""Tables of a scored slide: ``<id>.tiles.parquet`` (one row per tile) and ``slides.csv`` (one
-row per slide, upserted by slide id under a lock, written atomically: cohort workers share it)."""
+"""Tables of a scored slide: ``<id>.tiles.parquet`` (one row per tile), ``slides.csv`` (one row per
+slide) and ``cores.csv`` / ``regions.csv`` (one row per part). The shared tables are upserted by one
+function (:func:`upsert_rows`): the slide's rows replaced, under ``<table>.lock``, written atomically,
+so cohort workers sharing a folder never lose each other's rows."""
 from __future__ import annotations
 
 import csv
@@ -12,22 +14,13 @@ import numpy as np
 
 from wsi_her2.csv_cells import safe_cell, safe_dict_row, written_row
 from wsi_her2.files import atomic_target, atomic_write_text
+from wsi_her2.result import PART_CSV_COLUMNS, SLIDES_CSV_COLUMNS, Groups, TileResults
 from wsi_her2.store.patch_store import PatchStore
 
 log = logging.getLogger(__name__)
 
-SLIDES_CSV_COLUMNS = [
-    "slide", "her2_score", "confidence", "frac_0", "frac_1+", "frac_2+", "frac_3+",
-    "tiles_used", "tiles_rejected", "model", "aggregation", "her2_category", "tumour_cells", "tumour_area_mm2",
-    "criteria", "specimen",
-]
-
-
-def write_tiles_parquet(path: Path, store: PatchStore, calls, classes, reasons, measurements) -> Path:
-    """``<id>.tiles.parquet``: position, QC outcome, call and every measurement of each tile."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def tile_columns(store: PatchStore, tiles: TileResults) -> dict[str, Any]:
+    """The columns of the tile table: position, QC outcome, call and every measurement of each tile."""
     coords = store.coords_level0
     grid = store.grid_rc
     cols: dict[str, Any] = {
@@ -37,11 +30,20 @@ def write_tiles_parquet(path: Path, store: PatchStore, calls, classes, reasons, 
         "row": grid[:, 0],
         "col": grid[:, 1],
         "qc_pass": store.qc_pass,
-        "qc_reason": list(reasons),
-        "call": [classes[c] if c >= 0 else None for c in calls],
+        "qc_reason": list(tiles.reasons),
+        "call": [tiles.classes[c] if c >= 0 else None for c in tiles.calls.tolist()],
     }
-    for name, values in measurements.items():
+    for name, values in tiles.measurements.items():
         cols[name] = np.asarray(values, dtype=np.float32)
+    return cols
+
+
+def write_tiles_parquet(path: Path, store: PatchStore, tiles: TileResults) -> Path:
+    """``<id>.tiles.parquet``: :func:`tile_columns`, one row per tile."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = tile_columns(store, tiles)
     table = pa.Table.from_arrays([_arrow_array(v) for v in cols.values()], names=list(cols))
     table = table.replace_schema_metadata({"tile_size_level0": str(store.tile_size_level0), "slide": store.slide_id})
     with atomic_target(path) as tmp:
@@ -69,30 +71,34 @@ def _arrow_array(values: Any):
                                  null_count=int((~valid).sum()))
 
 
-def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
-    """Insert or replace rows (keyed by slide) in ``slides.csv``, sorted by slide id, atomically,
-    under ``slides.csv.lock``: concurrent writers (cohort workers) never lose each other's rows."""
+def upsert_rows(path: Path, columns: list[str], slide_ids: list[str], rows: list[dict]) -> Path:
+    """Replace the rows of ``slide_ids`` in the shared table ``path`` by ``rows`` (other slides' rows kept),
+    sorted by slide and name, under ``<table>.lock``, atomically: the one upsert of every shared table."""
     from wsi_her2.locks import held
 
     with held(path.with_name(path.name + ".lock")):
-        return _upsert_slides_csv_unlocked(path, rows)
+        replaced = {safe_cell(str(s)) for s in slide_ids}
+        kept: list[dict] = []
+        if path.exists():
+            with path.open(newline="") as fh:
+                kept = [r for r in csv.DictReader(fh) if r.get("slide") not in replaced]
+        new = [safe_dict_row({k: r.get(k, "") for k in columns}) for r in rows]
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in sorted(kept + new, key=lambda r: (r["slide"], str(r.get("name", "")))):
+            writer.writerow(safe_dict_row(r))
+        return atomic_write_text(path, text.getvalue())
 
 
-def _upsert_slides_csv_unlocked(path: Path, rows: list[dict]) -> Path:
-    existing: dict[str, dict] = {}  # keyed by the slide id as written (safe_cell)
-    if path.exists():
-        with path.open(newline="") as fh:
-            for r in csv.DictReader(fh):
-                existing[r["slide"]] = r
-    for r in rows:
-        existing[safe_cell(str(r["slide"]))] = {k: r.get(k, "") for k in SLIDES_CSV_COLUMNS}
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=SLIDES_CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for key in sorted(existing):
-        writer.writerow(safe_dict_row(existing[key]))
-    atomic_write_text(path, text.getvalue())
-    return path
+def upsert_slides_csv(path: Path, rows: list[dict]) -> Path:
+    """Insert or replace rows (keyed by slide) in ``slides.csv``, sorted by slide id."""
+    return upsert_rows(path, SLIDES_CSV_COLUMNS, [r["slide"] for r in rows], rows)
+
+
+def upsert_part_rows(path: Path, slide_id: str, groups: Groups) -> Path:
+    """Replace this slide's rows in its parts' table (``cores.csv`` / ``regions.csv``)."""
+    return upsert_rows(path, PART_CSV_COLUMNS, [slide_id], [{**part.row(), "slide": slide_id} for part in groups.parts])
 
 
 def ensure_slides_csv_row(path: Path, row: dict) -> None:

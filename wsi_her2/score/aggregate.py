@@ -49,6 +49,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from wsi_her2.criteria import Criteria
 from wsi_her2.errors import ConfigError
+from wsi_her2.jsonable import to_jsonable
 from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 
 log = logging.getLogger(__name__)
@@ -119,23 +120,6 @@ class SlideCall:
     def to_dict(self) -> dict:
         """Return a JSON-serialisable copy (plain Python numbers, no numpy scalars)."""
         return to_jsonable(asdict(self))
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Copy of ``obj`` with numpy scalars/arrays turned into plain Python (for ``json.dumps``)."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    return obj
 
 
 # --------------------------------------------------------------------------- helpers

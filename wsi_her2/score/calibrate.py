@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -30,57 +30,16 @@ import numpy as np
 
 from wsi_her2 import __version__
 from wsi_her2.errors import ConfigError
+from wsi_her2.score.calibration import CALIBRATION_SCHEMA, Calibration
 from wsi_her2.vocab import HER2_CLASSES, parse_her2_label
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_SCHEMA = 1
 #: 0.25-4 in steps of 2**(1/3) (~26 %): a lab's DAB can read at half or twice the reference's OD (and
 #: an uncorrected gamma-encoded scan at about half), and the best fit must lie inside the grid, not on
 #: its edge (an edge fit is reported: the true gain may lie beyond it).
 DAB_GAINS = tuple(float(g) for g in np.round(2.0 ** np.linspace(-2.0, 2.0, 13), 4))
 CELL_FRACTION_CUTS = (0.05, 0.10, 0.15, 0.20)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    dab_gain: float = 1.0
-    cell_fraction_cut: float = 0.10
-
-    def __post_init__(self) -> None:
-        if not (0.1 <= self.dab_gain <= 10.0) or not (0.0 < self.cell_fraction_cut < 1.0):
-            raise ConfigError(
-                f"calibration out of range (dab_gain {self.dab_gain}, cell_fraction_cut {self.cell_fraction_cut}); "
-                "re-run wsi-her2 calibrate"
-            )
-
-    @property
-    def asco_thresholds(self) -> dict[str, float]:
-        return {"1+": self.cell_fraction_cut, "2+": self.cell_fraction_cut, "3+": self.cell_fraction_cut}
-
-    def apply_to(self, model) -> None:
-        """Set the scorer's DAB gain (only the rule-based ``ihc_dab`` scorer has one)."""
-        if not hasattr(model, "thresholds"):
-            raise ConfigError("--calibration is for the rule-based ihc_dab scorer; a trained model is calibrated by training")
-        model.thresholds = replace(model.thresholds, dab_gain=self.dab_gain)
-
-
-def load_calibration(path: str | Path) -> tuple[Calibration, dict]:
-    """``(Calibration, the whole file)`` from a ``wsi-her2 calibrate`` output; one-line errors."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        cal = Calibration(float(data["dab_gain"]), float(data["cell_fraction_cut"]))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: calibration file not found; make one with wsi-her2 calibrate") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a calibration file; give the JSON file wsi-her2 calibrate wrote") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the calibration file ({getattr(exc, 'strerror', None) or exc}); "
-                          "give a readable file made by wsi-her2 calibrate") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a wsi-her2 calibration file ({exc}); make one with wsi-her2 calibrate") from None
-    return cal, data
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
@@ -112,11 +71,11 @@ def measure_store(store_path: str | Path, gains: Sequence[float], *, device: str
     """Per gain: the slide's tumour-cell fractions at least 1+/2+/3+ and its tumour cells."""
     from wsi_her2.score.aggregate import CELL_FRACTION_KEYS, TUMOUR_CELLS_KEY
     from wsi_her2.score.inference import InferenceConfig, predict_store
-    from wsi_her2.score.pipeline import ScoreConfig, load_scoring_model
+    from wsi_her2.score.scorer import DEFAULT_MODEL, load_scoring_model
     from wsi_her2.store.patch_store import open_store
 
     store = open_store(store_path)
-    model = load_scoring_model(ScoreConfig(), store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]),
+    model = load_scoring_model(DEFAULT_MODEL, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]),
                                store_tile_px=store.tile_px)
     base = model.thresholds
     out = {"slide": store.slide_id, "by_gain": {}}

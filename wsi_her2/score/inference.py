@@ -30,16 +30,16 @@ from numpy.typing import NDArray
 
 from wsi_her2.devices import DEVICES, resolve_device  # noqa: F401 (re-exported)
 from wsi_her2.errors import ConfigError
+from wsi_her2.models.capabilities import capabilities_of
 from wsi_her2.score import cpu_pool
 from wsi_her2.score.cells import CellTable, cells_to_host, concat_cells
 from wsi_her2.score.loader import PREFETCH_BATCHES, TileLoader
+from wsi_her2.score.scorer import check_model_matches_store
 
 log = logging.getLogger(__name__)
 
 #: Batches whose outputs are concatenated and copied back to the host together.
 FLUSH_BATCHES = 8
-#: Relative pixel-size mismatch between store and model tolerated without a warning.
-MPP_WARN_FRACTION = 0.10
 
 
 @dataclass
@@ -310,24 +310,6 @@ def _select_indices(store: Any, indices: NDArray | None) -> NDArray[np.int64]:
     return idx
 
 
-def _check_resolution(store: Any, cfg: Any) -> None:
-    """Warn when the store's tiles were cut at another pixel size or size than the model expects."""
-    tiling = (getattr(store, "attrs", None) or {}).get("tiling", {})
-    store_mpp = tiling.get("effective_mpp_um") or tiling.get("target_mpp_um")
-    model_mpp = getattr(cfg, "mpp_um", None)
-    if store_mpp and model_mpp and abs(store_mpp / model_mpp - 1.0) > MPP_WARN_FRACTION:
-        log.warning(
-            "store tiles are %.3g µm/px but model %s was made for %.3g µm/px; re-tile with --mpp %.3g "
-            "for trustworthy scores", store_mpp, getattr(cfg, "name", "?"), model_mpp, model_mpp,
-        )
-    model_tile_px = getattr(cfg, "tile_px", None)
-    if model_tile_px and int(store.tile_px) != int(model_tile_px):
-        log.warning(
-            "store tiles are %d px but model %s expects %d px tiles (a different field of view); "
-            "re-tile with --tile-px %d", int(store.tile_px), getattr(cfg, "name", "?"), model_tile_px, model_tile_px,
-        )
-
-
 @dataclass(frozen=True)
 class _RunPlan:
     """How one :func:`predict_store` call runs, resolved from :class:`InferenceConfig` and the device."""
@@ -371,15 +353,14 @@ def _chunk_workers(store: Any, model: torch.nn.Module, cfg: Any, plan: _RunPlan,
                    n_tiles: int) -> int | None:
     """Workers for :func:`wsi_her2.score.cpu_pool.score_chunks` (0: in this process), or None: the batch loop.
 
-    Only the rule-based ``ihc_dab`` with its OpenCV kernel, on CPU, on stored JPEG tiles of its
-    input size, without TTA: exactly the batches the loop would hand to ``measure_u8``. With
-    one CPU, chunk by chunk in this process; with more, in worker processes when asked for
-    (``cpu_workers``), else the batch loop (its reading threads overlap the kernel).
+    Only a scorer with its own CPU kernel (the ``cpu_kernel`` capability, its ``kernel`` not ``"torch"``),
+    on CPU, on stored JPEG tiles of its input size, without TTA: exactly the batches the loop would hand
+    to ``measure_u8``. With one CPU, chunk by chunk in this process; with more, in worker processes when
+    asked for (``cpu_workers``), else the batch loop (its reading threads overlap the kernel).
     """
-    from wsi_her2.models.ihc_score import IhcDabScorer
     from wsi_her2.store.tile_reader import jpeg_chunk_reader
 
-    if plan.cuda or not isinstance(model, IhcDabScorer) or model.kernel == "torch":
+    if plan.cuda or not capabilities_of(model).cpu_kernel or model.kernel == "torch":
         return None
     if not reads_stored_bytes(model, cfg, plan.views) or int(store.tile_px) != int(cfg.input_px):
         return None
@@ -464,7 +445,7 @@ def predict_store(
     idx = _select_indices(store, indices)
     n_total = int(store.n_tiles)
     n_classes = len(cfg.classes)
-    _check_resolution(store, cfg)
+    check_model_matches_store(cfg, store, capabilities=capabilities_of(model))  # the one check, as score_store's
     step = _ready_step(model, cfg, plan, step_cache if step_cache is not None else StepCache())
     log.info(
         "scoring %d of %d tiles with %s on %s: batch %d, %s, tta %d view(s)%s%s",

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_her2.criteria import ScoringRule
+from wsi_her2.result import PartCall
 from wsi_her2.score.aggregate import (
     AGGREGATORS, CELL_FRACTION_KEYS, HER2_CATEGORIES, TUMOUR_CELLS_KEY, aggregate_asco_cells, cluster_call,
     her2_category,
@@ -33,8 +34,8 @@ __all__ = ["call_tiles"]
 
 
 def call_tiles(pred: Any, tiles: NDArray, *, agg: str, min_tiles: int, rule: ScoringRule,
-               cell_fraction_cut: float | None = None, cell_xy_um: NDArray[np.float64] | None = None) -> dict:
-    """The call (``SlideCall.to_dict()`` with ``her2_category``, its text and ``criteria``) of some tiles.
+               cell_fraction_cut: float | None = None, cell_xy_um: NDArray[np.float64] | None = None) -> PartCall:
+    """The call of some tiles: the rule's :class:`SlideCall` with its HER2 category and the criteria.
 
     ``pred``: the store's :class:`~wsi_her2.score.inference.PredictResult`; ``tiles``: store tile
     indices, or a mask with one entry per store tile (unscored tiles are left out either way);
@@ -53,8 +54,7 @@ def call_tiles(pred: Any, tiles: NDArray, *, agg: str, min_tiles: int, rule: Sco
     out = call.to_dict()
     any_staining = out["details"].get("fraction_at_least", {}).get(">=1+") if cell_level else None
     key = her2_category(out["her2_score"], any_staining, rule.criteria)
-    out.update(her2_category=key, her2_category_text=HER2_CATEGORIES[key], criteria=rule.to_dict())
-    return out
+    return PartCall(**out, her2_category=key, her2_category_text=HER2_CATEGORIES[key], criteria=rule.to_dict())
 
 
 def _cell_call(pred: Any, use: NDArray[np.int64], *, rule: ScoringRule, cut: float | None,

@@ -1,18 +1,22 @@
-"""Score one patch store: model -> tile probabilities -> slide call -> QuPath / tables / heatmap.
+"""Score one patch store: model -> tile probabilities -> slide call -> :class:`~wsi_her2.result.SlideResult` -> outputs.
 
-Reads only the store (never the slide), so scoring runs wherever the stores are. Outputs, next
-to the store unless ``out_dir`` is given::
+Reads only the store (never the slide), so scoring runs wherever the stores are. :func:`score_store`
+checks the options, reuses an earlier result whose outputs are intact, scores the store's QC-passed
+tiles (those in a TMA core or region with ``--tma`` / ``--roi``), calls the slide and each part with
+one rule (:mod:`wsi_her2.score.part_call`) and returns the result, once :mod:`wsi_her2.outputs` has
+written every file from it, next to the store unless ``out_dir`` is given::
 
     <slide-id>.geojson       QuPath tiles (classified, measurable) + a slide annotation with the call
     <slide-id>.tiles.parquet one row per tile: coordinates, QC, class probabilities, call, measurements
-    <slide-id>.json          the slide call, how it was reached, model config, versions, timings
-    <slide-id>.heatmap.png   tile calls over the thumbnail
-    slides.csv               one row per slide (upserted, sorted by slide id)
+    <slide-id>.heatmap.png   tile calls over the thumbnail (and --heatmap maps, TMA picture, report, cells)
+    <slide-id>.json          the result: the call, how it was reached, model config, versions, timings, digests
+    slides.csv               one row per slide (upserted, sorted by slide id); cores.csv / regions.csv likewise
 
-``<slide-id>.json`` is written last, so its presence means the slide is scored.
+``<slide-id>.json`` is written after every other file, so its presence means the slide is scored.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,35 +27,30 @@ import numpy as np
 
 from wsi_her2 import __version__
 from wsi_her2.criteria import DEFAULT_CRITERIA, ScoringRule, scoring_rule
-from wsi_her2.score.part_call import call_tiles
-from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 from wsi_her2.errors import ConfigError, StoreError
 from wsi_her2.files import clean_stale_tmp, prepare_output_dir
-from wsi_her2.outputs.manifest import check_result, read_result, write_result_json
-from wsi_her2.outputs.slide_outputs import (
-    run_side_by_side,
-    write_measure_heatmaps,
-    write_slide_geojson,
-    write_slide_heatmap,
-)
-from wsi_her2.outputs.tables import SLIDES_CSV_COLUMNS, ensure_slides_csv_row, upsert_slides_csv, write_tiles_parquet  # noqa: F401 (SLIDES_CSV_COLUMNS re-exported)
-from wsi_her2.tile.qc import reject_reason
-from wsi_her2.stain.check import check_stain_for_model
+from wsi_her2.outputs.manifest import check_result, read_result
+from wsi_her2.outputs.slide_outputs import OutputOptions, write_result_files, write_slide_files
+from wsi_her2.outputs.tables import ensure_slides_csv_row
+from wsi_her2.result import Cells, PartCall, Provenance, SlideResult, TileResults, Tumour
+from wsi_her2.score.calibration import Calibration, load_calibration
+from wsi_her2.score.part_call import call_tiles
+from wsi_her2.models.capabilities import capabilities_of
+from wsi_her2.score.scorer import DEFAULT_MODEL, load_scoring_model, prepare_scorer, scorer_capabilities
 from wsi_her2.store.no_tissue import SUFFIX as NO_TISSUE_SUFFIX
 from wsi_her2.store.no_tissue import read_record as read_no_tissue_record
 from wsi_her2.store.no_tissue import store_path_of as no_tissue_store_path
 from wsi_her2.store.patch_store import PatchStore, open_store
 from wsi_her2.store.verify import verify_store
+from wsi_her2.tile.qc import reject_reason
+from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 
 log = logging.getLogger(__name__)
-
-# Physical field of view must match what the model was trained on (tile px x µm/px).
-MPP_MATCH_TOLERANCE = 0.10
 
 
 @dataclass
 class ScoreConfig:
-    model: str = "ihc_dab"  # registry name or a path to a trained .safetensors
+    model: str = DEFAULT_MODEL  # registry name or a path to a trained .safetensors
     weights: str | None = None
     agg: str = "asco"
     batch_size: int = 64
@@ -78,118 +77,59 @@ class ScoreConfig:
     no_report: bool = False  # --no-report: no <id>.report.html / <id>.report.pdf
 
 
-@dataclass
-class SlideScore:
-    slide_id: str
-    call: dict
-    row: dict
-    outputs: dict[str, str] = field(default_factory=dict)
-    skipped: bool = False
-
-
-def result_json_path(store_path: Path, out_dir: Path | None = None) -> Path:
-    store_path = Path(store_path)
-    return Path(out_dir or store_path.parent) / f"{store_path.name.removesuffix('.zarr')}.json"
-
-
-def load_scoring_model(config: ScoreConfig, *, store_mpp_um: float | None = None, store_tile_px: int | None = None):
-    """Load the classifier named (or pointed to) by ``config``; the default scorer adapts to the store's
-    MPP and tile size (it measures in micrometres: a tile resized to another size would be read at the wrong scale)."""
-    from wsi_her2.models import create_model, get_config, load_model
-    from wsi_her2.models.weights import is_weights_path
-
-    name = config.model
-    if is_weights_path(name):
-        return load_model(name)
-    cfg = get_config(name)
-    if not cfg.needs_weights and config.weights is None:
-        overrides = {"mpp_um": store_mpp_um} if store_mpp_um else {}
-        if store_tile_px:
-            overrides.update(tile_px=int(store_tile_px), input_px=int(store_tile_px))
-        return create_model(name, **overrides)
-    return load_model(name, weights=config.weights)
-
-
-def check_model_matches_store(model_cfg: Any, store: PatchStore) -> None:
-    """Refuse to score tiles whose physical size differs from the model's training tiles."""
-    if not getattr(model_cfg, "needs_weights", True):
-        return  # rule-based scorer measures in µm and adapts to the store's MPP
-    tiling = store.attrs["tiling"]
-    mpp = float(tiling["effective_mpp_um"])
-    if abs(mpp - model_cfg.mpp_um) / model_cfg.mpp_um > MPP_MATCH_TOLERANCE:
-        raise ConfigError(
-            f"{store.path.name}: tiles are {mpp:.3f} µm/px but model {model_cfg.name} was trained at {model_cfg.mpp_um} µm/px; "
-            f"re-tile with --mpp {model_cfg.mpp_um} --tile-px {model_cfg.tile_px}"
-        )
-    if store.tile_px != model_cfg.tile_px:
-        raise ConfigError(
-            f"{store.path.name}: tiles are {store.tile_px} px but model {model_cfg.name} expects {model_cfg.tile_px} px tiles; "
-            f"re-tile with --tile-px {model_cfg.tile_px} --mpp {model_cfg.mpp_um}"
-        )
-
-
 def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, config: ScoreConfig | None = None, model=None,
-                chunk_pool=None) -> SlideScore:
-    """Score one complete patch store and write every per-slide output (``<id>.json`` last).
+                chunk_pool=None) -> SlideResult:
+    """Score one complete patch store, write every output from the result (``<id>.json`` last) and return it.
 
     ``chunk_pool``: a :class:`~wsi_her2.score.cpu_pool.ChunkPool` kept across the stores of a
     command (``cpu_workers`` > 1 then starts its worker processes once)."""
     config = config or ScoreConfig()
     calibration = validate_score_config(config)
-    rule = scoring_rule_of(config)
     t_start = time.perf_counter()
     if not Path(store_path).exists() and (record := read_no_tissue_record(store_path)) is not None:
         return _score_no_tissue(Path(store_path), record, out_dir=out_dir, config=config)  # `tile` found no tissue
     store = open_store(store_path)
     out = prepare_output_dir(Path(out_dir) if out_dir else store.path.parent)
     clean_stale_tmp(out)  # temporary files of a killed run
-    json_path = out / f"{store.slide_id}.json"
-    done = None if config.overwrite else _already_scored(json_path, config, calibration)
+    done = None if config.overwrite else _already_scored(out / f"{store.slide_id}.json", config, calibration)
     if done is not None:
         return done
     verify_store(store.path)  # a missing or damaged chunk is refused, never scored as black tiles
+    rule = scoring_rule_of(config)
     model = _model_for(store, config, calibration, rule, model)
+    result = score_slide(store, model, config=config, rule=rule, calibration=calibration, chunk_pool=chunk_pool)
+    result = write_slide_files(out, store, result, OutputOptions(
+        geojson_gz=config.geojson_gz, heatmap_measures=tuple(config.heatmap_measures), report=not config.no_report))
+    timings = {**result.timings_s, "total": round(time.perf_counter() - t_start, 3)}
+    return write_result_files(out, dataclasses.replace(result, timings_s=timings))
+
+
+def score_slide(store: PatchStore, model, *, config: ScoreConfig, rule: ScoringRule, calibration: dict | None,
+                chunk_pool=None) -> SlideResult:
+    """The result of ``model`` over ``store`` (its per-tile results included; nothing written)."""
     groups = _tile_groups(store, config)  # regions (--roi) or TMA cores (--tma); None: the whole slide
     pred, inference = _predict(store, model, config, groups, chunk_pool)
-    classes = list(model.wsi_her2_config.classes)
-    calls = np.full(store.n_tiles, -1, dtype=np.int64)
-    if pred.scored.any():
-        calls[pred.scored] = np.argmax(pred.probs[pred.scored], axis=1)
     cut = calibration["cell_fraction_cut"] if calibration else None
     cell_xy_um = None if pred.cells is None else cell_positions_level0(store, pred.cells) * float(store.attrs["slide"]["mpp_um"])
 
-    def call_part(use: np.ndarray) -> dict:  # one rule for the slide, each TMA core and each region
+    def call_part(use: np.ndarray) -> PartCall:  # one rule for the slide, each TMA core and each region
         return call_tiles(pred, use, agg=config.agg, min_tiles=config.min_tiles, rule=rule, cell_fraction_cut=cut,
                           cell_xy_um=cell_xy_um)
 
-    slide_call = call_part(pred.scored)
     reasons = [reject_reason(int(f)) for f in store.qc_flags]
-    group_part: dict[str, Any] = {"rows": [], "features": [], "outputs": {}, "slide_name": ""}
+    parts = None
     if groups is not None:
         from wsi_her2.score.tile_groups import score_groups
 
         reasons = [r if inside or r else f"outside {groups.kind}s" for r, inside in zip(reasons, groups.inside)]
-        group_part = score_groups(out, store, groups, pred=pred, calls=calls, classes=classes, call_part=call_part,
-                                  min_tiles=config.min_tiles)
-    measurements = _tile_measurements(store, pred, classes)
-    extra_outputs = _explain(out, store, model, pred.scored, measurements, config) if config.explain else {}
-    if config.cells and pred.cells is not None:
-        extra_outputs.update(write_slide_cells(out, store, pred.cells))
-    outputs = {**_write_slide_files(out, store, calls, classes, reasons, measurements, slide_call, config, group_part),
-               **group_part["outputs"], **extra_outputs}
-    tumour = tumour_summary(pred.measurements, pred.scored, tumour_model=getattr(model, "tumour_model", None))
-    row = _slides_csv_row(store.slide_id, config, slide_call, tumour, n_used=int(pred.scored.sum()),
-                          n_rejected=int(store.n_tiles - pred.scored.sum()))
-    result = _result_record(store, config, model, slide_call=slide_call, tumour=tumour, calibration=calibration,
-                            row=row, inference=inference, outputs=outputs, t_start=t_start)
-    if groups is not None:
-        result[f"{groups.kind}s"] = group_part["rows"]
-    if not config.no_report:  # <id>.report.html and .pdf, from the result (before <id>.json: its presence means done)
-        from wsi_her2.outputs.report import write_slide_report
-        outputs.update(write_slide_report(out, result, reasons=reasons, qc_png=store.path.parent / f"{store.slide_id}.qc.png"))
-    write_result_json(json_path, result, default=_json_default)  # with its outputs' SHA-256 and its own
-    upsert_slides_csv(out / "slides.csv", [row])
-    return SlideScore(store.slide_id, slide_call, row, outputs)
+        parts = score_groups(store, groups, scored=pred.scored, call_part=call_part, min_tiles=config.min_tiles)
+    n_used = int(pred.scored.sum())
+    return SlideResult(
+        slide_id=store.slide_id, call=call_part(pred.scored), provenance=_provenance(store, model, config, calibration, inference),
+        tiles_used=n_used, tiles_rejected=int(store.n_tiles - n_used), tumour=tumour_summary(pred.measurements, pred.scored, tumour_model=_tumour_model_of(model)),
+        qc_summary=store.attrs.get("qc", {}).get("summary", {}), groups=parts, timings_s={"inference": inference["seconds"]},
+        tiles=_tile_results(store, model, pred, reasons, config),
+    )
 
 
 def _predict(store: PatchStore, model, config: ScoreConfig, groups, chunk_pool) -> tuple[Any, dict]:
@@ -207,29 +147,34 @@ def _predict(store: PatchStore, model, config: ScoreConfig, groups, chunk_pool) 
                   "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _result_record(store: PatchStore, config: ScoreConfig, model, *, slide_call: dict, tumour: dict, calibration,
-                   row: dict, inference: dict, outputs: dict, t_start: float) -> dict:
-    """What ``<id>.json`` records of a scored slide."""
-    return {
-        "slide": store.slide_id,
-        "store": str(store.path),
-        "slide_sha256": store.attrs["slide"]["sha256"],
-        "call": slide_call,
-        "criteria": slide_call["criteria"],
-        "tumour": tumour,
-        "calibration": calibration,
-        "row": row,
-        "aggregation": config.agg,
-        "model": {"name": _model_label(config), "config": model.wsi_her2_config.to_dict(), "weights": config.weights},
-        "inference": inference,
-        "qc_summary": store.attrs.get("qc", {}).get("summary", {}),
-        "tile_mpp_um": store.attrs["tiling"]["effective_mpp_um"],
-        "tile_px": store.tile_px,
-        "package_version": __version__,
-        "timings_s": {"inference": inference["seconds"], "total": round(time.perf_counter() - t_start, 3)},
-        "outputs": outputs,
-        "parts": _parts_key(config),
-    }
+def _provenance(store: PatchStore, model, config: ScoreConfig, calibration: dict | None, inference: dict) -> Provenance:
+    return Provenance(
+        model=_model_label(config), aggregation=config.agg, package_version=__version__,
+        model_config=model.wsi_her2_config.to_dict(), weights=config.weights, store=str(store.path),
+        slide_sha256=store.attrs["slide"]["sha256"], tile_mpp_um=store.attrs["tiling"]["effective_mpp_um"], tile_px=store.tile_px,
+        calibration=calibration, inference=inference, scope=_parts_key(config),
+    )
+
+
+def _tile_results(store: PatchStore, model, pred, reasons: list[str | None], config: ScoreConfig) -> TileResults:
+    """Per tile: its call, why it was not scored, every measurement; the cells (``--cells``) and saliency (``--explain``)."""
+    classes = tuple(model.wsi_her2_config.classes)
+    calls = np.full(store.n_tiles, -1, dtype=np.int64)
+    if pred.scored.any():
+        calls[pred.scored] = np.argmax(pred.probs[pred.scored], axis=1)
+    measurements = _tile_measurements(store, pred, list(classes))
+    saliency = None
+    if config.explain:
+        from wsi_her2.score.saliency import tile_saliency
+
+        saliency = tile_saliency(store, model, indices=np.nonzero(pred.scored)[0], method=config.explain, device=config.device)
+        mean = np.full(store.n_tiles, np.nan, np.float32)
+        mean[saliency.tiles] = saliency.maps.reshape(len(saliency.tiles), -1).mean(axis=1)
+        measurements["saliency_mean"] = mean
+    cells = None
+    if config.cells and pred.cells is not None:
+        cells = Cells(pred.cells.columns, cell_positions_level0(store, pred.cells))
+    return TileResults(classes, calls, tuple(reasons), measurements, cells=cells, saliency=saliency)
 
 
 def cell_positions_level0(store: PatchStore, cells) -> np.ndarray:
@@ -237,39 +182,22 @@ def cell_positions_level0(store: PatchStore, cells) -> np.ndarray:
     return cells.level0_xy(store.coords_level0, store.tile_size_level0 / store.tile_px)
 
 
-def write_slide_cells(out: Path, store: PatchStore, cells) -> dict[str, str]:
-    """``--cells``: every scored cell as a QuPath detection (``<id>.cells.geojson.gz``) and a table row."""
-    from wsi_her2.outputs.cells import CELL_RADIUS_UM, write_cells_geojson, write_cells_parquet
-
-    xy = cell_positions_level0(store, cells)
-    offset = np.asarray(store.attrs["slide"].get("bounds_offset_px", (0, 0)), np.float64)  # QuPath's view of the slide
-    radius_px = CELL_RADIUS_UM / float(store.attrs["slide"]["mpp_um"])
-    sid = store.slide_id
-    return {"cells_geojson": str(write_cells_geojson(out / f"{sid}.cells.geojson.gz", cells, xy - offset, radius_px=radius_px)),
-            "cells_parquet": str(write_cells_parquet(out / f"{sid}.cells.parquet", cells, xy))}
-
-
-def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | None, config: ScoreConfig) -> SlideScore:
+def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | None, config: ScoreConfig) -> SlideResult:
     """``<id>.json`` and the ``slides.csv`` row of a slide where ``tile`` found no tissue."""
     from wsi_her2.score.aggregate import HER2_CATEGORIES, her2_category
 
-    sid = store_path.name.removesuffix(".zarr")
     out = prepare_output_dir(Path(out_dir) if out_dir else store_path.parent)
     category = her2_category(INDETERMINATE, None)
-    call = {"her2_score": INDETERMINATE, "confidence": 0.0, "class_fractions": dict.fromkeys(HER2_CLASSES, 0.0),
-            "n_tiles_used": 0, "method": config.agg, "details": {"reason": record["reason"]},
-            "her2_category": category, "her2_category_text": HER2_CATEGORIES[category],
-            "criteria": scoring_rule_of(config).to_dict()}
-    row = _slides_csv_row(sid, config, call, {}, n_used=0, n_rejected=0)
-    result = {"slide": sid, "store": None, "slide_path": record.get("slide"), "call": call, "row": row,
-              "aggregation": config.agg, "model": {"name": _model_label(config)}, "package_version": __version__,
-              "no_tissue": record, "outputs": {}}
-    write_result_json(out / f"{sid}.json", result, default=_json_default)
-    upsert_slides_csv(out / "slides.csv", [row])
-    return SlideScore(sid, call, row, {})
+    call = PartCall(her2_score=INDETERMINATE, confidence=0.0, class_fractions=dict.fromkeys(HER2_CLASSES, 0.0),
+                    n_tiles_used=0, method=config.agg, details={"reason": record["reason"]}, her2_category=category,
+                    her2_category_text=HER2_CATEGORIES[category], criteria=scoring_rule_of(config).to_dict())
+    provenance = Provenance(model=_model_label(config), aggregation=config.agg, package_version=__version__,
+                            slide_path=record.get("slide"))
+    result = SlideResult(slide_id=store_path.name.removesuffix(".zarr"), call=call, provenance=provenance, no_tissue=record)
+    return write_result_files(out, result)
 
 
-def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | None) -> SlideScore | None:
+def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | None) -> SlideResult | None:
     """The earlier result when this slide was scored with the same model, rule, parts and calibration,
     and its outputs are still what ``<id>.json`` recorded (else it is scored again, saying why)."""
     if not json_path.exists():
@@ -285,52 +213,17 @@ def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | No
         return None
     log.info("%s: already scored (use --overwrite to redo)", sid)
     ensure_slides_csv_row(json_path.parent / "slides.csv", done["row"])  # a kill between <id>.json and slides.csv
-    return SlideScore(sid, done["call"], done["row"], done.get("outputs", {}), skipped=True)
-
-
-def _write_slide_files(out: Path, store: PatchStore, calls, classes, reasons, measurements, slide_call, config: ScoreConfig,
-                       group_part: dict) -> dict[str, str]:
-    """The slide's tiles parquet, GeoJSON and heatmaps, written side by side; their paths by output name."""
-    sid = store.slide_id
-    written = run_side_by_side({
-        "tiles_parquet": lambda: str(write_tiles_parquet(out / f"{sid}.tiles.parquet", store, calls, classes, reasons, measurements)),
-        "geojson": lambda: str(write_slide_geojson(out, sid, store, calls, classes, reasons, measurements, slide_call,
-                                                   gz=config.geojson_gz, extra_features=group_part["features"],
-                                                   slide_name_suffix=group_part["slide_name"])),
-        "heatmap_png": lambda: str(write_slide_heatmap(out / f"{sid}.heatmap.png", store, calls, classes, slide_call)),
-        "measure_heatmaps": lambda: write_measure_heatmaps(out, store, config.heatmap_measures, measurements, slide_call),
-    })
-    measure_maps = written.pop("measure_heatmaps")
-    return {**written, **measure_maps}
+    return SlideResult.from_record(done, slide_id=sid, skipped=True)
 
 
 def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None, rule: ScoringRule, model=None):
-    """The model to score ``store`` with, calibrated, after the checks that it fits the store's tiles."""
+    """The model to score ``store`` with, set up for the slide, after the checks that it fits the store's tiles."""
     if model is None:
-        model = load_scoring_model(config, store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]),
-                                   store_tile_px=store.tile_px)
-    if hasattr(model, "glass_rgb") and (glass := measured_glass_rgb(store)) is not None:
-        model.glass_rgb = glass  # the rule-based scorer measures OD against the slide's own glass colour
-    if hasattr(model, "criteria"):
-        model.criteria = rule.criteria  # which membrane patterns make a cell 2+ and 3+
-    if config.tumour_model is not None and hasattr(model, "tumour_model"):
-        model.tumour_model = config.tumour_model
-    if calibration is not None:
-        from wsi_her2.score.calibrate import Calibration
-
-        Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"]).apply_to(model)
-    check_model_matches_store(model.wsi_her2_config, store)
-    check_stain_for_model(store, model.wsi_her2_config, force=config.force)  # H&E given to the DAB scorer is refused
-    return model
-
-
-def measured_glass_rgb(store: PatchStore) -> tuple[float, float, float] | None:
-    """The glass colour the tile stage measured on the slide's glass, or None (no glass in view,
-    or a store written before the tile stage recorded it)."""
-    tissue = store.attrs.get("tissue", {})
-    if not tissue.get("glass_measured"):
-        return None
-    return tuple(float(v) for v in tissue["glass_rgb"])
+        model = load_scoring_model(config.model, weights=config.weights, store_tile_px=store.tile_px,
+                                   store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
+    lab = None if calibration is None else Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"])
+    return prepare_scorer(store, model, criteria=rule.criteria, calibration=lab, force=config.force,
+                          tumour_model=config.tumour_model)
 
 
 def _tile_measurements(store: PatchStore, pred, classes: list[str]) -> dict[str, np.ndarray]:
@@ -344,40 +237,6 @@ def _tile_measurements(store: PatchStore, pred, classes: list[str]) -> dict[str,
     return {**probs_named, **qc, **scorer}
 
 
-def _explain(out: Path, store: PatchStore, model, scored, measurements: dict, config: ScoreConfig) -> dict[str, str]:
-    """Grad-CAM(++) picture and a per-tile ``saliency_mean`` measurement (added to ``measurements``)."""
-    from wsi_her2.outputs.saliency import slide_saliency_png, tile_saliency
-
-    idx = np.nonzero(scored)[0]
-    maps = tile_saliency(store, model, indices=idx, method=config.explain, device=config.device)
-    saliency = np.full(store.n_tiles, np.nan, np.float32)
-    saliency[idx] = maps.reshape(len(idx), -1).mean(axis=1)
-    measurements["saliency_mean"] = saliency
-    png = out / f"{store.slide_id}.saliency.png"
-    slide_saliency_png(store, maps, idx, png)
-    return {"saliency_png": str(png)}
-
-
-def _slides_csv_row(slide_id: str, config: ScoreConfig, slide_call: dict, tumour: dict, *, n_used: int,
-                    n_rejected: int) -> dict:
-    fractions = slide_call.get("class_fractions", {})
-    return {
-        "slide": slide_id,
-        "her2_score": slide_call["her2_score"],
-        "confidence": round(float(slide_call["confidence"]), 4),
-        **{f"frac_{c}": round(float(fractions.get(c, 0.0)), 4) for c in HER2_CLASSES},
-        "tiles_used": n_used,
-        "tiles_rejected": n_rejected,
-        "model": _model_label(config),
-        "aggregation": config.agg,
-        "her2_category": slide_call["her2_category"],
-        "tumour_cells": tumour.get("cells", ""),
-        "tumour_area_mm2": tumour.get("area_mm2", ""),
-        "criteria": slide_call.get("criteria", {}).get("criteria", ""),
-        "specimen": slide_call.get("criteria", {}).get("specimen", ""),
-    }
-
-
 def validate_score_config(config: ScoreConfig) -> dict | None:
     """Check the options that can be checked without a store (so a bad one fails before any work);
     returns what ``--calibration`` sets (``None`` without one)."""
@@ -385,8 +244,12 @@ def validate_score_config(config: ScoreConfig) -> dict | None:
 
     if config.agg not in AGGREGATORS:
         raise ConfigError(f"--agg {config.agg!r}: choose one of {', '.join(AGGREGATORS)}")
-    if config.explain and config.model == "ihc_dab":
-        raise ConfigError("--explain needs a trained model (Grad-CAM has no gradients to follow in the rule-based ihc_dab)")
+    if config.explain and not scorer_capabilities(config.model).gradients:
+        raise ConfigError(f"--explain needs a trained network: Grad-CAM has no gradients to follow in {config.model} "
+                          "(rule-based: its measurements are its explanation); drop --explain or give a trained --model")
+    if config.cells and not scorer_capabilities(config.model).cell_evidence:
+        raise ConfigError(f"--cells: {config.model} reports no cells (it calls tiles); drop --cells or score with a "
+                          "scorer that counts cells, such as the default")
     if config.cpu_workers is not None and int(config.cpu_workers) < 1:
         raise ConfigError(f"--workers must be >= 1, got {config.cpu_workers}")
     scoring_rule_of(config)  # --criteria and --specimen
@@ -402,37 +265,40 @@ def _calibration_record(config: ScoreConfig) -> dict | None:
     """What ``--calibration`` sets (recorded in ``<id>.json``), or None."""
     if config.calibration is None:
         return None
-    from wsi_her2.score.calibrate import load_calibration
-
-    if config.model != "ihc_dab":
-        raise ConfigError("--calibration is for the rule-based ihc_dab scorer; a trained model is calibrated by training")
+    if not scorer_capabilities(config.model).calibration:
+        raise ConfigError(f"--calibration: {config.model} takes no lab calibration (a trained model is calibrated by "
+                          "training); drop --calibration or score with a scorer that takes one, such as the default")
     cal, data = load_calibration(config.calibration)
     return {"file": str(config.calibration), "dab_gain": cal.dab_gain, "cell_fraction_cut": cal.cell_fraction_cut,
             "n_slides": data.get("n_slides"), "leave_one_out": data.get("leave_one_out")}
+
+
+def _tumour_model_of(model) -> str | None:
+    """How ``model`` weighed nuclei as tumour (None: it weighs none)."""
+    return model.tumour_model if capabilities_of(model).tumour_models else None
 
 
 #: A warning when more than this share of the scored tiles have implausibly few nuclei.
 LOW_NUCLEI_WARN_FRACTION = 0.10
 
 
-def tumour_summary(measurements: dict, scored, *, tumour_model: str | None = None) -> dict:
+def tumour_summary(measurements: dict, scored, *, tumour_model: str | None = None) -> Tumour | None:
     """Scored tumour (cells, mm²) over the QC-passed tiles, when the scorer measures it; and the tissue
     tiles with implausibly few nuclei (``nuclear_density_low``: tumour cells may be under-counted there)."""
     if "tumour_cell_count" not in measurements:
-        return {}
+        return None
     cells = np.nan_to_num(np.asarray(measurements["tumour_cell_count"], np.float64)[scored])
     area = np.nan_to_num(np.asarray(measurements.get("tumour_area_mm2", np.zeros_like(cells)), np.float64)[scored])
     nuclei = np.nan_to_num(np.asarray(measurements.get("cell_count", cells), np.float64)[scored])
     low = np.nan_to_num(np.asarray(measurements.get("nuclear_density_low", np.zeros_like(cells)), np.float64)[scored]) > 0.5
-    summary = {"cells": int(round(cells.sum())), "area_mm2": round(float(area.sum()), 4),
-               "all_cells": int(round(nuclei.sum())),  # every nucleus found: the tumour share is cells / all_cells
-               "rule": f"nuclei weighted as tumour by the {tumour_model or 'scorer'}'s rule (wsi_her2.models.ihc_score)",
-               "tiles_few_nuclei": int(low.sum())}
+    warning = None
     if low.size and low.mean() > LOW_NUCLEI_WARN_FRACTION:
-        summary["warning"] = (f"nuclei implausibly few in {int(low.sum())} of {low.size} tissue tiles (fewer than 500 per mm² "
-                              "of tissue): faint counterstain or DAB-masked nuclei; tumour cells may be under-counted")
-        log.warning("%s", summary["warning"])
-    return summary
+        warning = (f"nuclei implausibly few in {int(low.sum())} of {low.size} tissue tiles (fewer than 500 per mm² of "
+                   "tissue): faint counterstain or DAB-masked nuclei; tumour cells may be under-counted")
+        log.warning("%s", warning)
+    return Tumour(cells=int(round(cells.sum())), area_mm2=round(float(area.sum()), 4), all_cells=int(round(nuclei.sum())),
+                  rule=f"nuclei weighted as tumour by the {tumour_model or 'scorer'}'s rule (wsi_her2.models.ihc_score)",
+                  tiles_few_nuclei=int(low.sum()), warning=warning)
 
 
 def _parts_key(config: ScoreConfig) -> dict:
@@ -458,19 +324,9 @@ def _tile_groups(store: PatchStore, config: ScoreConfig):
 
 
 def _model_label(config: ScoreConfig) -> str:
-    from wsi_her2.models.weights import is_weights_path
+    from wsi_her2.models.checkpoint import is_weights_path
 
     return Path(config.model).name if is_weights_path(config.model) else config.model
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
 def find_stores(root: str | Path) -> list[Path]:

@@ -12,7 +12,6 @@ would have as a slide of its own and gets that slide's call (one rule: :mod:`wsi
 from __future__ import annotations
 
 import string
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -20,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_her2.errors import ConfigError
+from wsi_her2.result import MISSING, Part
 from wsi_her2.score.tile_groups import TileGroups
 
 MIN_CORE_DIAMETER_UM = 200.0  # smaller tissue pieces are debris, not cores (cores are 0.6-2 mm)
@@ -75,9 +75,9 @@ def core_groups(store: Any) -> TileGroups:
     grid = [(int(rows[k]) + 1, int(cols[k]) + 1) for k in order]
     taken = set(grid)
     unscored = [
-        {"name": f"{row_name(r)}{c + 1}", "status": "missing", "row": r + 1, "col": c + 1,
-         "x_level0": round(float(col_x[c] / scale), 1), "y_level0": round(float(row_y[r] / scale), 1),
-         "note": "no tissue at this grid position (lost core or blank glass)"}
+        Part(name=f"{row_name(r)}{c + 1}", status=MISSING, columns={}, grid=(r + 1, c + 1),
+             x_level0=round(float(col_x[c] / scale), 1), y_level0=round(float(row_y[r] / scale), 1),
+             note="no tissue at this grid position (lost core or blank glass)")
         for r in range(len(row_y)) for c in range(len(col_x)) if (r + 1, c + 1) not in taken
     ]
     half = store.tile_size_level0 / 2
@@ -89,36 +89,3 @@ def core_groups(store: Any) -> TileGroups:
     inside = d[np.arange(len(d)), nearest] <= radius_l0[order][nearest] + half * np.sqrt(2.0)
     group = np.where(inside, nearest, -1).astype(np.int64)
     return TileGroups(kind="core", names=names, geometries=geoms, tile_group=group, grid=grid, unscored=unscored)
-
-
-def write_tma_picture(path: Path, store: Any, groups: TileGroups, rows: list[dict], *, calls: NDArray,
-                      classes: list[str]) -> Path:
-    """Tile calls over the thumbnail, each core circled and labelled with its grid name and call."""
-    from PIL import Image, ImageDraw
-
-    from wsi_her2.outputs.geojson import class_color, qupath_class_name
-    from wsi_her2.outputs.heatmap import display_thumbnail, render_heatmap, save_heatmap_png
-    from wsi_her2.outputs.picture_layout import font, font_px_for
-
-    thumb, s = display_thumbnail(store.array("thumbnail"), float(store.attrs["thumbnail"]["px_per_level0_px"]))
-    image = render_heatmap(thumb, thumb_px_per_level0_px=s, coords_level0=store.coords_level0,
-                           tile_size_level0=store.tile_size_level0, calls=calls, class_names=classes)
-    pic = Image.fromarray(image)
-    draw = ImageDraw.Draw(pic)
-    fnt = font(font_px_for(pic.width))
-    by_name = {r["name"]: r for r in rows}
-    for name, geom in zip(groups.names, groups.geometries):
-        r = by_name[name]
-        x0, y0, x1, y1 = (v * s for v in geom.bounds)
-        called = r["status"] == "scored"
-        colour = class_color(qupath_class_name(str(r["her2_score"]))) if called else (90, 90, 90)
-        draw.ellipse([x0, y0, x1, y1], outline=colour, width=3)
-        label = f"{name}: {r['her2_score']}" if called else f"{name}: {r['status']}"
-        draw.text(((x0 + x1) / 2, y1 + 2), label, fill=(0, 0, 0), font=fnt, anchor="mt")
-    for u in groups.unscored:
-        draw.text((u["x_level0"] * s, u["y_level0"] * s), f"{u['name']}: missing", fill=(120, 0, 0), font=fnt, anchor="mm")
-    counts = {c: sum(r.get("her2_score") == c for r in rows if r["status"] == "scored") for c in classes}
-    legend = {f"{qupath_class_name(c)}: {n} cores": class_color(qupath_class_name(c)) for c, n in counts.items()}
-    legend[f"not called: {sum(r['status'] != 'scored' for r in rows)} cores"] = (90, 90, 90)
-    title = f"{store.slide_id}: TMA, {len(rows)} grid positions, {sum(counts.values())} cores called"
-    return save_heatmap_png(np.asarray(pic), path, title=title, legend=legend)

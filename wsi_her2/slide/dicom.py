@@ -32,7 +32,7 @@ from pathlib import Path
 
 from wsi_her2.errors import SlideNotFoundError, SlideOpenError
 from wsi_her2.slide.base import SlideReader
-from wsi_her2.slide.identity import sha256_file
+from wsi_her2.digests import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_her2.errors import StainError
+from wsi_her2.vocab import DAB_IHC
 
 MAX_EOSIN_SHARE = 0.10  # IHC measured <= 0.012, H&E 0.24
 MIN_TISSUE_OD = 0.15  # summed RGB optical density of a pixel counted as stained tissue
 SAMPLE_TILES = 48  # QC-passed tiles sampled evenly over the slide
 PIXEL_STEP = 4  # every 4th pixel in each direction
-RULE_BASED_MODELS = ("ihc_dab",)
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,16 @@ def slide_stain_report(store) -> StainReport:
     return stain_shares(tiles, glass_rgb=glass)
 
 
-def check_stain_for_model(store, model_cfg, *, force: bool = False) -> StainReport | None:
-    """Refuse (one :class:`StainError` line) a slide that is not DAB IHC when the rule-based DAB scorer is used."""
-    if force or getattr(model_cfg, "name", None) not in RULE_BASED_MODELS:
+def check_stain_for_model(store, stain: str | None, *, force: bool = False) -> StainReport | None:
+    """Refuse (one :class:`StainError` line) a slide that is not DAB IHC for a scorer that measures DAB
+    (``stain``: the scorer's ``stain`` capability, :data:`wsi_her2.vocab.DAB_IHC`)."""
+    if force or stain != DAB_IHC:
         return None
     report = slide_stain_report(store)
     if not report.is_dab_ihc:
         raise StainError(
             f"{store.path}: not DAB IHC: {report.eosin_share:.0%} of the stain density is eosin (DAB + hematoxylin "
-            f"IHC stays below {MAX_EOSIN_SHARE:.0%}; H&E looks like this); the ihc_dab scorer measures DAB and would "
+            f"IHC stays below {MAX_EOSIN_SHARE:.0%}; H&E looks like this); this scorer measures DAB and would "
             "give a meaningless call: score an IHC slide, or pass --force to score it anyway"
         )
     return report

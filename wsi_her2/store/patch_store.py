@@ -30,11 +30,14 @@ chunk as its fill value) and, where the array has one, its checksum.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import shutil
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -70,6 +73,22 @@ PER_TILE_ARRAYS = {  # name -> (dtype, trailing shape)
 QC_ARRAYS = ("tissue_fraction", "laplacian_var", "sharpness", "pen_fraction", "qc_flags")
 ALL_ARRAYS = ("tiles", *PER_TILE_ARRAYS, "unit_done", *IMAGE_ARRAYS)  # what a complete store holds
 STORE_ENTRIES = frozenset(ALL_ARRAYS)
+
+
+@dataclass(frozen=True)
+class TileChunks:
+    """How a store's tiles lie on disk: ``shape`` of a chunk (tiles, px, px, 3), the ``codecs`` by name, the
+    JPEG quality (None for other codecs) and the file of each chunk (:meth:`path`)."""
+
+    shape: tuple[int, ...]
+    codecs: tuple[str, ...]
+    jpeg_quality: int | None
+    root: Path
+    chunk_key: Callable[[tuple[int, ...]], str]
+
+    def path(self, chunk: int) -> Path:
+        """The file of chunk ``chunk`` (tiles ``chunk * shape[0]`` on)."""
+        return self.root / self.chunk_key((chunk, 0, 0, 0))
 
 
 class PatchStore:
@@ -199,10 +218,28 @@ class PatchStore:
     def n_units(self) -> int:
         return int(self._group["unit_done"].shape[0])
 
-    @property
-    def tiles(self) -> Any:
-        """The zarr array of tiles (slice it; never load all of it)."""
-        return self._group["tiles"]
+    def tile_chunks(self) -> TileChunks:
+        """How the tiles lie on disk (chunk shape, codecs, chunk files): what the direct chunk readers and
+        writers need, without handing out the zarr array."""
+        array = self._group["tiles"]
+        codecs = tuple(getattr(c, "to_dict", dict)().get("name") for c in array.metadata.codecs)
+        quality = getattr(array.metadata.codecs[0], "quality", None)  # the JPEG codec carries its quality
+        return TileChunks(shape=tuple(int(c) for c in array.chunks), codecs=codecs, jpeg_quality=quality,
+                          root=self.path / "tiles", chunk_key=array.metadata.encode_chunk_key)
+
+    def chunk_keys(self, name: str) -> tuple[list[str], bool]:
+        """The chunk keys (``c/0/0/...``, under ``<store>/<name>/``) array ``name`` must have on disk, and
+        whether its chunks carry a CRC32C; a missing array is the store's one-line error."""
+        try:
+            array = self._group[name]
+        except (KeyError, FileNotFoundError) as exc:
+            raise self.damaged(f"array {name!r} is missing") from exc
+        summed = any(getattr(c, "to_dict", dict)().get("name") == "crc32c" for c in array.metadata.codecs)
+        if any(s == 0 for s in array.shape):
+            return [], summed
+        counts = [math.ceil(s / c) for s, c in zip(array.shape, array.chunks)]
+        encode = array.metadata.encode_chunk_key
+        return [encode(idx) for idx in itertools.product(*(range(n) for n in counts))], summed
 
     def has_array(self, name: str) -> bool:
         """Whether the store holds array ``name`` (older schemas lack newer QC arrays)."""
@@ -244,10 +281,25 @@ class PatchStore:
         return float(self.attrs["tiling"]["tile_size_level0"])
 
     def read_tiles(self, start: int, stop: int) -> NDArray[np.uint8]:
+        """Tiles ``start`` to ``stop - 1``; a damaged chunk is the store's one-line error."""
         try:
             return np.asarray(self._group["tiles"][start:stop])
         except Exception as exc:  # checksum mismatch or undecodable chunk
             raise self.damaged(f"tiles {start}-{stop - 1} unreadable ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+    def read_tiles_at(self, indices: NDArray[np.integer]) -> NDArray[np.uint8]:
+        """The tiles at store indices ``indices``, in that order; a damaged chunk is the store's one-line error."""
+        idx = np.asarray(indices, dtype=np.int64)
+        try:
+            return np.asarray(self._group["tiles"].oindex[idx])
+        except Exception as exc:  # checksum mismatch or undecodable chunk
+            raise self.damaged(f"tiles {idx.min() if idx.size else '-'}-{idx.max() if idx.size else '-'} unreadable "
+                               f"({type(exc).__name__}: {_first_line(exc)})") from exc
+
+    def write_tiles(self, start: int, tiles: NDArray[np.uint8]) -> None:
+        """Write ``tiles`` from tile ``start`` on through zarr's own write path (small stores made by tests and
+        benchmarks; the tile stage writes whole chunks with :meth:`chunk_writer`)."""
+        _every_chunk(self._group["tiles"])[start:start + len(tiles)] = tiles
 
     def units_done(self) -> NDArray[np.bool_]:
         return self.array("unit_done").astype(bool)
@@ -293,12 +345,10 @@ class TileChunkWriter:
     """
 
     def __init__(self, store: PatchStore) -> None:
-        array = store.tiles
-        self.chunk_shape = tuple(int(c) for c in array.chunks)
-        serializer = array.metadata.codecs[0]  # the JPEG codec carries its quality; the others ignore it
-        self._encode = chunk_encoder(store.attrs["codec"], jpeg_quality=getattr(serializer, "quality", JPEG_QUALITY))
-        self._key = array.metadata.encode_chunk_key
-        self._root = store.path / "tiles"
+        self._chunks = store.tile_chunks()
+        self.chunk_shape = self._chunks.shape
+        quality = self._chunks.jpeg_quality  # the JPEG codec carries its quality; the others ignore it
+        self._encode = chunk_encoder(store.attrs["codec"], jpeg_quality=JPEG_QUALITY if quality is None else quality)
         self.n_tiles = store.n_tiles
 
     def write(self, unit: int, tiles: NDArray[np.uint8]) -> None:
@@ -306,7 +356,7 @@ class TileChunkWriter:
         if tiles.shape != self.chunk_shape or tiles.dtype != np.uint8:
             raise ValueError(f"chunk must be {self.chunk_shape} uint8, got {tiles.shape} {tiles.dtype}")
         data = self._encode(tiles)
-        path = self._root / self._key((unit, 0, 0, 0))
+        path = self._chunks.path(unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         view = memoryview(data).cast("B")
         with atomic_target(path) as tmp, open(tmp, "wb", buffering=0) as fh:

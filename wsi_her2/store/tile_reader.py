@@ -18,12 +18,9 @@ from numpy.typing import NDArray
 
 from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
 from wsi_her2.store.codecs import JPEG_CODEC_NAME
+from wsi_her2.store.patch_store import PatchStore
 
 __all__ = ["JpegChunkReader", "jpeg_chunk_reader"]
-
-
-def _codec_names(array: Any) -> list[str]:
-    return [getattr(c, "to_dict", dict)().get("name") for c in array.metadata.codecs]
 
 
 class JpegChunkReader:
@@ -34,12 +31,10 @@ class JpegChunkReader:
     store's :class:`~wsi_her2.errors.StoreError`, as a zarr read of it would.
     """
 
-    def __init__(self, store: Any) -> None:
-        array = store.tiles
+    def __init__(self, store: PatchStore) -> None:
         self._store = store
-        self._root = store.path / "tiles"
-        self._key = array.metadata.encode_chunk_key
-        self.chunk_shape = tuple(int(c) for c in array.chunks)
+        self._chunks = store.tile_chunks()
+        self.chunk_shape = self._chunks.shape
 
     def buffer(self) -> NDArray[np.uint8]:
         """A buffer of one chunk's tiles for :meth:`read`."""
@@ -47,7 +42,7 @@ class JpegChunkReader:
 
     def chunk_path(self, chunk: int) -> Path:
         """The file of chunk ``chunk``."""
-        return self._root / self._key((chunk, 0, 0, 0))
+        return self._chunks.path(chunk)
 
     def read(self, chunk: int, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
         if out.shape != self.chunk_shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
@@ -65,9 +60,9 @@ class JpegChunkReader:
 
 def jpeg_chunk_reader(store: Any) -> JpegChunkReader | None:
     """A :class:`JpegChunkReader` for a patch store of JPEG tiles with checksummed chunks; else ``None``."""
-    array = getattr(store, "tiles", None)
-    if array is None or getattr(store, "path", None) is None or not hasattr(array, "metadata"):
+    if not isinstance(store, PatchStore):  # a stand-in store (tests): read through its read_tiles
         return None
-    if _codec_names(array) != [JPEG_CODEC_NAME, "crc32c"] or len(array.chunks) != 4 or array.chunks[-1] != 3:
+    chunks = store.tile_chunks()
+    if chunks.codecs != (JPEG_CODEC_NAME, "crc32c") or len(chunks.shape) != 4 or chunks.shape[-1] != 3:
         return None
     return JpegChunkReader(store)

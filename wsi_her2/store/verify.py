@@ -9,8 +9,6 @@ and the ``wsi-her2 tile ... --overwrite`` command that rebuilds it.
 """
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +30,8 @@ def verify_store(path: str | Path) -> VerifyReport:
     store = PatchStore.open(path, require_complete=True)
     n_chunks = n_summed = n_bytes = 0
     for name in ALL_ARRAYS:
-        try:
-            array = store._group[name]
-        except (KeyError, FileNotFoundError) as exc:
-            raise store.damaged(f"array {name!r} is missing") from exc
-        summed = any(getattr(c, "to_dict", dict)().get("name") == "crc32c" for c in array.metadata.codecs)
-        for key in _chunk_keys(array):
+        keys, summed = store.chunk_keys(name)
+        for key in keys:
             chunk = store.path / name / key
             try:
                 data = chunk.read_bytes()
@@ -51,12 +45,3 @@ def verify_store(path: str | Path) -> VerifyReport:
     if not store.units_done().all():
         raise store.damaged("marked complete but not every work unit is done")
     return VerifyReport(store.path, store.n_tiles, n_chunks, n_summed, n_bytes)
-
-
-def _chunk_keys(array) -> list[str]:
-    """The chunk keys (``c/0/0/...``) that an array of this shape must have on disk."""
-    if any(s == 0 for s in array.shape):
-        return []
-    counts = [math.ceil(s / c) for s, c in zip(array.shape, array.chunks)]
-    encode = array.metadata.encode_chunk_key
-    return [encode(idx) for idx in itertools.product(*(range(n) for n in counts))]

@@ -26,7 +26,8 @@ from wsi_her2.cpus import available_cpus
 from wsi_her2.errors import ConfigError, NoTissueError, SlideOpenError, StoreError, WsiHer2Error
 from wsi_her2.store.no_tissue import clear_record as clear_no_tissue_record
 from wsi_her2.store.no_tissue import write_record as write_no_tissue_record
-from wsi_her2.files import check_store_slot, prepare_output_dir, remove_tmp_files, store_lock
+from wsi_her2.files import check_store_slot, prepare_output_dir, remove_tmp_files
+from wsi_her2.locks import store_lock
 from wsi_her2.tile.pixels import read_thumbnail_or_fail, read_tiles
 from wsi_her2.tile.qc import QC_FLAGS, QcParams, TileQc, slide_qc_summary, tile_qc
 from wsi_her2.tile.qc_picture import render_qc_picture, save_qc_picture

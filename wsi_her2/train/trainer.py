@@ -285,18 +285,3 @@ def _fit_seeded(model: nn.Module, train_ds, val_ds, recipe: Recipe, *, n_classes
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
-
-
-# --------------------------------------------------------------------------------------------
-# Orchestration
-# --------------------------------------------------------------------------------------------
-
-
-def __getattr__(name: str):
-    """``train_model`` and its result type now live in :mod:`wsi_her2.train.run` (imported on use:
-    that module imports this one)."""
-    if name in ("train_model", "TrainResult", "build_model_for_training"):
-        from wsi_her2.train import run
-
-        return getattr(run, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
