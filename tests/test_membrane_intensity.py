@@ -89,3 +89,25 @@ def test_chroma_subsampling_is_read_and_a_sharp_colour_level_preferred(tmp_path)
     assert sharp.level == 0 and sharp.chroma_mpp_um == pytest.approx(1.0)  # 0.5 µm colour, area-averaged to 1.0
     fast = choose_geometry(**kw, level_chroma=[2, 2], prefer_sharp_chroma=False)
     assert fast.level == 1 and fast.chroma_mpp_um == pytest.approx(2.0)
+
+
+def test_a_slide_whose_only_colour_is_subsampled_is_scaled_back_through_tile_and_score(tmp_path):
+    """A slide scanned at 1 µm/px as 4:2:0 JPEG has 2 µm colour samples and no sharper level: a 1 µm
+    membrane keeps about half its colour difference. The tile stage records the colour sample width
+    and the scorer scales the OD back, so each rendered grade still reads as itself."""
+    from wsi_her2.store.patch_store import open_store
+
+    for od in BANDS:
+        field = render_membrane_field(membrane_od=od, field_um=(336.0, 336.0), seed=1)
+        h, w = (s // 4 * 4 for s in field.rgb.shape[:2])
+        coarse = field.rgb[:h, :w].reshape(h // 4, 4, w // 4, 4, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        slide = write_image_slide(coarse, tmp_path / f"c{od:g}.svs", mpp_um=1.0, tile_px=112)
+        assert main(["tile", str(slide), "-o", str(tmp_path), "--mpp", "1.0", "--tile-px", "112", "-q"]) == 0
+        store = open_store(tmp_path / f"{slide.stem}.zarr")
+        assert store.attrs["tiling"]["chroma_mpp_um"] == pytest.approx(2.0)
+        assert main(["score", str(tmp_path / f"{slide.stem}.zarr"), "--min-tiles", "2", "-q"]) == 0
+        table = pq.read_table(tmp_path / f"{slide.stem}.tiles.parquet").to_pandas()
+        measured = table.loc[table.qc_pass, "dab_od_membrane"].to_numpy()
+        lo, hi = BANDS[od]
+        assert measured.size >= 2 and np.all((measured >= lo) & (measured < hi)), (od, measured.round(3))
+        assert np.median(measured) == pytest.approx(od, rel=0.35), (od, measured.round(3))
