@@ -266,7 +266,7 @@ def test_neighbour_counts_and_tumour_area_equal_the_filters_they_replace():
                                       borderType=cv2.BORDER_CONSTANT) for m in seeds])
         assert np.array_equal(counts[:, j], box.ravel()[idx])
     plan = kernel_plan(IhcDabScorer(mpp_um=0.5), 224, 224)
-    area = k._area_fractions(idx, 3, plan)
+    area = k.area_fractions(idx, 3, plan)
     per_tile = [cv2.countNonZero(cv2.dilate(m.view(np.uint8), plan.area_window, borderType=cv2.BORDER_CONSTANT,
                                             borderValue=0)) / m.size for m in seeds]
     assert np.array_equal(area, per_tile)

@@ -13,19 +13,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "wsi_her2"
 
 #: Circles known and owned elsewhere, each with the change that removes it. Nothing may join this list.
-KNOWN_CIRCLES = {
-    # ihc_score imports ihc_score_cpu in IhcDabScorer._evidence_opencv; ihc_score_cpu imports CellEvidence,
-    # IhcDabScorer, _gaussian_taps, _odd from ihc_score. Removed by moving CellEvidence, _gaussian_taps (public,
-    # as gaussian_taps) and _odd (as odd_px) into a module both import, and typing ihc_score_cpu's scorer
-    # parameters without importing IhcDabScorer.
-    frozenset({"wsi_her2.models.ihc_score", "wsi_her2.models.ihc_score_cpu"}),
-}
-#: Private names imported across modules, known and owned elsewhere (the same change removes them).
-KNOWN_PRIVATE_IMPORTS = {
-    ("wsi_her2.models.ihc_score_cpu", "wsi_her2.models.ihc_score", "_gaussian_taps"),
-    ("wsi_her2.models.ihc_score_cpu", "wsi_her2.models.ihc_score", "_odd"),
-    ("wsi_her2.models.ihc_score_cpu", "wsi_her2.models.ihc_cpu_kernel", "_area_fractions"),
-}
+KNOWN_CIRCLES: set[frozenset[str]] = set()
+#: Private names imported across modules, known and owned elsewhere.
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 #: What the writers (``wsi_her2/outputs``) may import from the package: the store, the result types and
 #: vocabulary, and the foundation modules. Never the score stage (nor models, train, batch, tile, slide, cli).
 OUTPUTS_MAY_IMPORT = ("wsi_her2.outputs", "wsi_her2.store", "wsi_her2.result", "wsi_her2.vocab", "wsi_her2.criteria",

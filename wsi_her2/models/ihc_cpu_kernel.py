@@ -9,7 +9,7 @@ morphology run 10-50x faster than torch's CPU convolutions and pooling on 224 px
   input, which is what the tile store holds; within 1/510 of the intensity otherwise);
 - optical density and unmixing: one ``(6, 3) @ (3, H*W)`` product (in single-threaded BLAS pieces) for hematoxylin, neutral,
   DAB (neutral basis), DAB (Ruifrok), the summed OD and the counterstain OD (the nuclear channel);
-- Gaussian blurs with the same taps (:func:`wsi_her2.models.ihc_score._gaussian_taps`) and the same
+- Gaussian blurs with the same taps (:func:`wsi_her2.models.ihc_evidence.gaussian_taps`) and the same
   reflect border (``BORDER_REFLECT_101``), block means by ``INTER_AREA`` at integer factors,
   bilinear upsampling with half-pixel centres (as ``F.interpolate(align_corners=False)``),
   local maxima by a rectangular dilation with the border ignored (as ``max_pool2d``),
@@ -36,7 +36,7 @@ import numpy as np
 from wsi_her2.cpus import available_cpus
 from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds
 
-__all__ = ["ChunkEvidence", "KernelPlan", "STAT_NAMES", "chunk_evidence", "tile_threads"]
+__all__ = ["ChunkEvidence", "KernelPlan", "STAT_NAMES", "area_fractions", "chunk_evidence", "tile_threads"]
 
 STAT_NAMES = ("tissue_fraction", "hematoxylin_od_mean", "neutral_od_mean", "dab_od_mean", "stained_fraction")
 _MIN_TILES_PER_THREAD = 4
@@ -456,7 +456,7 @@ def _chunk(rgb: np.ndarray, tables: np.ndarray, plan: KernelPlan, ws: _Workspace
     return ChunkEvidence(stats, idx, counts, _ray_contrast(dab.reshape(n, h, w), idx, w // f, plan, ws), level, samples)
 
 
-def _area_fractions(idx: np.ndarray, n: int, plan: KernelPlan) -> np.ndarray:
+def area_fractions(idx: np.ndarray, n: int, plan: KernelPlan) -> np.ndarray:
     """``(n,)`` fraction of each tile's cell grid within the area window of a kept nucleus.
 
     ``idx``: the kept nuclei's flat indices into the ``(n, hc, wc)`` grids. The grids are dilated

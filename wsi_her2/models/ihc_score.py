@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +77,8 @@ from wsi_her2.models.ihc_cells import cell_grades, cell_table, membrane_loss, ra
 from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds
 from wsi_her2.vocab import HER2_CLASSES
 from wsi_her2.stain.membrane import membrane_response, membrane_smoothing_um
-from wsi_her2.stain.od import RGB_FROM_HED, RGB_FROM_HND, estimate_background, od_to_hed, od_to_hnd, rgb_to_od
+from wsi_her2.models.ihc_evidence import COUNTERSTAIN_FROM_RGB, CellEvidence, gaussian_taps, odd_px
+from wsi_her2.stain.od import estimate_background, od_to_hed, od_to_hnd, rgb_to_od
 
 __all__ = [
     "CLASS_NAMES",
@@ -103,57 +103,10 @@ CELL_GRID_UM = 1.0
 _GRADED_VIEW = 0.84
 #: Implementations of the same measurements (see :class:`IhcDabScorer`).
 KERNELS = ("auto", "torch", "opencv")
-#: How a nucleus is weighted as tumour: the trained epithelium detector (:mod:`wsi_her2.models.epithelium`,
-#: the default) or the cohesion rule of earlier releases (4-24 other nuclei in a 40 µm square).
+#: How a nucleus is weighted as tumour: the cohesion rule (4-24 other nuclei in a 40 µm square, the
+#: default) or the trained epithelium detector (:mod:`wsi_her2.models.epithelium`, opt-in).
 TUMOUR_MODELS = ("epithelium", "cohesion")
 
-
-def _counterstain_vector() -> torch.Tensor:
-    """``(3,)`` float64: the counterstain OD is ``od_rgb @`` this (see ``IhcThresholds``: counterstain OD).
-
-    The direction halfway between hematoxylin and neutral (grey), made orthogonal to the Ruifrok
-    DAB vector and scaled so that hematoxylin reads its own OD: DAB reads 0, grey ~0.6 of its OD.
-    """
-    hema, neutral = RGB_FROM_HND[0], RGB_FROM_HND[1]
-    dab = RGB_FROM_HED[2] / RGB_FROM_HED[2].norm()
-    mid = (hema + neutral) / (hema + neutral).norm()
-    u = mid - (mid @ dab) * dab
-    u = u / u.norm()
-    return u / (hema @ u)
-
-
-#: RGB optical density -> counterstain OD, the nuclear channel (a linear functional, no DAB).
-COUNTERSTAIN_FROM_RGB = _counterstain_vector()
-
-
-@dataclass
-class CellEvidence:
-    """What steps 1-3 hand to the shared steps 4-6, for a batch of ``B`` tiles of ``H x W`` px.
-
-    ``stats``: per-tile ``(B,)`` tissue statistics (``tissue_fraction``, ``hematoxylin_od_mean``,
-    ``neutral_od_mean``, ``dab_od_mean``, ``stained_fraction``); per nucleus: ``seed_tile``
-    ``(N,)`` (its tile), ``seed_yx`` ``(N, 2)`` (its centre, tile pixels), ``ray_contrast``
-    ``(N, n_directions)`` (the largest outward rise of the brown DAB's light loss, blurred to
-    ``membrane_blur_um``, along each ray, over what the ray crossed before it:
-    :func:`ray_contrast`, :mod:`wsi_her2.stain.membrane`), ``tumour_weight`` ``(N,)`` (the
-    tumour model's: epithelium detector or cohesion rule); what that weight was computed from
-    (``counts``, ``samples``, per tile ``level``);
-    ``tumour_area_fraction`` ``(B,)``: fraction of the tile within the cell-radius box of a
-    nucleus of weight > 0.5.
-    """
-
-    stats: dict[str, torch.Tensor]
-    seed_tile: torch.Tensor
-    seed_yx: torch.Tensor
-    ray_contrast: torch.Tensor
-    tumour_weight: torch.Tensor
-    tumour_area_fraction: torch.Tensor
-    #: ``(N, len(count_windows_px()))`` edge-corrected counts of other nuclei per window.
-    counts: torch.Tensor | None = None
-    #: ``(N, S)`` counterstain samples of the epithelium stencil (None under the cohesion model).
-    samples: torch.Tensor | None = None
-    #: ``(B,)`` each tile's counterstain level (``IhcThresholds.counterstain_quantile``).
-    level: torch.Tensor | None = None
 
 #: Output classes, in logit order.
 CLASS_NAMES: tuple[str, ...] = HER2_CLASSES
@@ -182,21 +135,9 @@ MEASUREMENT_NAMES: tuple[str, ...] = (
 )
 
 
-def _gaussian_taps(sigma_px: float, h: int, w: int) -> torch.Tensor | None:
-    """The normalised 1-D Gaussian taps both kernels blur with (``None``: too narrow to blur)."""
-    if sigma_px < 0.3:
-        return None
-    radius = min(int(math.ceil(3.0 * sigma_px)), h - 1, w - 1)
-    if radius < 1:
-        return None
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma_px) ** 2)
-    return k / k.sum()
-
-
 def _gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
     """Separable Gaussian blur of ``(B, 1, H, W)`` with reflect padding (no dark border)."""
-    k = _gaussian_taps(sigma_px, *img.shape[-2:])
+    k = gaussian_taps(sigma_px, *img.shape[-2:])
     if k is None:
         return img
     k = k.to(img.device)
@@ -224,10 +165,6 @@ def _ray_offsets(n_directions: int, start_px: float, stop_px: float) -> list[lis
 def counterstain_rank(n: int, quantile: float) -> int:
     """1-based rank of the ``quantile`` order statistic of ``n`` values (both kernels use it)."""
     return min(n, max(1, int(round(quantile * n))))
-
-
-def _odd(size_px: float) -> int:
-    return max(3, 2 * int(round(size_px / 2.0)) + 1)
 
 
 def _box_sum(img: torch.Tensor, k: int) -> torch.Tensor:
@@ -311,7 +248,7 @@ class IhcDabScorer(torch.nn.Module):
         #: The scorer's own blur of the membrane light-loss map, px (the rest of ``membrane_blur_um``).
         self.membrane_sigma_px = membrane_smoothing_um(self.mpp_um, **blur) / self.mpp_um
         #: Peak light loss of the reference band per unit of its light loss (:func:`membrane_response`).
-        taps = _gaussian_taps(self.membrane_sigma_px, 64, 64)
+        taps = gaussian_taps(self.membrane_sigma_px, 64, 64)
         self.membrane_response = membrane_response(self.mpp_um, width_um=t.membrane_width_um,
                                                    taps=None if taps is None else taps.numpy(), **blur)
         log.debug(
@@ -406,7 +343,7 @@ class IhcDabScorer(torch.nn.Module):
     def count_windows_px(self) -> list[int]:
         """:meth:`count_windows_um` as odd side lengths on the cell grid."""
         mpp_c = self.mpp_um * self.cell_grid_factor
-        return [_odd(um / mpp_c) for um in self.count_windows_um()]
+        return [odd_px(um / mpp_c) for um in self.count_windows_um()]
 
     def nucleus_stencil(self):
         """The epithelium model's samples around each nucleus (:func:`wsi_her2.models.epithelium.nucleus_stencil`)."""
@@ -577,7 +514,7 @@ class IhcDabScorer(torch.nn.Module):
         dog = h1 - h2
         level = self.counterstain_level(h1[:, 0])
         contrast_min, od_min = self.nucleus_thresholds(level)
-        win = _odd(t.seed_min_distance_um / mpp_c)
+        win = odd_px(t.seed_min_distance_um / mpp_c)
         dog_q = torch.round(dog * DOG_QUANTUM_INV)  # ties decided alike in both kernels (see DOG_QUANTUM_INV)
         is_max = dog_q >= F.max_pool2d(dog_q, win, stride=1, padding=win // 2)
         seed_map = is_max & (dog > contrast_min.view(-1, 1, 1, 1)) & (h1 > od_min.view(-1, 1, 1, 1))
@@ -591,7 +528,7 @@ class IhcDabScorer(torch.nn.Module):
         weights = self.tumour_weights(counts, samples, level[tile_i])
         keep = torch.zeros_like(nuclear)
         keep[tile_i, 0, yc, xc] = (weights > 0.5).float()
-        area = _box_max(keep, _odd(2 * t.cell_radius_um / mpp_c)).mean(dim=(1, 2, 3))
+        area = _box_max(keep, odd_px(2 * t.cell_radius_um / mpp_c)).mean(dim=(1, 2, 3))
 
         # 4 (first half). The brown DAB's light loss, blurred to the membrane resolution, read along the rays.
         pad = self.ray_pad_px(h, w)

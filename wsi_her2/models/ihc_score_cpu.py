@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,12 +19,14 @@ from wsi_her2.models.ihc_cpu_kernel import (
     STAT_NAMES,
     ChunkEvidence,
     KernelPlan,
-    _area_fractions,
+    area_fractions,
     chunk_evidence,
     tile_threads,
 )
 from wsi_her2.models.epithelium import MAP_SCALES
-from wsi_her2.models.ihc_score import COUNTERSTAIN_FROM_RGB, CellEvidence, IhcDabScorer, _gaussian_taps, _odd
+# ``scorer`` parameters are IhcDabScorer instances, typed Any: importing the class here would make
+# a circle (ihc_score imports this module for its OpenCV kernel).
+from wsi_her2.models.ihc_evidence import COUNTERSTAIN_FROM_RGB, CellEvidence, gaussian_taps, odd_px
 from wsi_her2.stain.od import HED_FROM_RGB, HND_FROM_RGB, MIN_INTENSITY
 
 __all__ = ["cell_evidence_opencv", "evidence_from_chunks", "kernel_plan", "tile_threads"]
@@ -36,10 +39,10 @@ _UNMIX = np.concatenate([
 _LOG10_LEVELS = np.log10(np.maximum(np.arange(256, dtype=np.float32) / np.float32(255.0), np.float32(MIN_INTENSITY)))
 
 #: Plans per scorer, by (thresholds, glass, µm/px, tile size); weak keys: a plan lives as long as its scorer.
-_PLANS: "weakref.WeakKeyDictionary[IhcDabScorer, dict]" = weakref.WeakKeyDictionary()
+_PLANS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def kernel_plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
+def kernel_plan(scorer: Any, h: int, w: int) -> KernelPlan:
     """The scorer's plan for ``h x w`` tiles, built once (taps and ray offsets cost ~0.1 ms)."""
     plans = _PLANS.setdefault(scorer, {})
     key = (scorer.thresholds, scorer.glass_rgb, scorer.mpp_um, scorer.cell_grid_factor, scorer.tumour_model, h, w)
@@ -49,18 +52,18 @@ def kernel_plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
     return plan
 
 
-def _plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
+def _plan(scorer: Any, h: int, w: int) -> KernelPlan:
     t, f = scorer.thresholds, scorer.cell_grid_factor
     mpp_c = scorer.mpp_um * f
     hc, wc = h // f, w // f
 
     def taps(sigma_px: float, hh: int, ww: int) -> np.ndarray | None:
-        k = _gaussian_taps(sigma_px, hh, ww)
+        k = gaussian_taps(sigma_px, hh, ww)
         return None if k is None else k.numpy().reshape(-1, 1)
 
     sigma1 = scorer.nucleus_sigma_px(mpp_c)
-    seed_win = _odd(t.seed_min_distance_um / mpp_c)
-    area_win = _odd(2 * t.cell_radius_um / mpp_c)
+    seed_win = odd_px(t.seed_min_distance_um / mpp_c)
+    area_win = odd_px(2 * t.cell_radius_um / mpp_c)
     pad = scorer.ray_pad_px(h, w)
     offsets = scorer.ray_offsets_flat(w + 2 * pad, pad).numpy().astype(np.int32)
     stencil_offsets, stencil_maps, stencil_pad = None, None, 0
@@ -91,7 +94,7 @@ def _plan(scorer: IhcDabScorer, h: int, w: int) -> KernelPlan:
     )
 
 
-def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int = 1) -> CellEvidence:
+def cell_evidence_opencv(scorer: Any, x: torch.Tensor, *, threads: int = 1) -> CellEvidence:
     """Steps 1-3 of ``scorer`` for a CPU batch ``(B, 3, H, W)``: float RGB in [0, 1], or uint8."""
     b, _, h, w = x.shape
     if b == 0:
@@ -111,7 +114,7 @@ def cell_evidence_opencv(scorer: IhcDabScorer, x: torch.Tensor, *, threads: int 
     return evidence_from_chunks(chunks, scorer, plan, b)
 
 
-def evidence_from_chunks(chunks: list[ChunkEvidence], scorer: IhcDabScorer, plan: KernelPlan, b: int) -> CellEvidence:
+def evidence_from_chunks(chunks: list[ChunkEvidence], scorer: Any, plan: KernelPlan, b: int) -> CellEvidence:
     """The :class:`CellEvidence` of ``b`` tiles from their chunks, in order: tumour weights (the
     scorer's tumour model, applied once to every nucleus of the batch), tumour area."""
     grid_hw = (plan.h // plan.f, plan.w // plan.f)
@@ -126,7 +129,7 @@ def evidence_from_chunks(chunks: list[ChunkEvidence], scorer: IhcDabScorer, plan
     if plan.stencil_offsets is not None:
         samples = torch.from_numpy(np.concatenate([c.samples for c in chunks]).astype(np.float32, copy=False))
     weights = scorer.tumour_weights(counts, samples, level[torch.from_numpy(tile_np)])
-    area = _area_fractions(idx_np[(weights > 0.5).numpy()], b, plan)
+    area = area_fractions(idx_np[(weights > 0.5).numpy()], b, plan)
     stats = torch.from_numpy(np.concatenate([c.stats for c in chunks]).astype(np.float32))
     rays = plan.ray_offsets.shape[0]
     contrast = np.concatenate([c.ray_contrast for c in chunks]).reshape(-1, rays)
