@@ -36,6 +36,12 @@ def test_unstained_core_is_indeterminate_with_its_reason(tmp_path, capsys):
         assert "no tissue found" in result["call"]["details"]["reason"]
         rows = (out / "slides.csv").read_text().splitlines()
         assert len(rows) == 2 and rows[1].startswith("blank,indeterminate,")
+        # the report says why there is no call and shows what the tile stage looked at
+        report_html = (out / "blank.report.html").read_text()
+        assert "indeterminate" in report_html and "no tissue found" in report_html
+        assert report_html.count("data:image/jpeg;base64,") == 1  # the QC picture (no heatmap without tiles)
+        assert (out / "blank.report.pdf").read_bytes().startswith(b"%PDF")
+        assert result["outputs"]["report_pdf"].endswith("blank.report.pdf")
 
 
 def test_record_goes_when_the_slide_is_tiled_after_all(tmp_path):

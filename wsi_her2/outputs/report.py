@@ -131,6 +131,8 @@ def _deciding(call: Mapping) -> tuple[list[tuple[str, str, str, str]], str]:
         rows = [(f"{step}: {what}", _pct(at_least.get(key)), f"> {_pct(thresholds.get(step), 0)}",
                  "-" if step not in passed else ("yes" if passed[step] else "no")) for step, key, what in _STEPS]
         return rows, "Share of tumour cells showing at least each pattern; the call is the highest step above its cut-point."
+    if not call.get("n_tiles_used"):  # no tissue, or every tile rejected: no shares to show
+        return [], "No tile was scored, so nothing decided a grade: see the reason above and the QC picture."
     fractions = call.get("class_fractions", {})
     rows = [(f"tiles called {c}", _pct(v), "", "") for c, v in fractions.items()]
     return rows, "Share of scored tiles per tile call (this model does not count cells)."
@@ -141,6 +143,8 @@ def _qc_rows(result: Mapping, reasons: Sequence[str | None] | None) -> list[tupl
     qc = result.get("qc_summary", {})
     n_tiles = qc.get("n_tiles")
     used, rejected = row.get("tiles_used"), row.get("tiles_rejected")
+    if n_tiles is None and result.get("no_tissue"):
+        return [("tiles", "none cut: the tile stage found no tissue"), ("slide flags", "no tissue")]
     rows = [("tiles", f"{_num(n_tiles)} cut; {_num(used)} kept and scored; {_num(rejected)} not scored")]
     if reasons is not None:
         counts = Counter(part for r in reasons if r for part in str(r).split("+"))
@@ -202,7 +206,7 @@ def _report_of(result: Mapping, *, reasons: Sequence[str | None] | None, heatmap
     weights = f", weights {Path(str(model['weights'])).name}" if model.get("weights") else ""
     sections.append(("Method", [
         ("model", f"{model.get('name', '?')}{weights}; slide rule {result.get('aggregation', call.get('method', '?'))}"),
-        ("tiles", f"{result.get('tile_px', '?')} px at {result.get('tile_mpp_um', '?')} µm/px"),
+        ("tiles", f"{result['tile_px']} px at {result.get('tile_mpp_um', '?')} µm/px" if result.get("tile_px") else "none"),
         ("software", f"wsi-her2 {result.get('package_version', '?')}"),
     ]))
     heatmap_png = heatmap_png or result.get("outputs", {}).get("heatmap_png")

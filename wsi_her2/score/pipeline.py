@@ -183,7 +183,7 @@ def cell_positions_level0(store: PatchStore, cells) -> np.ndarray:
 
 
 def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | None, config: ScoreConfig) -> SlideResult:
-    """``<id>.json`` and the ``slides.csv`` row of a slide where ``tile`` found no tissue."""
+    """``<id>.json``, the report and the ``slides.csv`` row of a slide where ``tile`` found no tissue."""
     from wsi_her2.score.aggregate import HER2_CATEGORIES, her2_category
 
     out = prepare_output_dir(Path(out_dir) if out_dir else store_path.parent)
@@ -194,6 +194,11 @@ def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | No
     provenance = Provenance(model=_model_label(config), aggregation=config.agg, package_version=__version__,
                             slide_path=record.get("slide"))
     result = SlideResult(slide_id=store_path.name.removesuffix(".zarr"), call=call, provenance=provenance, no_tissue=record)
+    if not config.no_report:  # the report says why there is no call, with the QC picture the tile stage drew
+        from wsi_her2.outputs.report import write_slide_report
+
+        reports = write_slide_report(out, result, qc_png=store_path.parent / f"{result.slide_id}.qc.png")
+        result = result.with_outputs({**result.outputs, **reports})
     return write_result_files(out, result)
 
 
