@@ -74,3 +74,29 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def ihc_texture_with(monkeypatch):
+    """``make(grade, mpp_um, size_px, **constants)``: the synthetic IHC texture
+    (:func:`wsi_her2.synthetic.textures.ihc_texture`, 3 cells' seed) with module constants of
+    :mod:`wsi_her2.synthetic.textures` overridden, e.g. ``IHC_NUCLEUS_H_OD=0.0``, cut to
+    ``size_px`` square. The generator's caches are cleared before and after, so other tests see
+    the default texture."""
+    import numpy as np
+
+    import wsi_her2.synthetic.textures as tx
+
+    cached = [f for f in vars(tx).values() if hasattr(f, "cache_clear")]
+
+    def make(grade: int, mpp_um: float, size_px: int, **constants: float):
+        for name, value in constants.items():
+            assert hasattr(tx, name), name
+            monkeypatch.setattr(tx, name, value)
+        for f in cached:
+            f.cache_clear()
+        return np.ascontiguousarray(tx.ihc_texture(grade, mpp_um, 3)[:size_px, :size_px])
+
+    yield make
+    for f in cached:
+        f.cache_clear()

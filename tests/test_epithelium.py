@@ -57,29 +57,16 @@ def _tumour_share(rgb: np.ndarray, mpp_um: float, **kw) -> float:
 
 
 @pytest.fixture
-def textbook_tissue(monkeypatch):
+def textbook_tissue(ihc_texture_with):
     """The synthetic IHC texture with other cell sizes: ``make(nucleus_um, pitch_um, nucleus_od,
-    cytoplasm_od, grade, mpp_um)`` -> ``(896, 896, 3)`` uint8 (the generator's caches are cleared
-    before and after, so other tests see the default texture)."""
-    import wsi_her2.synthetic.textures as tx
-
-    cached = [f for f in vars(tx).values() if hasattr(f, "cache_clear")]
-    for f in cached:
-        f.cache_clear()
+    cytoplasm_od, grade, mpp_um)`` -> ``(896, 896, 3)`` uint8."""
 
     def make(nucleus_um: float, pitch_um: float, nucleus_od: float, cytoplasm_od: float, grade: int,
              mpp_um: float) -> np.ndarray:
-        monkeypatch.setattr(tx, "NUCLEUS_DIAMETER_UM", nucleus_um)
-        monkeypatch.setattr(tx, "CELL_PITCH_UM", pitch_um)
-        monkeypatch.setattr(tx, "IHC_NUCLEUS_H_OD", nucleus_od)
-        monkeypatch.setattr(tx, "IHC_CYTOPLASM_H_OD", cytoplasm_od)
-        for f in cached:
-            f.cache_clear()
-        return np.ascontiguousarray(tx.ihc_texture(grade, mpp_um, 3)[:896, :896])
+        return ihc_texture_with(grade, mpp_um, 896, NUCLEUS_DIAMETER_UM=nucleus_um, CELL_PITCH_UM=pitch_um,
+                                IHC_NUCLEUS_H_OD=nucleus_od, IHC_CYTOPLASM_H_OD=cytoplasm_od)
 
-    yield make
-    for f in cached:
-        f.cache_clear()
+    return make
 
 
 #: Breast carcinoma of no special type: nuclei ~10 µm (1.5-2x a lymphocyte), cells ~16 µm, a pale

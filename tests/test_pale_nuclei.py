@@ -130,32 +130,13 @@ def test_smooth_stroma_and_muscle_gain_no_nuclei(mpp_um):
         assert 0.85 * planted <= found <= 1.2 * planted, (kind, found, planted)
 
 
-@pytest.fixture
-def ihc_texture_with(monkeypatch):
-    """The synthetic IHC texture with another counterstain (the generator's caches cleared before and after)."""
-    import wsi_her2.synthetic.textures as tx
-
-    cached = [f for f in vars(tx).values() if hasattr(f, "cache_clear")]
-
-    def make(nucleus_od: float, cytoplasm_od: float, grade: int, mpp_um: float) -> np.ndarray:
-        monkeypatch.setattr(tx, "IHC_NUCLEUS_H_OD", nucleus_od)
-        monkeypatch.setattr(tx, "IHC_CYTOPLASM_H_OD", cytoplasm_od)
-        for f in cached:
-            f.cache_clear()
-        return np.ascontiguousarray(tx.ihc_texture(grade, mpp_um, 3)[:448, :448])
-
-    yield make
-    for f in cached:
-        f.cache_clear()
-
-
 @pytest.mark.parametrize("mpp_um", [0.5, 1.0])
 def test_tissue_without_visible_nuclei_is_reported(ihc_texture_with, mpp_um):
     """A solid 3+ sheet whose hematoxylin the DAB masks (no counterstain left to see): tissue, yet
     no nuclei, is flagged ``nuclear_density_low``; the same sheet with its nuclei is not."""
     scorer = IhcDabScorer(mpp_um=mpp_um)
-    masked = scorer.measure_u8(_tiles(ihc_texture_with(0.0, 0.0, 3, mpp_um), 224)[0])
-    plain = scorer.measure_u8(_tiles(ihc_texture_with(0.42, 0.07, 3, mpp_um), 224)[0])
+    masked = scorer.measure_u8(_tiles(ihc_texture_with(3, mpp_um, 448, IHC_NUCLEUS_H_OD=0.0, IHC_CYTOPLASM_H_OD=0.0), 224)[0])
+    plain = scorer.measure_u8(_tiles(ihc_texture_with(3, mpp_um, 448, IHC_NUCLEUS_H_OD=0.42, IHC_CYTOPLASM_H_OD=0.07), 224)[0])
     assert float(masked["tissue_fraction"].min()) > scorer.thresholds.cellular_tissue_fraction
     assert float(masked["nuclear_density_low"].min()) > 0.5, masked["nuclei_per_mm2_tissue"]
     assert float(plain["nuclear_density_low"].max()) < 0.05, plain["nuclei_per_mm2_tissue"]
