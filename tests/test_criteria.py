@@ -102,6 +102,19 @@ def _tumour_grades(field, criteria: str) -> np.ndarray:
     return cells["grade"].numpy()[cells["tumour_weight"].numpy() > 0.5]
 
 
+def test_ring_runs_read_from_the_table_equal_the_scan():
+    """The longest stained (or unstained) arc of a ring, looked up per bit pattern, is the scan's
+    for every pattern of 16 rays, and for rings of more rays (scanned)."""
+    from wsi_her2.models.ihc_cells import _circular_runs, _longest_circular_run
+
+    every = ((torch.arange(2**16)[:, None] >> torch.arange(16)) & 1).bool()
+    runs = _longest_circular_run(every)
+    assert torch.equal(runs, _circular_runs(every))
+    assert runs[0] == 0 and runs[-1] == 16 and runs[0b1000_0000_0000_0001] == 2  # the arc wraps round
+    wide = torch.rand(500, 24) > 0.3
+    assert torch.equal(_longest_circular_run(wide), _circular_runs(wide))
+
+
 @pytest.fixture(scope="module")
 def fields():
     return {(p, od): render_membrane_field(membrane_od=od, pattern=p, field_um=(336.0, 336.0), seed=2, layout="glands")
