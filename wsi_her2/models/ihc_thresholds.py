@@ -74,7 +74,10 @@ class IhcThresholds:
       sample the peak at 1 µm/px (within ~5 %) and to average JPEG noise, narrow enough that the
       membrane (6-8 µm from the nucleus) and the cytoplasm the ray starts in (3 µm) stay apart.
     - ``membrane_width_um = 1.0``: the reference band: a thin HER2 membrane at 40x (two apposed
-      plasma membranes and their DAB precipitate). A band of this width reads its own OD.
+      plasma membranes and their DAB precipitate). A band of this width reads its own OD. The
+      width is the mean width of 2+ DAB precipitates measured by Scheel et al. (Diagn Pathol
+      2018;13:19: 1+ 0.64 µm, 2+ 1.0 µm, 3+ 2.1 µm, the physical basis of Rüschoff's
+      magnification rule), so a thin faint 1+ band reads faint and a 2 µm 3+ band intense.
     - ``optics_blur_um = 0.16``: the scanner's point-spread function (Airy FWHM 0.51 λ / NA at
       λ 0.55 µm, NA 0.75, as a Gaussian), part of the total blur above.
     - ``membrane_od_cap = 2.0``: light loss at or beyond the reference band's response (a thick
