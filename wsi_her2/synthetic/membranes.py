@@ -119,23 +119,37 @@ def _od_strip(y0: int, rows: int, width: int, fine_um: float, centres: NDArray, 
               apical: NDArray, *, membrane_od: float,
               pattern: str, width_um: float, cell_radius_um: float, nucleus_um: float, hema_nucleus_od: float,
               hema_cytoplasm_od: float, gap_od: float) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Hematoxylin and DAB OD of fine rows ``y0 .. y0 + rows`` (nearest cell owns each pixel)."""
-    from scipy.spatial import cKDTree
+    """Hematoxylin and DAB OD of fine rows ``y0 .. y0 + rows`` (nearest cell owns each pixel).
 
-    ys = (np.arange(y0, y0 + rows) + 0.5) * fine_um
-    xs = (np.arange(width) + 0.5) * fine_um
-    gx, gy = np.meshgrid(xs, ys)
-    _, owner = cKDTree(centres).query(np.column_stack([gx.ravel(), gy.ravel()]), workers=1)
-    owner = owner.reshape(gx.shape)
-    dx, dy = gx - centres[owner, 0], gy - centres[owner, 1]
-    r = np.hypot(dx, dy)
-    # anti-aliased edges on the fine grid: coverage of a fine pixel by each disc / band
-    aa = fine_um
-    cell = np.clip((cell_radius_um + width_um / 2 - r) / aa + 0.5, 0, 1)
-    nucleus = np.clip((nucleus_um / 2 - r) / aa + 0.5, 0, 1)
-    band = np.clip((width_um / 2 - np.abs(r - cell_radius_um)) / aa + 0.5, 0, 1)
-    theta = np.arctan2(-dy, dx) - apical[owner]  # angle from the cell's apical direction (y up)
-    band = band * pattern_mask(theta, pattern, phases[owner]) * stained[owner]
+    Each cell is painted in its own box: beyond ``reach_um`` of a centre every term below is 0
+    (the pixel is gap), so the nearest centre among the boxes covering a pixel is its nearest
+    centre overall, and the field equals a nearest-centre search over every fine pixel (about
+    20x slower) value for value.
+    """
+    aa = fine_um  # anti-aliased edges on the fine grid: coverage of a fine pixel by each disc / band
+    reach_um = max(cell_radius_um + width_um / 2, nucleus_um / 2) + aa
+    reach_px = int(math.ceil(reach_um / fine_um)) + 1
+    best_r = np.full((rows, width), np.inf)
+    cell, nucleus, band = (np.zeros((rows, width)) for _ in range(3))
+    for k in np.flatnonzero((centres[:, 1] > (y0 * fine_um - reach_um)) & (centres[:, 1] < ((y0 + rows) * fine_um + reach_um))):
+        cx, cy = centres[k]
+        i0, i1 = max(0, int(cy / fine_um) - reach_px - y0), min(rows, int(cy / fine_um) + reach_px + 1 - y0)
+        j0, j1 = max(0, int(cx / fine_um) - reach_px), min(width, int(cx / fine_um) + reach_px + 1)
+        if i0 >= i1 or j0 >= j1:
+            continue
+        ys = (np.arange(y0 + i0, y0 + i1) + 0.5) * fine_um
+        xs = (np.arange(j0, j1) + 0.5) * fine_um
+        dx, dy = xs[None, :] - cx, ys[:, None] - cy
+        r = np.hypot(dx, dy)
+        own = r < best_r[i0:i1, j0:j1]
+        if not own.any():
+            continue
+        best_r[i0:i1, j0:j1][own] = r[own]
+        cell[i0:i1, j0:j1][own] = np.clip((cell_radius_um + width_um / 2 - r[own]) / aa + 0.5, 0, 1)
+        nucleus[i0:i1, j0:j1][own] = np.clip((nucleus_um / 2 - r[own]) / aa + 0.5, 0, 1)
+        ring = np.clip((width_um / 2 - np.abs(r[own] - cell_radius_um)) / aa + 0.5, 0, 1)
+        theta = np.arctan2(-np.broadcast_to(dy, r.shape)[own], np.broadcast_to(dx, r.shape)[own]) - apical[k]  # from apical, y up
+        band[i0:i1, j0:j1][own] = ring * pattern_mask(theta, pattern, phases[k]) * stained[k]
     hema = (gap_od + (hema_cytoplasm_od - gap_od) * cell + (hema_nucleus_od - hema_cytoplasm_od) * nucleus).astype(np.float32)
     dab = (membrane_od * band).astype(np.float32)
     return hema, dab
