@@ -53,6 +53,15 @@ def test_run_with_a_calibration_folder_fails_before_the_cluster(slides, tmp_path
     assert "is a folder, not a calibration file" in one_line_error(capsys, exactly_one=True)
 
 
+def test_score_with_roi_and_tma_fails_before_any_store_is_read(tmp_path, capsys):
+    regions = tmp_path / "regions.geojson"
+    regions.write_text('{"type": "FeatureCollection", "features": []}')
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "never-read.zarr"), "-o", str(out), "--roi", str(regions), "--tma", "-q"]) == 2
+    assert "give --roi or --tma, not both" in one_line_error(capsys, exactly_one=True)
+    assert not out.exists()
+
+
 def test_run_with_out_in_a_read_only_folder_as_a_non_root_user():
     """As a user who may not write there (root may write anywhere: the command runs as 'nobody')."""
     pytest.importorskip("distributed")

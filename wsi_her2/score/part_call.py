@@ -2,7 +2,7 @@
 
 :func:`call_tiles` is the only place a call is made from scored tiles. The slide, each TMA core
 (``--tma``) and each region (``--roi``) pass their own tiles to it, so a core gets the call it would
-get as a slide of its own (tested: ``tests/test_part_call.py``). With a cell-level scorer
+get as a slide of its own (tested: ``tests/test_criteria.py``, ``tests/test_real_stain_check.py``). With a cell-level scorer
 (``ihc_dab``) and ``--agg asco``:
 
 - the guideline's percentage rule on tumour cells pooled over the part's tiles

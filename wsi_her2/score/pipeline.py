@@ -257,6 +257,8 @@ def validate_score_config(config: ScoreConfig) -> dict | None:
                           "scorer that counts cells, such as the default")
     if config.cpu_workers is not None and int(config.cpu_workers) < 1:
         raise ConfigError(f"--workers must be >= 1, got {config.cpu_workers}")
+    if config.roi and config.tma:
+        raise ConfigError("give --roi or --tma, not both")
     scoring_rule_of(config)  # --criteria and --specimen
     return _calibration_record(config)
 
@@ -315,8 +317,6 @@ def _parts_key(config: ScoreConfig) -> dict:
 
 
 def _tile_groups(store: PatchStore, config: ScoreConfig):
-    if config.roi and config.tma:
-        raise ConfigError("give --roi or --tma, not both")
     if config.roi:
         from wsi_her2.score.roi import region_groups
 

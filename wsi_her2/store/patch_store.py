@@ -340,7 +340,7 @@ class TileChunkWriter:
     per-write machinery (which costs more than the compression itself at 64 tiles a chunk).
 
     The bytes are what zarr writes for the chunk (same codec, same parameters, the same CRC32C
-    appended, zarr's own chunk key; ``tests/test_store_integrity.py`` compares them), written to a temporary name and renamed, so a killed run never leaves half a
+    appended, zarr's own chunk key; ``tests/test_store_safety.py`` compares them), written to a temporary name and renamed, so a killed run never leaves half a
     chunk. ``tests/test_tile_stage.py`` reads them back through zarr.
     """
 
