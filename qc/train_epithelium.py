@@ -66,7 +66,6 @@ from tumour_agreement import (  # noqa: E402
 )
 
 from wsi_her2.models.epithelium import (  # noqa: E402
-    COUNT_WINDOWS_UM,
     DEFAULT_WEIGHTS,
     FEATURE_NAMES,
     EpitheliumModel,
@@ -99,7 +98,7 @@ def nucleus_table(fixtures: Path = DEFAULT_FIXTURES, annotations: Path = DEFAULT
         tile = ev.seed_tile.numpy()
         xs = ev.seed_yx[:, 1].numpy() + origins[tile, 1]
         ys = ev.seed_yx[:, 0].numpy() + origins[tile, 0]
-        feats = nucleus_features(ev.samples, ev.counts[:, : len(COUNT_WINDOWS_UM)], ev.level[ev.seed_tile])
+        feats = nucleus_features(ev.samples, ev.counts, ev.level[ev.seed_tile])
         cols["image"].append(np.full(len(xs), i))
         cols["x"].append(xs.astype(np.float64))
         cols["y"].append(ys.astype(np.float64))

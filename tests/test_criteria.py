@@ -115,6 +115,26 @@ def test_ring_runs_read_from_the_table_equal_the_scan():
     assert torch.equal(_longest_circular_run(wide), _circular_runs(wide))
 
 
+@pytest.mark.parametrize("n_hit, complete, basolateral", [
+    (16, True, True),
+    (13, True, True),  # an unstained arc of 3 rays, under a quarter of the ring: still complete
+    (12, False, True),  # a quarter of the ring unstained (the luminal side): a U, not a ring
+    (8, False, True),  # at least half the ring in one arc: basolateral
+    (7, False, False),
+])
+def test_ring_cut_points_hold_at_whole_numbers_of_rays(n_hit, complete, basolateral):
+    """"At least" means at least: 8 contiguous stained rays of 16 are a U and 7 are not; a gap of 3 rays
+    leaves a ring complete and one of 4 does not (the soft cut-points sit half a ray from each count)."""
+    from wsi_her2.models.ihc_cells import ring_patterns
+    from wsi_her2.models.ihc_thresholds import IhcThresholds
+
+    loss = torch.zeros(1, 16)
+    loss[0, :n_hit] = 1.0 - 10.0 ** -1.2  # intense (OD 1.2) on one unbroken arc
+    ring = ring_patterns(loss, IhcThresholds())
+    assert (float(ring.complete[0]) > 0.5) == complete, float(ring.complete[0])
+    assert (float(ring.basolateral[0]) > 0.5) == basolateral, float(ring.basolateral[0])
+
+
 @pytest.fixture(scope="module")
 def fields():
     return {(p, od): render_membrane_field(membrane_od=od, pattern=p, field_um=(336.0, 336.0), seed=2, layout="glands")

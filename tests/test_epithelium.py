@@ -171,10 +171,12 @@ def test_real_patches_without_tumour_count_next_to_none(dev_agreement):
 
 
 def test_cli_tumour_model_choices_are_the_scorer_s():
-    from wsi_her2.cli.score import TUMOUR_MODEL_CHOICES
-    from wsi_her2.models.ihc_score import TUMOUR_MODELS
+    from wsi_her2.cli import build_parser
+    from wsi_her2.models.registry import get_capabilities
 
-    assert set(TUMOUR_MODEL_CHOICES) == set(TUMOUR_MODELS)
+    score = build_parser()._subparsers._group_actions[0].choices["score"]
+    choices = next(a.choices for a in score._actions if "--tumour-model" in a.option_strings)
+    assert set(choices) == set(get_capabilities("ihc_dab").tumour_models)
     scorer = IhcDabScorer()
     scorer.tumour_model = "epithelium"  # as the score stage sets --tumour-model: the detector's weights load
     assert scorer.epithelium_model is not None

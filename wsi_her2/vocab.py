@@ -18,6 +18,10 @@ INDETERMINATE = "indeterminate"
 #: counterstain; the stain check refuses other slides for it (:mod:`wsi_her2.stain.check`).
 DAB_IHC = "dab_ihc"
 
+#: How the DAB scorer weighs a nucleus as tumour (``--tumour-model``): the trained epithelium
+#: detector (opt-in) or the cohesion rule (the default: 4-24 other nuclei in a 40 µm square).
+TUMOUR_MODELS: tuple[str, ...] = ("epithelium", "cohesion")
+
 #: Membrane pattern of a cell, from the least to the most stained ring (a cell's ``pattern`` code
 #: is the index). ``lateral``: two opposite sides; ``basolateral``: a U, all but the luminal side.
 PATTERNS: tuple[str, ...] = ("none", "partial", "lateral", "basolateral", "complete")

@@ -5,10 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from wsi_her2.vocab import TUMOUR_MODELS
+
 AGG_CHOICES = ("vote", "mean", "asco")  # must equal wsi_her2.score.aggregate.AGGREGATORS keys (checked in tests)
 CRITERIA_CHOICES = ("breast", "gastric")  # must equal wsi_her2.criteria.CRITERIA keys (checked in tests)
 SPECIMEN_CHOICES = ("resection", "biopsy")  # must equal wsi_her2.criteria.SPECIMENS (checked in tests)
-TUMOUR_MODEL_CHOICES = ("epithelium", "cohesion")  # must equal wsi_her2.models.ihc_score.TUMOUR_MODELS (checked in tests)
 DEFAULT_MODEL_NAME = "ihc_dab"  # must equal wsi_her2.score.scorer.DEFAULT_MODEL (checked in tests); --help stays light
 
 
@@ -46,7 +47,7 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
                    help="the tumour's own guideline: breast (ASCO/CAP 2018 with the 2023 HER2-low/ultralow update; default) or "
                         "gastric (CAP/ASCP/ASCO 2016 gastroesophageal: basolateral or lateral staining counts as complete, "
                         ">= 10 %% of tumour cells, clusters of >= 5 cells in biopsies)")
-    g.add_argument("--tumour-model", choices=TUMOUR_MODEL_CHOICES, default=None,
+    g.add_argument("--tumour-model", choices=TUMOUR_MODELS, default=None,
                    help="how ihc_dab weighs nuclei as tumour: cohesion (4-24 neighbours in 40 µm) or epithelium (the "
                         "detector trained on counterstain morphology); default: the scorer's own")
     g.add_argument("--specimen", choices=SPECIMEN_CHOICES, default=None,

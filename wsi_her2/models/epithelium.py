@@ -19,8 +19,8 @@ quantities both kernels compute on the ~1 µm cell grid:
 
 :func:`nucleus_features` turns these into :data:`FEATURE_NAMES` (one torch function, used by both
 kernels, on every nucleus of a batch at once), and the model maps them to a weight in [0, 1].
-The shipped weights (``epithelium_v1.safetensors`` beside this module, ~1 KB: a logistic
-regression with one hidden layer of 8 units) are trained by ``qc/train_epithelium.py`` on the
+The shipped weights (``epithelium_v1.safetensors`` beside this module, ~1 KB: a small
+multilayer perceptron, one hidden layer of 8 units) are trained by ``qc/train_epithelium.py`` on the
 nuclei of the 20 dev patches labelled by the drawn annotations (``qc/annotations``: ``Tumor``
 or not). Held out (each patch scored by a model trained on the other 19), against those
 annotations: precision 0.55, recall 0.51, pooled (the cohesion rule: 0.38 / 0.53); labels from
@@ -79,9 +79,6 @@ class Stencil:
         """Reflect padding the maps need (the stencil's reach)."""
         return int(max(np.abs(self.dy).max(), np.abs(self.dx).max()))
 
-    def __len__(self) -> int:
-        return int(self.map_index.size)
-
 
 def nucleus_stencil(mpp_c: float) -> Stencil:
     """The samples of each nucleus on a cell grid of ``mpp_c`` µm/px: 0 the nucleus-scale map at the
@@ -139,7 +136,7 @@ def nucleus_features(samples: torch.Tensor, counts: torch.Tensor, level: torch.T
 
 
 class EpitheliumModel:
-    """A logistic regression (optionally one hidden layer) on standardised :data:`FEATURE_NAMES`.
+    """A logistic regression or a one-hidden-layer perceptron on standardised :data:`FEATURE_NAMES`.
 
     Weights load from a safetensors file holding ``mean``, ``std`` (``(F,)``), and either ``w``
     (``(F,)``) and ``b`` (``(1,)``), or ``w1`` ``(F, H)``, ``b1`` ``(H,)``, ``w2`` ``(H,)``, ``b2`` ``(1,)``;

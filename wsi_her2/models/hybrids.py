@@ -15,7 +15,7 @@ from wsi_her2.errors import ConfigError, WsiHer2Error
 from wsi_her2.models.archs import create_timm, resolve_pretrained_file, timm_input_kwargs
 from wsi_her2.models.config import HER2_CLASSES, ModelConfig
 from wsi_her2.models.heads import FeatureClassifier, build_head, timm_gradcam_layer
-from wsi_her2.vocab import DAB_IHC
+from wsi_her2.vocab import DAB_IHC, TUMOUR_MODELS
 from wsi_her2.models.capabilities import Capabilities
 from wsi_her2.models.entry import ModelEntry, declare
 
@@ -227,7 +227,7 @@ def resnet50_se_dsc(
     description="rule-based DAB membrane-stain scorer for IHC tiles; needs no weights",
 ), capabilities=Capabilities(cell_evidence=True, stain=DAB_IHC, calibration=True, glass_colour=True, criteria=True,
                              adapts_to_store=True, gradients=False, cpu_kernel=True,
-                             tumour_models=("epithelium", "cohesion"),  # = ihc_score.TUMOUR_MODELS (tested)
+                             tumour_models=TUMOUR_MODELS,
                              colour_subsampling=True))
 def ihc_dab(config: ModelConfig, pretrained_file: str | Path | None = None, *, pretrained: bool = False) -> nn.Module:
     """Default rule-based IHC scorer (:class:`wsi_her2.models.ihc_score.IhcDabScorer`); input is RGB in [0, 1]."""

@@ -28,13 +28,14 @@ import torch
 from wsi_her2.criteria import Criteria
 from wsi_her2.models.ihc_thresholds import IhcThresholds
 
-__all__ = ["CellGrades", "RingPattern", "cell_grades", "cell_table", "loss_to_od", "membrane_loss", "ray_contrast",
+__all__ = ["CellGrades", "RingPattern", "cell_grades", "cell_table", "logistic", "loss_to_od", "membrane_loss", "ray_contrast",
            "ring_patterns"]
 
 _EPS = 1e-6
 
 
-def _logistic(x: torch.Tensor, centre: float, width: float) -> torch.Tensor:
+def logistic(x: torch.Tensor, centre: float, width: float) -> torch.Tensor:
+    """The soft cut-point of every membership: 1/2 at ``centre``, ``width`` the logistic's scale."""
     return torch.sigmoid((x - centre) / width)
 
 
@@ -149,15 +150,22 @@ class RingPattern:
         return code
 
 
-#: A complete ring has no unstained arc longer than this share of the ring (under a quarter: 3 of 16
-#: rays, 67.5°); a longer gap (the luminal side of a U) makes it basolateral, however much else is stained.
-_COMPLETE_MAX_GAP = 0.2
+#: A complete ring has no unstained arc of this share of the ring or more (a quarter: 3 of 16 rays
+#: pass, 4 do not); a longer gap (the luminal side of a U) makes it basolateral, however much else is stained.
+_COMPLETE_GAP = 0.25
 #: Rays per lateral arc: a quarter of the ring (4 of 16), each side of the cell.
 _LATERAL_ARC = 0.25
 #: A lateral arc counts when this share of its rays hit (all 4 of 16, with the soft hits' margin).
 _LATERAL_CUT = 0.85
 #: A basolateral U is one unbroken arc over at least half the ring (8 of 16 rays).
 _BASOLATERAL_RUN = 0.5
+
+
+def _at_least(share: float, n_rays: int) -> float:
+    """The soft cut-point of "at least ``share`` of ``n_rays`` rays": half a ray below the smallest
+    whole number of rays that reaches it, so that number passes (e.g. 8 of 16 for a half: 7.5 / 16)
+    and one ray fewer fails, instead of both sitting on the logistic's midpoint."""
+    return (math.ceil(share * n_rays - 1e-9) - 0.5) / max(n_rays, 1)
 
 
 def ring_patterns(loss: torch.Tensor, t: IhcThresholds, known: torch.Tensor | None = None) -> RingPattern:
@@ -175,7 +183,7 @@ def ring_patterns(loss: torch.Tensor, t: IhcThresholds, known: torch.Tensor | No
     od = loss_to_od(loss, t)
     n, r = od.shape
     log_faint = math.log(t.dab_faint_od)
-    hit = _logistic(torch.log(od + _EPS), log_faint, t.od_log_softness)
+    hit = logistic(torch.log(od + _EPS), log_faint, t.od_log_softness)
     known = torch.ones_like(hit, dtype=torch.bool) if known is None else known
     hit = hit * known
     completeness = hit.sum(dim=1) / known.sum(dim=1).clamp(min=1) if r else torch.zeros(n, device=od.device)
@@ -197,10 +205,10 @@ def ring_patterns(loss: torch.Tensor, t: IhcThresholds, known: torch.Tensor | No
     seen = hit.mean(dim=1) if r else torch.zeros(n, device=od.device)
     return RingPattern(
         completeness=completeness, intensity=intensity,
-        complete=_logistic(seen, t.complete_fraction, soft) * (1.0 - _logistic(gap, _COMPLETE_MAX_GAP, soft)),
-        basolateral=_logistic(run, _BASOLATERAL_RUN, soft),
-        lateral=_logistic(lateral, _LATERAL_CUT, soft),
-        partial=_logistic(completeness, t.partial_min_fraction, soft),
+        complete=logistic(seen, _at_least(t.complete_fraction, r), soft) * (1.0 - logistic(gap, _at_least(_COMPLETE_GAP, r), soft)),
+        basolateral=logistic(run, _at_least(_BASOLATERAL_RUN, r), soft),
+        lateral=logistic(lateral, _LATERAL_CUT, soft),
+        partial=logistic(completeness, t.partial_min_fraction, soft),
     )
 
 
@@ -223,9 +231,9 @@ class CellGrades:
 def cell_grades(ring: RingPattern, t: IhcThresholds, criteria: Criteria) -> CellGrades:
     """The guideline's grade memberships of each cell (see the module docstring)."""
     log_i = torch.log(ring.intensity + _EPS)
-    faint = _logistic(log_i, math.log(t.dab_faint_od), t.od_log_softness)
-    weak = _logistic(log_i, math.log(t.dab_weak_od), t.od_log_softness)
-    strong = _logistic(log_i, math.log(t.dab_strong_od), t.od_log_softness)
+    faint = logistic(log_i, math.log(t.dab_faint_od), t.od_log_softness)
+    weak = logistic(log_i, math.log(t.dab_weak_od), t.od_log_softness)
+    strong = logistic(log_i, math.log(t.dab_strong_od), t.od_log_softness)
     incomplete_ring = torch.maximum(ring.basolateral, ring.lateral)
     if criteria.incomplete_rings_count:
         ring_2plus = ring_3plus = torch.maximum(ring.complete, incomplete_ring)
@@ -234,7 +242,7 @@ def cell_grades(ring: RingPattern, t: IhcThresholds, criteria: Criteria) -> Cell
         ring_3plus = ring.complete
         # ASCO/CAP 2018: "moderate to intense but incomplete (basolateral or lateral)" -> 2+;
         # moderate is the upper half of the weak-moderate band (its log midpoint).
-        moderate = _logistic(log_i, 0.5 * (math.log(t.dab_weak_od) + math.log(t.dab_strong_od)), t.od_log_softness)
+        moderate = logistic(log_i, 0.5 * (math.log(t.dab_weak_od) + math.log(t.dab_strong_od)), t.od_log_softness)
         ge2 = torch.maximum(ring.complete * weak, incomplete_ring * moderate) if criteria.unusual_pattern_2plus \
             else ring.complete * weak
     eq3 = ring_3plus * strong

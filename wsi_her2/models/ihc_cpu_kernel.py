@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from wsi_her2.cpus import available_cpus
-from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds
+from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds, counterstain_rank
 
 __all__ = ["ChunkEvidence", "KernelPlan", "STAT_NAMES", "area_fractions", "chunk_evidence", "tile_threads"]
 
@@ -62,7 +62,7 @@ class KernelPlan:
     thresholds: IhcThresholds
     #: ``(3,)`` the slide's glass colour over its brightest channel, or None (grey glass).
     glass_chroma: np.ndarray | None
-    #: ``(5, 3)`` rows: hematoxylin, neutral, DAB (neutral basis), DAB (Ruifrok), summed OD; columns R, G, B.
+    #: ``(6, 3)`` rows: hematoxylin, neutral, DAB (neutral basis), DAB (Ruifrok), summed OD, counterstain; columns R, G, B.
     unmix: np.ndarray
     #: Darkest intensity read (``wsi_her2.stain.od.MIN_INTENSITY``) and log10 of the 256 levels clamped to it.
     min_intensity: float
@@ -289,7 +289,7 @@ def _brown_dab(cells: np.ndarray, dab_hed: np.ndarray, t, plan: KernelPlan, ws: 
 
 
 def _tissue_stats(unmixed: np.ndarray, dab: np.ndarray, t, n: int, ws: _Workspace) -> np.ndarray:
-    """``(T, 5)`` tissue statistics (:data:`STAT_NAMES`) from ``(5, T * H * W)`` unmixed OD and brown DAB.
+    """``(T, 5)`` tissue statistics (:data:`STAT_NAMES`) from the ``(6, T * H * W)`` unmixed OD (its rows 0, 1 and 4 are read) and brown DAB.
 
     Masked sums as a product and an OpenCV sum (double accumulators) per tile and plane.
     """
@@ -320,8 +320,7 @@ def _levels(h1: np.ndarray, t) -> np.ndarray:
     of its smoothed counterstain OD over every second cell-grid pixel in each direction (as
     ``IhcDabScorer.counterstain_level``)."""
     sub = h1[:, ::2, ::2].reshape(h1.shape[0], -1)
-    n = sub.shape[1]
-    k = min(n, max(1, int(round(t.counterstain_quantile * n))))
+    k = counterstain_rank(sub.shape[1], t.counterstain_quantile)
     return np.ascontiguousarray(np.partition(sub, k - 1, axis=1)[:, k - 1], dtype=np.float32)
 
 
@@ -448,7 +447,7 @@ class ChunkEvidence:
 
 
 def _chunk(rgb: np.ndarray, tables: np.ndarray, plan: KernelPlan, ws: _Workspace) -> ChunkEvidence:
-    """Steps 1-3 and the ray maxima of step 4 for ``(T, 3, H, W)`` tiles (``tables``: their OD tables, see
+    """Steps 1-3 and the ray contrasts of step 4 for ``(T, 3, H, W)`` tiles (``tables``: their OD tables, see
     :func:`_glass_tables`).
 
     Per-pixel steps run once on the ``T`` tiles stacked as one ``(T * H, W)`` image (the same
@@ -491,7 +490,7 @@ def tile_threads(n_tiles: int, threads: int | None) -> int:
 
 
 def chunk_evidence(rgb: np.ndarray, plan: KernelPlan) -> list[ChunkEvidence]:
-    """Steps 1-3 and the ray maxima for ``(T, 3, H, W)`` tiles (uint8, or float in [0, 1]), in
+    """Steps 1-3 and the ray contrasts for ``(T, 3, H, W)`` tiles (uint8, or float in [0, 1]), in
     chunks of ``_CHUNK_TILES`` (seed indices into each chunk's own ``(t, hc, wc)`` grids)."""
     if rgb.dtype != np.uint8:
         rgb = rgb.astype(np.float32, copy=False)

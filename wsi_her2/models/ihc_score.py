@@ -17,21 +17,26 @@ pattern. Steps, all per tile:
    rule, or the epithelium detector of :mod:`wsi_her2.models.epithelium`). Cell-scale evidence
    (nuclei, tumour weights, tumour area, the DAB hue) is computed on the cell grid, ~1 µm/px
    (:data:`CELL_GRID_UM`); the tissue statistics and membrane DAB at the tile's resolution.
-4. Membrane: from each seed, rays in ``n_directions`` directions from just outside the nucleus
-   to the cell radius (micrometres converted with ``mpp_um``); each ray takes the maximum DAB
-   OD it crosses (read at the seeds only, from the DAB map reflect-padded at the tile edge).
-   Completeness is the (soft) fraction of rays that hit DAB above the faint level; intensity is
-   the mean OD over the rays that hit.
-5. Per cell, soft memberships: >=1+ (any membrane DAB, partial or complete), >=2+ (complete and
-   at least weak-moderate), 3+ (complete and intense). Per tile, the fractions of cells in each,
-   then the ASCO/CAP decision list "3+ if >10 % of cells are 3+, elif >10 % >=2+, elif >10 %
-   >=1+, else 0" with logistic edges around 10 %, so probabilities are graded, not one-hot.
-6. Tiles with few cells or little tissue are pulled towards a flat prior whose argmax is 0
-   (a low-confidence 0); the QC stage is expected to drop them anyway.
+4. Membrane, read in light: the brown DAB's light loss blurred to one physical resolution; from
+   each seed, rays in ``n_directions`` directions from just outside the nucleus to the cell
+   radius (micrometres converted with ``mpp_um``); each ray takes the largest outward rise of
+   light loss over the cytoplasm it crossed, divided by the response of a 1 µm reference band
+   (:mod:`wsi_her2.stain.membrane`, :mod:`wsi_her2.models.ihc_cells`). Completeness is the (soft)
+   share of rays that hit above the faint level; intensity is the OD of the median light loss
+   over the rays that hit; the ring's pattern (complete, basolateral, lateral, partial) follows.
+5. Per cell, soft grade memberships under the guideline (:mod:`wsi_her2.criteria`): >=1+ (any
+   membrane DAB), >=2+ (a complete ring at least weak-moderate; under breast also a moderate to
+   intense basolateral or lateral ring, ASCO/CAP 2018's unusual pattern; under gastric those
+   rings count as complete), 3+ (complete and intense). Per tile, the shares of the *graded*
+   tumour cells (those whose ring lies in the tile) in each, then the decision list "3+ if >10 %
+   of cells are 3+, elif >10 % >=2+, elif >10 % >=1+, else 0" with logistic edges around 10 %,
+   so probabilities are graded, not one-hot.
+6. Tiles with few graded tumour cells or little tissue are pulled towards a flat prior whose
+   argmax is 0 (a low-confidence 0); the QC stage is expected to drop them anyway.
 
 Every cut-point lives in :class:`IhcThresholds` (:mod:`wsi_her2.models.ihc_thresholds`) with its reason.
 
-Two kernels compute steps 1-3 and the ray maxima (:class:`CellEvidence`): batched torch ops
+Two kernels compute steps 1-3 and the ray contrasts (:class:`CellEvidence`): batched torch ops
 (any device; the GPU path) and OpenCV per tile (:mod:`wsi_her2.models.ihc_cpu_kernel`, the CPU default,
 ~1 ms per 224 px tile). Steps 4-6 are one torch implementation shared by both.
 
@@ -73,9 +78,9 @@ from wsi_her2.models.epithelium import (
     nucleus_features,
     nucleus_stencil,
 )
-from wsi_her2.models.ihc_cells import cell_grades, cell_table, membrane_loss, ray_contrast, ring_patterns
-from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds
-from wsi_her2.vocab import HER2_CLASSES
+from wsi_her2.models.ihc_cells import cell_grades, cell_table, logistic, membrane_loss, ray_contrast, ring_patterns
+from wsi_her2.models.ihc_thresholds import DOG_QUANTUM_INV, IhcThresholds, counterstain_rank
+from wsi_her2.vocab import HER2_CLASSES, TUMOUR_MODELS
 from wsi_her2.stain.membrane import membrane_response, membrane_smoothing_um
 from wsi_her2.models.ihc_evidence import COUNTERSTAIN_FROM_RGB, CellEvidence, gaussian_taps, odd_px
 from wsi_her2.stain.od import estimate_background, od_to_hed, od_to_hnd, rgb_to_od
@@ -103,9 +108,6 @@ CELL_GRID_UM = 1.0
 _GRADED_VIEW = 0.84
 #: Implementations of the same measurements (see :class:`IhcDabScorer`).
 KERNELS = ("auto", "torch", "opencv")
-#: How a nucleus is weighted as tumour: the cohesion rule (4-24 other nuclei in a 40 µm square, the
-#: default) or the trained epithelium detector (:mod:`wsi_her2.models.epithelium`, opt-in).
-TUMOUR_MODELS = ("epithelium", "cohesion")
 
 
 #: Output classes, in logit order.
@@ -123,13 +125,13 @@ MEASUREMENT_NAMES: tuple[str, ...] = (
     "graded_cell_count",  # the tumour cells whose ring lies in the tile
     "tumour_area_mm2",  # tile area within a cell radius of a tumour nucleus
     "neutral_od_mean",  # mean achromatic (grey) OD over tissue: absorbance that is not stain
-    "dab_od_membrane",  # mean over tumour cells of the membrane DAB OD (mean over rays that hit)
-    "completeness",  # mean fraction of rays hitting DAB, over cells with membrane staining
-    "frac_cells_1plus_or_more",  # fraction of tumour cells with any membrane DAB
-    "frac_cells_2plus_or_more",  # fraction with complete, at least weak-moderate membrane DAB
-    "frac_cells_3plus",  # fraction with complete, intense membrane DAB
+    "dab_od_membrane",  # mean over graded tumour cells of the membrane OD (reference band; median of rays that hit)
+    "completeness",  # mean fraction of rays hitting DAB, over graded cells with membrane staining
+    "frac_cells_1plus_or_more",  # fraction of graded tumour cells with any membrane DAB
+    "frac_cells_2plus_or_more",  # fraction graded >= 2+ under the guideline (see step 5)
+    "frac_cells_3plus",  # fraction graded 3+ (complete, or under gastric basolateral/lateral, and intense)
     "her2_index",  # membrane H-score / 100: sum of the three fractions above, in [0, 3]
-    "reliability",  # 0-1 weight of the rule vs the flat prior (cells and tissue present)
+    "reliability",  # 0-1 weight of the rule vs the flat prior (graded tumour cells and tissue present)
     "nuclei_per_mm2_tissue",  # nuclei per mm² of the tile's tissue (summed OD above tissue_od_sum)
     "nuclear_density_low",  # 0-1: mostly tissue, yet implausibly few nuclei found in it (see IhcThresholds)
 )
@@ -162,11 +164,6 @@ def _ray_offsets(n_directions: int, start_px: float, stop_px: float) -> list[lis
     return rays
 
 
-def counterstain_rank(n: int, quantile: float) -> int:
-    """1-based rank of the ``quantile`` order statistic of ``n`` values (both kernels use it)."""
-    return min(n, max(1, int(round(quantile * n))))
-
-
 def _box_sum(img: torch.Tensor, k: int) -> torch.Tensor:
     """Sum over a ``k x k`` window (zero outside), separably: O(k) per pixel, not O(k^2)."""
     out = F.avg_pool2d(img, (1, k), stride=1, padding=(0, k // 2), count_include_pad=True)
@@ -177,10 +174,6 @@ def _box_max(img: torch.Tensor, k: int) -> torch.Tensor:
     """Maximum over a ``k x k`` window, separably."""
     out = F.max_pool2d(img, (1, k), stride=1, padding=(0, k // 2))
     return F.max_pool2d(out, (k, 1), stride=1, padding=(k // 2, 0))
-
-
-def _logistic(x: torch.Tensor, centre: float, width: float) -> torch.Tensor:
-    return torch.sigmoid((x - centre) / width)
 
 
 class IhcDabScorer(torch.nn.Module):
@@ -242,7 +235,9 @@ class IhcDabScorer(torch.nn.Module):
         self._rays = _ray_offsets(t.n_directions, t.ray_start_um / mpp_um, t.ray_stop_um / mpp_um)
         self._reach_px = max(abs(c) for ray in self._rays for off in ray for c in off)
         longest = max(len(ray) for ray in self._rays)  # rays padded with their last sample (max unchanged)
-        self._ray_table = torch.tensor([ray + [ray[-1]] * (longest - len(ray)) for ray in self._rays], dtype=torch.long)
+        # a buffer: it moves with the module, so no batch copies it to the device again
+        self.register_buffer("_ray_table", torch.tensor([ray + [ray[-1]] * (longest - len(ray)) for ray in self._rays],
+                                                        dtype=torch.long), persistent=False)
         self.cell_grid_factor = max(1, int(round(CELL_GRID_UM / self.mpp_um)))
         blur = dict(blur_um=t.membrane_blur_um, optics_um=t.optics_blur_um)
         #: The scorer's own blur of the membrane light-loss map, px (the rest of ``membrane_blur_um``).
@@ -334,11 +329,11 @@ class IhcDabScorer(torch.nn.Module):
         return cut(t.nuclear_contrast_rel, t.nuclear_contrast_min), cut(t.nuclear_od_rel, t.nuclear_od_min)
 
     def count_windows_um(self) -> tuple[float, ...]:
-        """Squares (µm) in which other nuclei are counted: the epithelium model's, and the cohesion window."""
-        windows = tuple(COUNT_WINDOWS_UM)
-        if self.thresholds.cohesion_window_um not in windows:
-            windows = windows + (self.thresholds.cohesion_window_um,)
-        return windows
+        """Squares (µm) in which other nuclei are counted: the tumour model's own (the epithelium
+        detector's three, or the cohesion window alone: nothing else reads counts)."""
+        if self.tumour_model == "epithelium":
+            return tuple(COUNT_WINDOWS_UM)
+        return (self.thresholds.cohesion_window_um,)
 
     def count_windows_px(self) -> list[int]:
         """:meth:`count_windows_um` as odd side lengths on the cell grid."""
@@ -369,13 +364,13 @@ class IhcDabScorer(torch.nn.Module):
                 return (torch.clamp(c + half, max=n - 1) - torch.clamp(c - half, min=0) + 1).float()
 
             cols.append(counts[:, j] * (float(k * k) / (inside(y, h) * inside(x, w))))
-        return torch.stack(cols, dim=1) if cols else counts
+        return torch.stack(cols, dim=1)
 
     def _cohesion_weight(self, neighbours: torch.Tensor) -> torch.Tensor:
         """Weight of cohesive epithelium from the count of other nuclei in the cohesion window."""
         t = self.thresholds
-        return _logistic(neighbours, t.min_neighbours, t.neighbours_softness) * (
-            1.0 - _logistic(neighbours, t.max_neighbours, 3.0 * t.neighbours_softness)
+        return logistic(neighbours, t.min_neighbours, t.neighbours_softness) * (
+            1.0 - logistic(neighbours, t.max_neighbours, 3.0 * t.neighbours_softness)
         )
 
     def tumour_weights(self, counts: torch.Tensor, samples: torch.Tensor | None, level: torch.Tensor) -> torch.Tensor:
@@ -385,11 +380,10 @@ class IhcDabScorer(torch.nn.Module):
         (epithelium model); ``level``: each nucleus's tile counterstain level.
         """
         if self.tumour_model == "cohesion":
-            return self._cohesion_weight(counts[:, self.count_windows_um().index(self.thresholds.cohesion_window_um)])
+            return self._cohesion_weight(counts[:, 0])
         if counts.shape[0] == 0:
             return counts.new_zeros(0)
-        n_model = len(COUNT_WINDOWS_UM)
-        return self.epithelium_model(nucleus_features(samples, counts[:, :n_model], level))
+        return self.epithelium_model(nucleus_features(samples, counts, level))
 
     # ------------------------------------------------------------------ public
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -462,7 +456,7 @@ class IhcDabScorer(torch.nn.Module):
         return out
 
     def _cell_evidence_torch(self, x: torch.Tensor) -> CellEvidence:
-        """Steps 1-3 and the smoothed DAB map of step 4, batched in torch (any device)."""
+        """Steps 1-3 and the ray contrasts of step 4, batched in torch (any device)."""
         t = self.thresholds
         f = self.cell_grid_factor
         mpp_c = self.mpp_um * f
@@ -519,9 +513,7 @@ class IhcDabScorer(torch.nn.Module):
         is_max = dog_q >= F.max_pool2d(dog_q, win, stride=1, padding=win // 2)
         seed_map = is_max & (dog > contrast_min.view(-1, 1, 1, 1)) & (h1 > od_min.view(-1, 1, 1, 1))
         tile_i, _, yc, xc = seed_map.nonzero(as_tuple=True)
-        windows = self.count_windows_px()
-        counts = torch.stack([_box_sum(seed_map.float(), k)[tile_i, 0, yc, xc] - 1.0 for k in windows], dim=1) \
-            if windows else torch.zeros(0)
+        counts = torch.stack([_box_sum(seed_map.float(), k)[tile_i, 0, yc, xc] - 1.0 for k in self.count_windows_px()], dim=1)
         counts = self.edge_corrected_counts(counts, yc, xc, (hc, wc))
         samples = self._stencil_samples(torch.cat([h1, h2], dim=1), tile_i, yc, xc) \
             if self.tumour_model == "epithelium" else None
@@ -562,7 +554,7 @@ class IhcDabScorer(torch.nn.Module):
         return (y >= 0) & (y < h) & (x >= 0) & (x < w)
 
     def ray_pad_px(self, h: int, w: int) -> int:
-        """Reflect padding of the smoothed DAB map that the rays read (their reach, within the tile)."""
+        """Reflect padding of the blurred light-loss map that the rays read (their reach, within the tile)."""
         return min(self._reach_px, h - 1, w - 1)
 
     def ray_offsets_flat(self, row_px: int, pad: int) -> torch.Tensor:
@@ -604,7 +596,7 @@ class IhcDabScorer(torch.nn.Module):
         ring = ring_patterns(loss, t, known=known)
         # Grades are estimated on the cells whose ring lies in the tile (>= 14 of 16 rays): a cell cut by the
         # tile edge cannot show whether its ring closes. Tile edges fall at random, so this is unbiased.
-        graded = tumour * _logistic(known.float().mean(dim=1), _GRADED_VIEW, 0.02)
+        graded = tumour * logistic(known.float().mean(dim=1), _GRADED_VIEW, 0.02)
         n_graded = per_tile(graded)
         grades = cell_grades(ring, t, self.criteria)
 
@@ -617,14 +609,15 @@ class IhcDabScorer(torch.nn.Module):
         completeness = torch.where(stained_w > eps, completeness, torch.zeros_like(completeness))
 
         # 6. The guideline's decision list with soft 10 % edges, then reliability towards the prior.
-        s3 = _logistic(f3, t.cell_fraction_cut, t.fraction_softness)
-        s2 = _logistic(f2, t.cell_fraction_cut, t.fraction_softness)
-        s1 = _logistic(f1, t.cell_fraction_cut, t.fraction_softness)
+        s3 = logistic(f3, t.cell_fraction_cut, t.fraction_softness)
+        s2 = logistic(f2, t.cell_fraction_cut, t.fraction_softness)
+        s1 = logistic(f1, t.cell_fraction_cut, t.fraction_softness)
         rule = torch.stack(
             [(1 - s3) * (1 - s2) * (1 - s1), (1 - s3) * (1 - s2) * s1, (1 - s3) * s2, s3], dim=1
         )
         stats = {k: v.to(dev) for k, v in cells.stats.items()}
-        reliability = _logistic(n_tumour, t.min_cells, t.cells_softness) * _logistic(
+        # the fractions above are over the graded cells: they are the evidence the rule had
+        reliability = logistic(n_graded, t.min_cells, t.cells_softness) * logistic(
             stats["tissue_fraction"], t.min_tissue_fraction, t.tissue_softness
         )
         prior = torch.tensor(t.prior, dtype=torch.float32, device=dev).unsqueeze(0)
@@ -633,8 +626,8 @@ class IhcDabScorer(torch.nn.Module):
         tissue_fraction = stats["tissue_fraction"]
         per_mm2_tissue = n_cells / (tissue_fraction * area_mm2).clamp(min=1e-9)
         per_mm2_tissue = torch.where(tissue_fraction > 0, per_mm2_tissue, torch.zeros_like(per_mm2_tissue))
-        density_low = _logistic(tissue_fraction, t.cellular_tissue_fraction, t.tissue_softness) * (
-            1.0 - _logistic(per_mm2_tissue, t.min_nuclei_per_mm2, 0.2 * t.min_nuclei_per_mm2))
+        density_low = logistic(tissue_fraction, t.cellular_tissue_fraction, t.tissue_softness) * (
+            1.0 - logistic(per_mm2_tissue, t.min_nuclei_per_mm2, 0.2 * t.min_nuclei_per_mm2))
         return {
             "logits": torch.log(probs.clamp(min=1e-8)),
             **stats,

@@ -13,6 +13,11 @@ from wsi_her2.errors import ConfigError
 DOG_QUANTUM_INV = 2.0 ** 20
 
 
+def counterstain_rank(n: int, quantile: float) -> int:
+    """1-based rank of the ``quantile`` order statistic of ``n`` values (both kernels' counterstain level)."""
+    return min(n, max(1, int(round(quantile * n))))
+
+
 @dataclass(frozen=True)
 class IhcThresholds:
     """Every cut-point of :class:`IhcDabScorer`, in one place, with its reason.
@@ -42,7 +47,7 @@ class IhcThresholds:
     Completeness (ASCO/CAP: "complete, circumferential" vs "incomplete"):
 
     - ``complete_fraction = 0.75``: a ring is "complete" when >=75 % of rays meet membrane
-      DAB. Real rings show gaps where a neighbour's nucleus or tangential section interrupts
+      DAB (12 of 16: the soft cut sits half a ray below, so 12 pass and 11 fail). Real rings show gaps where a neighbour's nucleus or tangential section interrupts
       them; 12 of 16 rays tolerates that and still excludes half-rings (basolateral, U-shaped
       patterns hit ~40-60 %).
     - ``partial_min_fraction = 0.20``: at least ~3 of 16 rays must hit before a cell counts as
@@ -51,7 +56,10 @@ class IhcThresholds:
 
     Percentage rule (ASCO/CAP 2018, breast): a grade applies when ">10 % of tumour cells" show
     its pattern: ``cell_fraction_cut = 0.10``; ``fraction_softness = 0.025`` makes 5 % -> 0.12
-    and 20 % -> 0.98 membership.
+    and 20 % -> 0.98 membership. This cut makes each *tile's* call (its probabilities, the heatmap,
+    ``--agg vote``/``mean``); the slide's, a core's and a region's call with ``--agg asco`` applies
+    the guideline's own cut (:attr:`wsi_her2.criteria.Criteria.cell_fraction_cut`, "> " or ">=")
+    to the pooled tumour cells, or a lab calibration's cut in place of both.
 
     Geometry (breast carcinoma cytology):
 
@@ -169,7 +177,7 @@ class IhcThresholds:
     (equivalently divides all three cut-points), the one intensity factor that differs between
     labs (DAB development time, scanner); 1.0 unless ``wsi-her2 calibrate`` fitted another.
 
-    Low-information tiles: ``min_cells = 8`` tumour cells (fewer and one cell moves the percentage
+    Low-information tiles: ``min_cells = 8`` graded tumour cells (fewer and one cell moves the percentage
     past 10 %), ``cells_softness = 2``; ``min_tissue_fraction = 0.10``,
     ``tissue_softness = 0.03``; below these the output approaches ``prior`` =
     (0.4, 0.2, 0.2, 0.2): argmax 0, low confidence.

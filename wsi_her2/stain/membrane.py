@@ -26,7 +26,7 @@ light across it whatever blurred it. So the scorer
 The result is the OD the membrane would have were it the reference band: a 1 µm band reads its
 own OD at every pixel size; a thicker band reads darker, as it looks darker at low power (the
 eye's scale in Rüschoff's magnification rule: 3+ is plain at 2.5-5x). Everything here is plain
-numpy (imported by the torch-free CPU kernel).
+numpy (no torch), computed once per scorer.
 """
 from __future__ import annotations
 
