@@ -182,3 +182,12 @@ def test_the_regions_csv_rows_are_checked_and_rebuilt(scored_copy, capsys):
     assert "the rows of tiny in regions.csv differ from its record" in one_line_error(capsys)
     assert main(args) == 0
     assert "(already scored)" not in capsys.readouterr().out and regions.read_bytes() == good
+
+
+@pytest.mark.parametrize("content", [b"slide,her2_score\n\xff\xfe not utf-8\n", b"slide,her2_score\ntiny,\"" + b"x" * 200_000 + b"\"\n"],
+                         ids=["not_utf8", "field_over_the_csv_limit"])
+def test_verify_reports_an_unreadable_slides_csv_in_one_line(scored_copy, content, capsys):
+    (scored_copy / "slides.csv").write_bytes(content)
+    assert main(["verify", str(scored_copy)]) == 1
+    line = one_line_error(capsys)
+    assert "tiny.json: damaged outputs" in line and "slides.csv unreadable" in line

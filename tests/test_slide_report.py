@@ -8,6 +8,7 @@ the report, not a broken one.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import shutil
@@ -111,3 +112,58 @@ def test_no_report_option_writes_none(scored, tmp_path):
     assert main(["score", str(store), "-q", "--workers", "1", "--no-report"]) == 0
     assert (tmp_path / "demo.json").is_file() and not list(tmp_path.glob("*.report.*"))
     assert "report_pdf" not in json.loads((tmp_path / "demo.json").read_text())["outputs"]
+
+
+@pytest.fixture(scope="module")
+def gastric_biopsy(scored, tmp_path_factory) -> Path:
+    """The demo slide scored again under the gastric guideline, as a biopsy: the cluster rule decides."""
+    from wsi_her2.cli import main
+
+    out = tmp_path_factory.mktemp("gastric")
+    assert main(["score", str(scored / "demo.zarr"), "-o", str(out), "-q", "--workers", "1", "--criteria", "gastric",
+                 "--specimen", "biopsy"]) == 0
+    return out
+
+
+def _report_texts(folder: Path) -> tuple[str, str]:
+    """The HTML report's text (markup unescaped) and the PDF's, whitespace folded."""
+    text, pages = _pdf_text(folder / "demo.report.pdf")
+    assert len(pages) == 1
+    return html.unescape((folder / "demo.report.html").read_text()), " ".join(text.split())
+
+
+def test_gastric_biopsy_report_shows_the_inclusive_cut_and_the_cluster_rule(gastric_biopsy):
+    details = json.loads((gastric_biopsy / "demo.json").read_text())["call"]["details"]
+    clusters, min_cells = details["largest_cluster"], details["cluster_min_cells"]  # the cluster rule decided
+    for text in _report_texts(gastric_biopsy):
+        assert ">= 10 %" in text and "> 10 %" not in text  # the gastric cut counts a share equal to it
+        assert "complete, basolateral or lateral" in text  # the gastric guideline's rings
+        assert "largest cohesive cluster" in text and f">= {min_cells} cells" in text
+        assert all(f"{n:,} cell" in text for n in clusters.values())
+        assert "Cluster rule" in text and f"would give {details['percentage_call']}" in text
+        assert details["confidence_method"] in text and "bootstrap" not in text
+
+
+def test_breast_report_shows_the_strict_cut_and_the_bootstrap(scored):
+    details = json.loads((scored / "demo.json").read_text())["call"]["details"]
+    for text in _report_texts(scored):
+        assert "> 10 %" in text and ">= 10 %" not in text and "above its cut-point" in text
+        assert "largest cohesive cluster" not in text and "basolateral" not in text
+        assert details["confidence_method"] in text and "bootstrap" in text
+
+
+def test_gastric_resection_compares_at_or_above_the_cut():
+    from wsi_her2.criteria import scoring_rule
+    from wsi_her2.outputs.report import build_report
+    from wsi_her2.result import PartCall, Provenance, SlideResult
+
+    at_least = {">=1+": 0.3, ">=2+": 0.1, ">=3+": 0.02}  # 2+ exactly at the cut: 2+ under the gastric rule
+    call = PartCall(her2_score="2+", confidence=0.8, class_fractions={}, n_tiles_used=9, method="asco",
+                    details={"fraction_at_least": at_least, "thresholds": dict.fromkeys(("1+", "2+", "3+"), 0.1),
+                             "passed": {"1+": True, "2+": True, "3+": False}},
+                    her2_category="gastric_equivocal", her2_category_text="HER2 2+ equivocal",
+                    criteria=scoring_rule("gastric", "resection").to_dict())
+    report = build_report(SlideResult("g", call, Provenance(model="m", aggregation="asco", package_version="0")))
+    assert [cut for _, _, cut, _ in report.deciding] == [">= 10 %"] * 3
+    assert [passed for *_, passed in report.deciding] == ["no", "yes", "yes"]
+    assert "at or above its cut-point" in report.deciding_note and report.confidence_method == ""

@@ -135,7 +135,11 @@ def _table_problems(folder: Path, record: dict, names: tuple[str, ...]) -> list[
     for name in names:
         if not expected.get(name) or not (folder / name).is_file():
             continue
-        columns, have = _rows_of(folder / name, sid)
+        try:
+            columns, have = _rows_of(folder / name, sid)
+        except (UnicodeDecodeError, csv.Error) as exc:  # not UTF-8, or not CSV: damage to report, not a traceback
+            problems.append(f"{name} unreadable ({type(exc).__name__})")
+            continue
         if sorted(have) != sorted(written_row(r, columns) for r in expected[name]):
             problems.append(f"the rows of {sid} in {name} " + ("are missing" if not have else "differ from its record"))
     return problems

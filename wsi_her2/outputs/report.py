@@ -1,8 +1,10 @@
 """The one-page slide report a pathologist files with the case: ``<id>.report.html`` and ``<id>.report.pdf``.
 
-Both are drawn from the same :class:`Report` (built from the slide's :class:`~wsi_her2.result.SlideResult`:
-what ``<id>.json`` records, and the tiles' QC reasons), so they carry the same facts: the call and HER2 category, the criteria and
-calibration used, the tumour-cell percentages that decided the call against their cut-points,
+Both are drawn from the same :class:`Report` (built at scoring time from the slide's fresh
+:class:`~wsi_her2.result.SlideResult`: what ``<id>.json`` records, and the tiles' QC reasons), so they carry the same
+facts: the call and HER2 category, the criteria and calibration used, the tumour-cell percentages that decided the
+call against their cut-points as the guideline compares them ("> 10 %" breast, ">= 10 %" gastric) and, for a gastric
+biopsy or TMA core, the largest cohesive clusters the cluster rule compared,
 the scored tumour (cells, area), QC (tiles kept, rejected by reason, slide flags), the heatmap
 over the thumbnail and the QC picture, the model and software version, and the intended-use line.
 
@@ -26,10 +28,11 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+from wsi_her2.criteria import CRITERIA, DEFAULT_CRITERIA, Criteria
 from wsi_her2.files import atomic_write_bytes, atomic_write_text
-from wsi_her2.result import SlideResult
+from wsi_her2.result import PartCall, SlideResult
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,6 @@ INTENDED_USE = "Research use only; the call must be confirmed by a pathologist."
 PICTURE_MAX_PX = 900
 PICTURE_JPEG_QUALITY = 88
 _REASON_NAMES = {"low_tissue": "too little tissue", "blurry": "out of focus", "pen": "pen ink"}
-_STEPS = (("3+", ">=3+", "complete, intense membrane staining"),
-          ("2+", ">=2+", "weak to moderate complete membrane staining (or stronger)"),
-          ("1+", ">=1+", "faint, incomplete membrane staining (or stronger)"))
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Report:
     score: str
     category: str
     confidence: str
+    confidence_method: str  # how the rule measured it (bootstrap agreement, the cluster's margin); empty: no call
     reason: str | None
     sections: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
     deciding: list[tuple[str, str, str, str]] = field(default_factory=list)  # step, share, cut-point, passed
@@ -79,41 +80,35 @@ def _pct(value: Any, digits: int = 1) -> str:
         return "n/a"
 
 
-def _num(value: Any, fmt: str = ",.0f") -> str:
+def format_number(value: Any, fmt: str = ",.0f", missing: str = "n/a") -> str:
+    """``value`` formatted as a number; ``missing`` when it is none (the review page shares it)."""
     try:
         return format(float(value), fmt)
     except (TypeError, ValueError):
-        return "n/a"
+        return missing
 
 
-def _flat(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "; ".join(f"{k}: {_flat(v)}" for k, v in value.items() if not isinstance(v, (Mapping, list)))
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_flat(v) for v in value)
-    return str(value)
+def _criteria_of(call: PartCall) -> Criteria:
+    """The guideline the call was made under, as its ``criteria`` record names it."""
+    return CRITERIA.get(str(call.criteria.get("criteria")), CRITERIA[DEFAULT_CRITERIA])
 
 
-def _criteria_rows(result: Mapping, call: Mapping) -> list[tuple[str, str]]:
-    details = call.get("details", {})
-    criteria = result.get("criteria")
-    rows: list[tuple[str, str]] = []
-    if isinstance(criteria, Mapping):  # wsi_her2.criteria.ScoringRule.to_dict()
-        name = criteria.get("title") or criteria.get("criteria")
-        if name:
-            rows.append(("criteria", str(name)))
-        rows += [(label, str(criteria[k])) for k, label in (("specimen", "specimen"), ("rule", "specimen rule"),
-                                                              ("reference", "reference")) if criteria.get(k)]
-    elif criteria:
-        rows.append(("criteria", str(criteria)))
-    elif details.get("unit") == "tumour cells":
-        rows.append(("criteria", "ASCO/CAP 2018 breast HER2 IHC (HER2-low / ultralow categories of 2023), "
-                                 "on the percentage of invasive tumour cells"))
-    else:
-        rows.append(("criteria", f"ASCO/CAP-style rule on tiles ({call.get('method', result.get('aggregation', '?'))})"
-                                 if call.get("method") == "asco" else f"{call.get('method', '?')} of tile calls"))
-    rows.append(("rule", str(details.get("rule") or f"slide rule '{call.get('method', result.get('aggregation', '?'))}'")))
-    cal = result.get("calibration")
+def _steps(criteria: Criteria) -> tuple[tuple[str, str, str], ...]:
+    """(step, its key in ``fraction_at_least``, the pattern counted) of each grade, in the guideline's words:
+    the gastric guideline counts basolateral and lateral rings as complete for 2+ and 3+."""
+    rings = "complete, basolateral or lateral" if criteria.incomplete_rings_count else "complete"
+    return (("3+", ">=3+", f"{rings}, intense membrane staining"),
+            ("2+", ">=2+", f"weak to moderate {rings} membrane staining (or stronger)"),
+            ("1+", ">=1+", "faint, incomplete membrane staining (or stronger)"))
+
+
+def _criteria_rows(result: SlideResult) -> list[tuple[str, str]]:
+    call, criteria = result.call, result.criteria  # wsi_her2.criteria.ScoringRule.to_dict(), recorded with the call
+    rows = [("criteria", str(criteria.get("title") or criteria.get("criteria") or "?"))]
+    rows += [(label, str(criteria[k])) for k, label in (("specimen", "specimen"), ("rule", "specimen rule"),
+                                                          ("reference", "reference")) if criteria.get(k)]
+    rows.append(("rule", str(call.details.get("rule") or f"slide rule '{call.method or result.provenance.aggregation}'")))
+    cal = result.provenance.calibration
     if cal:
         rows.append(("calibration", f"{Path(str(cal.get('file', '?'))).name}: DAB gain {cal.get('dab_gain')}, "
                                     f"cut {_pct(cal.get('cell_fraction_cut'))} (from {cal.get('n_slides', '?')} slides)"))
@@ -122,38 +117,66 @@ def _criteria_rows(result: Mapping, call: Mapping) -> list[tuple[str, str]]:
     return rows
 
 
-def _deciding(call: Mapping) -> tuple[list[tuple[str, str, str, str]], str]:
-    details = call.get("details", {})
-    at_least = details.get("fraction_at_least")
-    if at_least:
-        thresholds = details.get("thresholds", {})
-        passed = details.get("passed", {})
-        rows = [(f"{step}: {what}", _pct(at_least.get(key)), f"> {_pct(thresholds.get(step), 0)}",
-                 "-" if step not in passed else ("yes" if passed[step] else "no")) for step, key, what in _STEPS]
-        return rows, "Share of tumour cells showing at least each pattern; the call is the highest step above its cut-point."
-    if not call.get("n_tiles_used"):  # no tissue, or every tile rejected: no shares to show
+def _passed(value: Any) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _cells(n: Any) -> str:
+    return f"{format_number(n)} cell" + ("" if n == 1 else "s")
+
+
+def _percentage_rows(call: PartCall, steps) -> tuple[list[tuple[str, str, str, str]], str]:
+    """The tumour-cell share of each step against its cut-point, compared as the guideline does."""
+    details = call.details
+    # "> cut" (breast) or ">= cut" (gastric: a share equal to the cut counts), as aggregate_asco_cells compared them
+    op, above = (">=", "at or above") if _criteria_of(call).inclusive_cut else (">", "above")
+    thresholds, passed = details.get("thresholds", {}), details.get("passed", {})
+    rows = [(f"{step}: {what}", _pct(call.percentages.get(key)), f"{op} {_pct(thresholds.get(step), 0)}",
+             _passed(passed.get(step))) for step, key, what in steps]
+    return rows, f"Share of tumour cells showing at least each pattern; the call is the highest step {above} its cut-point."
+
+
+def _cluster_rows(call: PartCall, steps) -> tuple[list[tuple[str, str, str, str]], str]:
+    """The largest cohesive cluster of each step against the minimum: what the gastric biopsy rule decided on
+    (wsi_her2.score.aggregate.cluster_call), the percentages shown beside it."""
+    clusters, min_cells = call.details["largest_cluster"], call.details.get("cluster_min_cells")
+    rows = [(f"{step}: largest cohesive cluster", _cells(clusters.get(key)), f">= {_cells(min_cells)}",
+             _passed(None if min_cells is None else clusters.get(key, 0) >= min_cells)) for step, key, _ in steps]
+    return rows, (f"Cluster rule (small samples): the call is the highest step with a cluster of at least "
+                  f"{format_number(min_cells)} cohesive tumour cells showing it, whatever the percentage; the shares "
+                  f"alone would give {call.details.get('percentage_call', '?')}.")
+
+
+def _deciding(call: PartCall) -> tuple[list[tuple[str, str, str, str]], str]:
+    if call.percentages:
+        steps = _steps(_criteria_of(call))
+        rows, note = _percentage_rows(call, steps)
+        if call.details.get("largest_cluster"):  # the cluster rule decided: its note replaces the percentages'
+            cluster_rows, note = _cluster_rows(call, steps)
+            rows += cluster_rows
+        return rows, note
+    if not call.n_tiles_used:  # no tissue, or every tile rejected: no shares to show
         return [], "No tile was scored, so nothing decided a grade: see the reason above and the QC picture."
-    fractions = call.get("class_fractions", {})
-    rows = [(f"tiles called {c}", _pct(v), "", "") for c, v in fractions.items()]
+    rows = [(f"tiles called {c}", _pct(v), "", "") for c, v in call.class_fractions.items()]
     return rows, "Share of scored tiles per tile call (this model does not count cells)."
 
 
-def _qc_rows(result: Mapping, reasons: Sequence[str | None] | None) -> list[tuple[str, str]]:
-    row = result.get("row", {})
-    qc = result.get("qc_summary", {})
+def _qc_rows(result: SlideResult) -> list[tuple[str, str]]:
+    qc = result.qc_summary
     n_tiles = qc.get("n_tiles")
-    used, rejected = row.get("tiles_used"), row.get("tiles_rejected")
-    if n_tiles is None and result.get("no_tissue"):
+    if n_tiles is None and result.no_tissue:
         return [("tiles", "none cut: the tile stage found no tissue"), ("slide flags", "no tissue")]
-    rows = [("tiles", f"{_num(n_tiles)} cut; {_num(used)} kept and scored; {_num(rejected)} not scored")]
-    if reasons is not None:
-        counts = Counter(part for r in reasons if r for part in str(r).split("+"))
+    rows = [("tiles", f"{format_number(n_tiles)} cut; {format_number(result.tiles_used)} kept and scored; "
+                      f"{format_number(result.tiles_rejected)} not scored")]
+    if result.tiles is not None:
+        counts = Counter(part for r in result.tiles.reasons if r for part in str(r).split("+"))
         if counts:
             rows.append(("not scored, by reason (a tile may have several)", "; ".join(f"{_REASON_NAMES.get(k, k)} {v:,}"
                                                           for k, v in counts.most_common())))
     elif qc:
-        rows.append(("rejected, by reason", f"too little tissue {_num(qc.get('n_tiles', 0) - qc.get('n_tissue_tiles', 0))}; "
-                                            f"out of focus {_num(qc.get('n_blurry_tissue_tiles'))}; pen ink {_num(qc.get('n_pen_tiles'))}"))
+        no_tissue = format_number(qc.get("n_tiles", 0) - qc.get("n_tissue_tiles", 0))
+        blurry, pen = format_number(qc.get("n_blurry_tissue_tiles")), format_number(qc.get("n_pen_tiles"))
+        rows.append(("rejected, by reason", f"too little tissue {no_tissue}; out of focus {blurry}; pen ink {pen}"))
     flags = []
     if qc.get("pen_marks"):
         flags.append(f"pen marks ({qc.get('pen_area_mm2', 0):.2f} mm²)")
@@ -185,43 +208,39 @@ def load_picture(title: str, path: str | Path | None) -> Picture:
 
 
 def build_report(result: SlideResult, *, heatmap_png: str | Path | None = None, qc_png: str | Path | None = None) -> Report:
-    """The report's content from a slide's result (what ``<id>.json`` records, the tiles' QC reasons) and its pictures."""
-    reasons = None if result.tiles is None else result.tiles.reasons
-    return _report_of(result.to_record(), reasons=reasons, heatmap_png=heatmap_png, qc_png=qc_png)
-
-
-def _report_of(result: Mapping, *, reasons: Sequence[str | None] | None, heatmap_png: str | Path | None,
-               qc_png: str | Path | None) -> Report:
-    call = result.get("call", {})
-    tumour = result.get("tumour") or {}
-    model = result.get("model", {})
+    """The report's content from a slide's fresh result (reports are written at scoring time only) and its pictures."""
+    call, tumour, p = result.call, result.tumour, result.provenance
     deciding, note = _deciding(call)
-    sections = [("Criteria", _criteria_rows(result, call))]
-    if tumour:
+    sections = [("Criteria", _criteria_rows(result))]
+    if tumour is not None:
         sections.append(("Scored tumour", [
-            ("tumour cells", f"{_num(tumour.get('cells'))} (of {_num(tumour.get('all_cells'))} nuclei found)"),
-            ("tumour area", f"{_num(tumour.get('area_mm2'), '.2f')} mm²"),
+            ("tumour cells", f"{format_number(tumour.cells)} (of {format_number(tumour.all_cells)} nuclei found)"),
+            ("tumour area", f"{format_number(tumour.area_mm2, '.2f')} mm²"),
         ]))
-    sections.append(("Quality control", _qc_rows(result, reasons)))
-    weights = f", weights {Path(str(model['weights'])).name}" if model.get("weights") else ""
+    sections.append(("Quality control", _qc_rows(result)))
+    weights = f", weights {Path(str(p.weights)).name}" if p.weights else ""
     sections.append(("Method", [
-        ("model", f"{model.get('name', '?')}{weights}; slide rule {result.get('aggregation', call.get('method', '?'))}"),
-        ("tiles", f"{result['tile_px']} px at {result.get('tile_mpp_um', '?')} µm/px" if result.get("tile_px") else "none"),
-        ("software", f"wsi-her2 {result.get('package_version', '?')}"),
+        ("model", f"{p.model or '?'}{weights}; slide rule {p.aggregation or call.method or '?'}"),
+        ("tiles", f"{p.tile_px} px at {p.tile_mpp_um or '?'} µm/px" if p.tile_px else "none"),
+        ("software", f"wsi-her2 {p.package_version or '?'}"),
     ]))
-    heatmap_png = heatmap_png or result.get("outputs", {}).get("heatmap_png")
+    heatmap_png = heatmap_png or result.outputs.get("heatmap_png")
     pictures = [load_picture("Tile calls over the thumbnail (heatmap)", heatmap_png),
                 load_picture("QC: tissue and tiles kept / rejected", qc_png)]
-    digest = str(result.get("slide_sha256") or "")[:16]
+    digest = str(p.slide_sha256 or "")[:16]
     return Report(
-        slide=str(result.get("slide", "?")), score=str(call.get("her2_score", "?")),
-        category=str(call.get("her2_category_text") or call.get("her2_category") or ""),
-        confidence=f"{float(call.get('confidence', 0.0)):.2f}", reason=call.get("details", {}).get("reason"),
-        sections=sections, deciding=deciding, deciding_note=note, pictures=pictures,
-        footer=[f"Slide {result.get('slide', '?')}" + (f" (SHA-256 {digest}...)" if digest else "")
-                + f"; report by wsi-her2 {result.get('package_version', '?')} (no date: the same result, the same report).",
+        slide=result.slide_id, score=call.her2_score, category=call.her2_category_text or call.her2_category,
+        confidence=f"{float(call.confidence):.2f}", confidence_method=str(call.details.get("confidence_method") or ""),
+        reason=call.reason, sections=sections, deciding=deciding, deciding_note=note, pictures=pictures,
+        footer=[f"Slide {result.slide_id}" + (f" (SHA-256 {digest}...)" if digest else "")
+                + f"; report by wsi-her2 {p.package_version or '?'} (no date: the same result, the same report).",
                 INTENDED_USE],
     )
+
+
+def _confidence_text(report: Report) -> str:
+    """The confidence and what it measures, as the rule that made the call recorded it."""
+    return f"confidence {report.confidence}" + (f" ({report.confidence_method})" if report.confidence_method else "")
 
 
 # --- HTML ---------------------------------------------------------------------------------------
@@ -256,12 +275,11 @@ def render_html(report: Report) -> str:
              f"<h1>HER2 IHC slide report: {e(report.slide)}</h1>",
              f'<div class="use" id="intended-use">{e(INTENDED_USE)}</div>',
              f'<div class="call" id="call"><div class="score">HER2 {e(report.score)}</div><div>'
-             f'<div class="category">{e(report.category)}</div><div>confidence {e(report.confidence)} '
-             "(share of bootstrap resamples of the tiles giving the same call)</div>"
+             f'<div class="category">{e(report.category)}</div><div>{e(_confidence_text(report))}</div>'
              + (f'<div class="reason">Reason: {e(report.reason)}</div>' if report.reason else "") + "</div></div>",
              '<div class="cols"><div class="left">',
              "<h2>What decided the call</h2>",
-             '<table id="deciding"><tr><th>step</th><th>share</th><th>cut-point</th><th>above</th></tr>']
+             '<table id="deciding"><tr><th>step</th><th>share</th><th>cut-point</th><th>passed</th></tr>']
     for step, share, cut, passed in report.deciding:
         parts.append(f'<tr><td>{e(step)}</td><td class="num">{e(share)}</td><td class="num">{e(cut)}</td><td>{e(passed)}</td></tr>')
     parts.append(f'</table><p class="note">{e(report.deciding_note)}</p>')
@@ -321,7 +339,7 @@ def render_pdf(report: Report) -> bytes:
     pdf.multi_cell(width - 50, 5, _latin1(report.category), new_x="LMARGIN", new_y="NEXT")
     pdf.set_x(60)
     pdf.set_font("Helvetica", "", 9)
-    text = f"confidence {report.confidence} (share of bootstrap resamples of the tiles giving the same call)"
+    text = _confidence_text(report)
     pdf.multi_cell(width - 50, 4.5, _latin1(text + (f"\nReason: {report.reason}" if report.reason else "")),
                    new_x="LMARGIN", new_y="NEXT")
     y1 = max(pdf.get_y(), y0 + 14) + 2
@@ -332,7 +350,7 @@ def render_pdf(report: Report) -> bytes:
     right_w = pdf.w - 12 - right_x
     pdf.set_y(y1 + 2)
     _pdf_heading(pdf, "What decided the call", left_w)
-    _pdf_table(pdf, [("step", "share", "cut-point", "above"), *report.deciding], (54, 18, 20, 12), header=True)
+    _pdf_table(pdf, [("step", "share", "cut-point", "passed"), *report.deciding], (54, 18, 20, 12), header=True)
     pdf.set_font("Helvetica", "I", 7.5)
     pdf.multi_cell(left_w, 3.6, _latin1(report.deciding_note), new_x="LMARGIN", new_y="NEXT")
     for heading, rows in report.sections:

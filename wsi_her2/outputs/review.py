@@ -10,7 +10,10 @@ With labels (``wsi-her2 review --labels CSV``, or a cohort manifest's ``label`` 
 column and the agreement table (:func:`wsi_her2.metrics.agreement_report`) are added.
 
 Slides are found from ``<id>.json`` (scored, including slides where ``tile`` found no tissue)
-and, for a cohort run, ``state/<id>.json`` (failed, pending or running slides).
+and, for a cohort run, ``state/<id>.json`` (failed, pending or running slides). A slide's picture and
+report links are the files its ``<id>.json`` names in ``outputs`` (by name, beside it: the folder may
+have moved), so a report left from an earlier run (re-scored with ``--no-report``) is not linked. A
+file that is not a JSON object where one is expected is left out with a warning.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from wsi_her2.files import atomic_write_text
+from wsi_her2.outputs.report import INTENDED_USE, format_number
 from wsi_her2.vocab import INDETERMINATE
 
 log = logging.getLogger(__name__)
@@ -31,19 +35,43 @@ REVIEW_FILE = "review.html"
 THUMB_PX = 220
 #: files in an output folder that end in .json but are not slide results
 _NOT_RESULTS = ("cohort.json", "run.json", "agreement.json")
+#: A cohort run's folders: wsi_her2.batch.runner.PER_SLIDE_DIRNAME and wsi_her2.batch.state.STATE_DIRNAME. Named
+#: again here because the writers may not import the cohort runner (tests/test_import_graph.py); a test keeps them equal.
+PER_SLIDE_DIRNAME = "per-slide"
+STATE_DIRNAME = "state"
+#: The outputs of ``<id>.json`` the page links or shows (their keys in its ``outputs``)
+_LINKED_OUTPUTS = ("heatmap_png", "report_html", "report_pdf")
 
 
-def _thumbnail_uri(out: Path, sid: str) -> str | None:
-    """A small JPEG of the slide's heatmap (else its QC picture) as a data URI; None when neither can be read."""
+def _json_object(path: Path, what: str) -> dict | None:
+    """The JSON object ``path`` holds; None, with a warning, when it is unreadable or holds anything else."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        log.warning("%s: not readable as %s (%s); left out of the review page", path, what, exc)
+        return None
+    if not isinstance(value, dict):
+        log.warning("%s: holds a JSON %s, not %s; left out of the review page", path, type(value).__name__, what)
+        return None
+    return value
+
+
+def _section(record: Mapping, key: str) -> Mapping:
+    """``record[key]`` when it is a mapping, else empty (a damaged record still lists its slide)."""
+    value = record.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _thumbnail_uri(out: Path, names: list[str | None]) -> str | None:
+    """A small JPEG of the first of the pictures ``names`` in ``out`` that can be read, as a data URI; None when none can."""
     from PIL import Image
 
-    for name in (f"{sid}.heatmap.png", f"{sid}.qc.png"):
+    for name in filter(None, names):
         path = out / name
         if not path.is_file():
             continue
         try:
-            with Image.open(path) as im:
-                im.draft("RGB", (THUMB_PX, THUMB_PX))
+            with Image.open(path) as im:  # PNGs: PIL's draft mode (JPEG only) would not shrink them while decoding
                 rgb = im.convert("RGB")
         except Exception as exc:  # a damaged picture: the row says so, the page still works
             log.warning("%s: cannot read for the review page (%s)", path, exc)
@@ -56,8 +84,7 @@ def _thumbnail_uri(out: Path, sid: str) -> str | None:
 
 
 def _qc_flags(result: Mapping) -> list[str]:
-    qc = result.get("qc_summary") or {}
-    row = result.get("row") or {}
+    qc, row = _section(result, "qc_summary"), _section(result, "row")
     flags = []
     if result.get("no_tissue"):
         flags.append("no tissue")
@@ -72,26 +99,25 @@ def _qc_flags(result: Mapping) -> list[str]:
 
 
 def _scored_row(result: Mapping) -> dict:
-    call = result.get("call", {})
-    row = result.get("row", {})
+    """The slide's row; ``files``: the names of the outputs it links (:data:`_LINKED_OUTPUTS`) its record names."""
+    call, row, outputs = result["call"], _section(result, "row"), _section(result, "outputs")
     sid = str(result["slide"])
     score = str(call.get("her2_score", ""))
     return {
         "slide": sid, "status": INDETERMINATE if score == INDETERMINATE else "done", "her2_score": score,
         "category": call.get("her2_category") or "", "category_text": call.get("her2_category_text") or "",
-        "confidence": call.get("confidence"), "tumour_cells": (result.get("tumour") or {}).get("cells"),
+        "confidence": call.get("confidence"), "tumour_cells": _section(result, "tumour").get("cells"),
         "tiles_used": row.get("tiles_used"), "tiles_rejected": row.get("tiles_rejected"),
-        "qc_flags": _qc_flags(result), "reason": (call.get("details") or {}).get("reason") or "",
+        "qc_flags": _qc_flags(result), "reason": _section(call, "details").get("reason") or "",
+        "files": {k: Path(outputs[k]).name for k in _LINKED_OUTPUTS if isinstance(outputs.get(k), str)},
     }
 
 
 def results_dir(out: Path) -> Path:
     """Where the slides' files are: ``out`` itself (``wsi-her2 score -o``), or a cohort run's per-slide folder."""
-    try:
-        name = json.loads((out / "cohort.json").read_text()).get("per_slide_dir")
-    except (OSError, ValueError):
-        name = None
-    folder = out / (name or "per-slide")
+    cohort = out / "cohort.json"
+    name = (_json_object(cohort, "a cohort record") or {}).get("per_slide_dir") if cohort.is_file() else None
+    folder = out / (name if isinstance(name, str) and name else PER_SLIDE_DIRNAME)
     return folder if folder.is_dir() else out
 
 
@@ -105,17 +131,16 @@ def collect_rows(out: str | Path) -> list[dict]:
     for path in sorted(where.glob("*.json")):
         if path.name in _NOT_RESULTS or path.name.endswith(".no_tissue.json"):
             continue
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("%s: not readable as a slide result (%s); left out of the review page", path, exc)
+        result = _json_object(path, "a slide result")
+        if result is None or "slide" not in result or "call" not in result:
             continue
-        if isinstance(result, dict) and "call" in result and "slide" in result:
-            rows[str(result["slide"])] = _scored_row(result)
-    for path in sorted((out / "state").glob("*.json")):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
+        if not isinstance(result["call"], Mapping):
+            log.warning("%s: its call is not a JSON object; left out of the review page", path)
+            continue
+        rows[str(result["slide"])] = _scored_row(result)
+    for path in sorted((out / STATE_DIRNAME).glob("*.json")):
+        state = _json_object(path, "a slide's cohort state")
+        if state is None:
             continue
         sid = str(state.get("slide_id", path.stem))
         status = state.get("status", "pending")
@@ -128,9 +153,11 @@ def collect_rows(out: str | Path) -> list[dict]:
         elif sid not in rows:
             rows[sid] = {"slide": sid, "status": status, "her2_score": "", "qc_flags": [], "reason": ""}
     for sid, row in rows.items():
-        row["thumbnail"] = _thumbnail_uri(where, sid)
-        for kind in ("html", "pdf"):
-            row[f"report_{kind}"] = f"{prefix}{sid}.report.{kind}" if (where / f"{sid}.report.{kind}").is_file() else None
+        files = row.pop("files", {})  # only what the slide's record names: an earlier run's leftovers are not linked
+        # the QC picture is the tile stage's, not in the record: shown by its name when there is no heatmap
+        row["thumbnail"] = _thumbnail_uri(where, [files.get("heatmap_png"), f"{sid}.qc.png"])
+        for key in ("report_html", "report_pdf"):
+            row[key] = f"{prefix}{files[key]}" if key in files and (where / files[key]).is_file() else None
     return [rows[sid] for sid in sorted(rows)]
 
 
@@ -208,10 +235,8 @@ def _attr(value: Any) -> str:
 
 
 def _num(value: Any, fmt: str) -> str:
-    try:
-        return format(float(value), fmt)
-    except (TypeError, ValueError):
-        return ""
+    """A number cell: blank when there is none (the report's formatting)."""
+    return format_number(value, fmt, missing="")
 
 
 def _row_html(row: Mapping, *, with_labels: bool) -> str:
@@ -296,7 +321,7 @@ def render_review(rows: list[dict], *, title: str, labels: Mapping[str, str] | N
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head><body>',
         f"<h1>{e(title)}</h1>",
         f"<p>{len(rows)} slides: {e(summary)}. Failed and indeterminate slides first; click a column header to sort "
-        "(again to reverse). <span class=\"use\">Research use only; every call must be confirmed by a pathologist.</span></p>",
+        f"(again to reverse). <span class=\"use\">{e(INTENDED_USE)}</span></p>",
         '<div class="controls"><label>show <select id="filter">'
         + "".join(f'<option value="{_attr(v)}">{e(t)}</option>' for v, t in options)
         + '</select></label><label>slide <input id="search" type="search" placeholder="id contains"></label>'
@@ -329,6 +354,6 @@ def write_review(out: str | Path, *, labels: Mapping[str, str] | None = None) ->
     rows = collect_rows(out)
     if not rows:
         raise StoreError(f"{out}: no slide results (<id>.json) or cohort states in it; score slides into it first "
-                         "(`wsi-her2 score ... -o {out}` or `wsi-her2 run ... -o {out}`)".replace("{out}", str(out)))
+                         f"(`wsi-her2 score ... -o {out}` or `wsi-her2 run ... -o {out}`)")
     return atomic_write_text(out / REVIEW_FILE, render_review(rows, title=f"wsi-her2 review: {out.resolve().name}",
                                                               labels=labels))

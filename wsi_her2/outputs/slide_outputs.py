@@ -6,7 +6,8 @@ the tiles parquet, ``<id>.geojson`` and the heatmaps (the store's geometry and t
 report (``<id>.report.html`` / ``.pdf``). Then :func:`write_result_files` writes ``<id>.json``
 (with the SHA-256 of each of those files) and the slide's ``slides.csv`` row: ``<id>.json``'s
 presence means the slide is scored, and a kill before its row is written is repaired by the next
-run. A slide where ``tile`` found no tissue has only these two.
+run. A slide where ``tile`` found no tissue has only these two and its report (saying why there is
+no call, with the tile stage's QC picture), written by the score stage without this function.
 """
 from __future__ import annotations
 

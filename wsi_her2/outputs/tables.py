@@ -80,14 +80,15 @@ def upsert_rows(path: Path, columns: list[str], slide_ids: list[str], rows: list
         replaced = {safe_cell(str(s)) for s in slide_ids}
         kept: list[dict] = []
         if path.exists():
-            with path.open(newline="") as fh:
+            with path.open(newline="", encoding="utf-8") as fh:
                 kept = [r for r in csv.DictReader(fh) if r.get("slide") not in replaced]
-        new = [safe_dict_row({k: r.get(k, "") for k in columns}) for r in rows]
+        new = [{k: r.get(k, "") for k in columns} for r in rows]
+        # every row made safe once (a kept row is already: unchanged), then sorted by its cells as written
+        written = sorted(map(safe_dict_row, kept + new), key=lambda r: (str(r["slide"]), str(r.get("name", ""))))
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        for r in sorted(kept + new, key=lambda r: (r["slide"], str(r.get("name", "")))):
-            writer.writerow(safe_dict_row(r))
+        writer.writerows(written)
         return atomic_write_text(path, text.getvalue())
 
 
@@ -106,7 +107,7 @@ def ensure_slides_csv_row(path: Path, row: dict) -> None:
     differs from it (an edited or damaged table)."""
     found = []
     if path.exists():
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8") as fh:
             found = [r for r in csv.DictReader(fh) if r.get("slide") == safe_cell(str(row["slide"]))]
         if [written_row(r, SLIDES_CSV_COLUMNS) for r in found] == [written_row(row, SLIDES_CSV_COLUMNS)]:
             return
