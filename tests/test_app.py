@@ -131,7 +131,55 @@ def test_dicom_slide_uploaded_as_zip_of_its_folder(settings, tmp_path):
     empty = tmp_path / "upload" / "empty.zip"
     with zipfile.ZipFile(empty, "w") as zf:
         zf.writestr("readme.txt", "no slide")
-    assert "holds no DICOM (.dcm) files" in _page_error(handle_run(settings, str(empty), None))
+    assert "holds no DICOM files" in _page_error(handle_run(settings, str(empty), None))
+
+
+def test_dicom_zip_without_extensions_keeps_the_files_the_reader_takes(tmp_path):
+    """Regression: only members ending in .dcm were extracted, while the reader also takes extension-less files
+    with the DICM preamble (as many PACS exports name them); notes zipped along are dropped."""
+    import zipfile
+
+    from conftest import fixture_slide
+    from test_dicom_slides import SLIDE_ID, convert_to_dicom
+
+    from wsi_her2.app import unzip_dicom_slide
+    from wsi_her2.slide.dicom import dicom_slide
+
+    folder = convert_to_dicom(fixture_slide("CMU-1-Small-Region.svs"), tmp_path / "slide")
+    archive = tmp_path / "case.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i, f in enumerate(sorted(folder.glob("*.dcm"))):
+            zf.write(f, f"case/IMG{i:04d}")
+        zf.writestr("case/README.txt", "exported from PACS")
+        zf.writestr("__MACOSX/case/._IMG0000", "resource fork")
+    unzipped = unzip_dicom_slide(archive, tmp_path / "unzipped")
+    n = len(list(folder.glob("*.dcm")))
+    assert sorted(p.name for p in unzipped.iterdir()) == [f"IMG{i:04d}" for i in range(n)]
+    assert dicom_slide(unzipped).slide_id == SLIDE_ID
+
+
+def test_dicom_zip_with_duplicate_names_or_too_large_is_refused(settings, tmp_path, monkeypatch):
+    """Extracting flat by base name overwrote same-named members silently; the unzipped size is capped."""
+    import zipfile
+
+    from wsi_her2 import app
+    from wsi_her2.errors import SlideOpenError
+
+    preamble = b"\0" * 128 + b"DICM" + b"\0" * 2000
+    twice = tmp_path / "twice.zip"
+    with zipfile.ZipFile(twice, "w") as zf:
+        zf.writestr("series1/IMG0001", preamble)
+        zf.writestr("series2/IMG0001", preamble)
+    shown = _page_error(handle_run(settings, str(twice), None))
+    assert "series1/IMG0001 and series2/IMG0001 have the same file name" in shown, shown
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("case/IMG0001", preamble)
+    monkeypatch.setattr(app, "MAX_UNZIPPED_BYTES", 1000)
+    assert "unzipped it would be over this app's limit" in _page_error(handle_run(settings, str(big), None))
+    # the bytes are counted as they come too: a member's declared size is only the archive's word
+    with zipfile.ZipFile(big) as zf, pytest.raises(SlideOpenError, match="over this app's limit"):
+        app._extract_flat(big, zf, zf.infolist(), tmp_path)
 
 
 def test_cli_defaults_bind_localhost_and_bad_port_is_one_line(capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ TABLE_COLUMNS = ("tile", "x_level0", "y_level0", "qc_pass", "qc_reason", "call",
                  "tumour_cell_count", "dab_od_membrane", "her2_index")
 TABLE_ROWS = 500
 DEMO_SLIDE_NAME = "demo-her2-ihc.svs"  # the name `wsi-her2 demo` gives it
+#: the most a .zip upload (a DICOM slide's folder) may unzip to, in bytes (8 GiB): checked against the members'
+#: declared sizes before extracting and against the bytes while extracting, so a zip bomb cannot fill the disk
+MAX_UNZIPPED_BYTES = 8 * 2**30
 
 Progress = Callable[..., Any]  # gr.Progress or anything called as progress(fraction, desc=...)
 
@@ -113,23 +117,64 @@ def _slide_for_run(run_dir: Path, upload: Path | None, mpp_um: float | None, *, 
 
 
 def unzip_dicom_slide(archive: Path, folder: Path) -> Path:
-    """A DICOM slide uploaded as a .zip of its folder: its ``.dcm`` files, extracted flat into ``folder``."""
+    """A DICOM slide uploaded as a .zip of its folder: its files extracted flat into ``folder``, keeping those
+    :func:`~wsi_her2.slide.dicom.dicom_files` takes for DICOM (``.dcm``, or the DICM preamble with no extension)."""
     import zipfile
+
+    from wsi_her2.slide.dicom import dicom_files
 
     try:
         with zipfile.ZipFile(archive) as zf:
-            members = [m for m in zf.infolist() if not m.is_dir() and m.filename.lower().endswith(".dcm")
-                       and not Path(m.filename).name.startswith(".")]
-            if not members:
-                raise SlideOpenError(f"{archive.name}: the .zip holds no DICOM (.dcm) files; zip a DICOM slide's folder")
+            members = _zip_members(archive, zf)
             folder.mkdir(parents=True, exist_ok=True)
-            for m in members:  # flat, by base name: no path in the archive can point outside the folder
-                with zf.open(m) as src, (folder / Path(m.filename).name).open("wb") as dst:
-                    while block := src.read(1 << 20):
-                        dst.write(block)
+            try:
+                _extract_flat(archive, zf, members, folder)
+            except SlideOpenError:
+                shutil.rmtree(folder, ignore_errors=True)  # what came out before the cap stopped it is no slide
+                raise
     except zipfile.BadZipFile as exc:
         raise SlideOpenError(f"{archive.name}: not a readable .zip ({exc}); zip the DICOM slide's folder again") from exc
+    slide_files = set(dicom_files(folder))
+    for extracted in folder.iterdir():  # the folder is the slide: notes and viewers zipped along are dropped
+        if extracted not in slide_files:
+            extracted.unlink()
+    if not slide_files:
+        raise SlideOpenError(f"{archive.name}: the .zip holds no DICOM files (.dcm, or with the DICM preamble); "
+                             "zip a DICOM slide's folder")
     return folder
+
+
+def _zip_members(archive: Path, zf) -> list:
+    """The files to extract: every non-hidden file, each base name once, their declared sizes within the cap."""
+    members = [m for m in zf.infolist() if not m.is_dir() and not Path(m.filename).name.startswith(".")]
+    seen: dict[str, str] = {}
+    for m in members:
+        name = Path(m.filename).name
+        if name in seen:
+            raise SlideOpenError(f"{archive.name}: {seen[name]} and {m.filename} have the same file name and would "
+                                 "overwrite each other; zip one DICOM slide's folder at a time")
+        seen[name] = m.filename
+    if sum(m.file_size for m in members) > MAX_UNZIPPED_BYTES:
+        raise SlideOpenError(_too_large(archive))
+    return members
+
+
+def _extract_flat(archive: Path, zf, members: list, folder: Path) -> None:
+    """Copy ``members`` into ``folder`` by base name (no path in the archive can point outside it), counting the
+    bytes as they come: a member's declared size is the archive's word, not a promise."""
+    written = 0
+    for m in members:
+        with zf.open(m) as src, (folder / Path(m.filename).name).open("wb") as dst:
+            while block := src.read(1 << 20):
+                written += len(block)
+                if written > MAX_UNZIPPED_BYTES:
+                    raise SlideOpenError(_too_large(archive))
+                dst.write(block)
+
+
+def _too_large(archive: Path) -> str:
+    return (f"{archive.name}: unzipped it would be over this app's limit of {MAX_UNZIPPED_BYTES / 2**30:.0f} GiB; "
+            "tile and score the slide's folder with `wsi-her2 tile` and `wsi-her2 score`")
 
 
 def analyse(settings: AppSettings, upload: Path | None, mpp_um: float | None = None, *, demo: bool = False,

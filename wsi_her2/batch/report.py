@@ -3,15 +3,9 @@
 ``slides.csv`` is rebuilt from the per-slide state files at the end of every run, sorted by slide
 id, with no timings in it, so a resumed run writes the same bytes as an uninterrupted one.
 
-Agreement metrics (numpy only):
-
-- the 4 x 4 confusion matrix over 0 / 1+ / 2+ / 3+ (rows: label, columns: call) and accuracy;
-- the quadratic-weighted kappa (Cohen 1968): ``1 - sum(W * O) / sum(W * E)`` with
-  ``W[i, j] = (i - j)^2 / (k - 1)^2``, ``O`` the observed confusion matrix and ``E`` the matrix
-  expected by chance (outer product of the marginals, scaled to ``O.sum()``);
-- the clinical three-way grouping negative (0, 1+) / equivocal (2+) / positive (3+): its 3 x 3
-  matrix, accuracy, unweighted Cohen's kappa and, per group, the fraction of labelled slides the
-  pipeline put in the same group.
+The agreement metrics themselves (confusion matrices, kappas, the negative / equivocal / positive
+grouping) are defined once in :mod:`wsi_her2.metrics` and re-exported here; this module only lays
+their report out as text (:func:`format_agreement`) and writes it (:func:`write_agreement`).
 """
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ from wsi_her2.batch import report
 from wsi_her2.batch.cluster import SCORE_RESOURCE, TILE_RESOURCE
 from wsi_her2.batch.manifest import SlideJob
 from wsi_her2.batch.state import DEFAULT_LOCK_TIMEOUT_S, LockKeeper, LockOwner, SlideState, StateStore, input_key
+from wsi_her2.cli.exits import ExitCode  # the one table of exit codes (it imports only wsi_her2.errors)
 from wsi_her2.errors import WsiHer2Error
 from wsi_her2.files import atomic_write_text
 from wsi_her2.tile.pipeline import TileConfig, tile_slide
@@ -169,11 +170,11 @@ class CohortResult:
     review_html: Path | None = None  # the cohort review page (None: it could not be written)
 
     @property
-    def exit_code(self) -> int:
-        """0: every slide done; 1: some failed; 3: some still pending (another runner, or stopped)."""
+    def exit_code(self) -> ExitCode:
+        """OK: every slide done; PROBLEMS: some failed; UNFINISHED: some still pending (another runner, or stopped)."""
         if self.failed:
-            return 1
-        return 3 if self.pending else 0
+            return ExitCode.PROBLEMS
+        return ExitCode.UNFINISHED if self.pending else ExitCode.OK
 
 
 class _Stop(Exception):

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_her2.cli.exits import ExitCode
+
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from wsi_her2.score.calibrate import DAB_GAINS  # numpy only: --help stays instant
+
     p = sub.add_parser("calibrate", help="fit the ihc_dab cut-points to a lab's slides of known HER2 score",
                        description="Score tiled stores over a grid of DAB gains and percentage cuts, fit them to the "
                                    "labels, print leave-one-out agreement and kappa before and after, write CAL.json "
@@ -14,15 +18,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, help="calibration file to write (JSON)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--gains", default=None, metavar="G1,G2,...",
-                   help="DAB-gain grid, must include 1 (default: 9 values from 0.5 to 2, geometric; one scoring pass each)")
+                   help=f"DAB-gain grid, must include 1 (default: {len(DAB_GAINS)} values from {min(DAB_GAINS):g} to "
+                        f"{max(DAB_GAINS):g}, geometric; one scoring pass each)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_her2.score.calibrate import calibrate
-
-    from wsi_her2.score.calibrate import DAB_GAINS
     from wsi_her2.errors import ConfigError
+    from wsi_her2.score.calibrate import DAB_GAINS, calibrate
 
     try:
         gains = [float(g) for g in args.gains.split(",")] if args.gains else list(DAB_GAINS)
@@ -38,4 +41,4 @@ def run(args: argparse.Namespace) -> int:
         label = "defaults (gain 1, 10 %)" if name == "before" else "leave-one-out fitted"
         print(f"{label:26s} exact {s['exact']}/{s['n']} (called {s['n_called']}), quadratic-weighted kappa {s['qwk']:.3f}")
     print(f"wrote {args.out}")
-    return 0
+    return ExitCode.OK

@@ -73,4 +73,4 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.PROBLEMS
     print(f"mpp      {info['mpp_um']} µm/px (from {info['mpp_source']})")
     print(f"tissue   {info['tissue_area_mm2']} mm² ({100 * info['tissue_fraction']:.1f}% of the slide); pen ink {info['pen_area_mm2']} mm²")
-    return 0
+    return ExitCode.OK

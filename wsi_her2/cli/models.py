@@ -34,13 +34,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.inspect}: no model config stored with this file (load it with --model NAME --weights FILE)")
             return ExitCode.PROBLEMS
         print(config.to_json(indent=2))
-        return 0
+        return ExitCode.OK
 
     names = args.names or models.list_models()
     configs = [models.get_config(name) for name in names]  # ModelNotFoundError names close matches
     if args.json:
         print(json.dumps([c.to_dict() for c in configs], indent=2))
-        return 0
+        return ExitCode.OK
 
     header = ("name", "arch", "input px", "tile px", "mpp um", "head", "weights", "params M", "description")
     rows = []
@@ -61,4 +61,4 @@ def run(args: argparse.Namespace) -> int:
     for row in (header, *rows):
         cells = [cell.ljust(w) if i < 2 or i in (5, 6) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
         print("  ".join(cells + [row[-1]]).rstrip())
-    return 0
+    return ExitCode.OK

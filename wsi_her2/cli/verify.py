@@ -36,24 +36,29 @@ def targets(path: Path) -> tuple[list[Path], list[Path]]:
 
 def run(args: argparse.Namespace) -> int:
     from wsi_her2.cli.exits import EachItem
-    from wsi_her2.outputs.manifest import verify_result
-    from wsi_her2.store.verify import verify_store
 
-    checks = []
+    checks: list[Path] = []
     for path in map(Path, args.paths):
         stores, results = targets(path)
-        found = [(s, verify_store) for s in stores] + [(r, verify_result) for r in results]
-        checks += found or [(path, _nothing_there)]
-    each = EachItem("verify", checks, lambda check: check[1](check[0]), noun="stores and scored slides")
+        checks += stores + results or [path]
+    # the items are plain paths, so an error of one (an OSError) is reported naming its path
+    each = EachItem("verify", checks, _verify_one, noun="stores and scored slides")
     for _, rep in each:
         print(_ok_line(rep))
     return each.exit_code()
 
 
-def _nothing_there(path: Path) -> None:
+def _verify_one(path: Path):
+    """Check one path :func:`targets` found: a result record, a patch store, or nothing there."""
     from wsi_her2.errors import StoreError
+    from wsi_her2.outputs.manifest import verify_result
+    from wsi_her2.store.verify import verify_store
 
-    raise StoreError(f"{path}: no patch store or scored slide there; give a <slide-id>.zarr, a <slide-id>.json or a folder of them")
+    if path.suffix == ".json":
+        return verify_result(path)
+    if path.is_dir() and not path.name.endswith(".zarr"):  # a folder in which targets() found nothing
+        raise StoreError(f"{path}: no patch store or scored slide there; give a <slide-id>.zarr, a <slide-id>.json or a folder of them")
+    return verify_store(path)
 
 
 def _ok_line(rep) -> str:
