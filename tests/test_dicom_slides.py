@@ -2,8 +2,8 @@
 
 The DICOM slide is converted at test time with wsidicomizer (a test-only dependency: ``wsi-her2[test]``)
 into a temporary folder: the source's pixels re-encoded as 4:4:4 JPEG (quality 95) frames of 512 px,
-with its thumbnail, label and overview as further files of the series and a ContainerIdentifier.
-Never committed. Skips when the fixture or wsidicomizer is missing.
+with its thumbnail, label and overview as further files of the series and a ContainerIdentifier
+(and once as 4:2:0 frames, as scanners commonly write them). Never committed. Skips when the fixture or wsidicomizer is missing.
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ CONTAINER_ID = "S26-0421 A1"  # a slide barcode, with a space as barcodes have
 SLIDE_ID = "S26-0421_A1"  # ... as a file name
 
 
-def convert_to_dicom(source: Path, folder: Path, *, container_id: str | None = CONTAINER_ID) -> Path:
-    """``source`` as a DICOM WSI series in ``folder`` (wsidicomizer through tiffslide, JPEG q95 4:4:4)."""
+def convert_to_dicom(source: Path, folder: Path, *, container_id: str | None = CONTAINER_ID,
+                     subsampling: str = "R444") -> Path:
+    """``source`` as a DICOM WSI series in ``folder`` (wsidicomizer through tiffslide, JPEG q95, 4:4:4 unless
+    ``subsampling`` names another of wsidicom's ``Subsampling``, e.g. ``R420``)."""
     pytest.importorskip("wsidicomizer", reason="wsidicomizer is missing: pip install 'wsi-her2[test]'")
     from pydicom import Dataset
     from wsidicom.codec import JpegSettings
@@ -35,7 +37,7 @@ def convert_to_dicom(source: Path, folder: Path, *, container_id: str | None = C
         extra.ContainerIdentifier = container_id
     WsiDicomizer.convert(source, folder, metadata_post_processor=extra, workers=1,
                          preferred_source=SourceIdentifier.TIFFSLIDE,
-                         encoding=JpegSettings(quality=95, subsampling=Subsampling.R444))
+                         encoding=JpegSettings(quality=95, subsampling=getattr(Subsampling, subsampling)))
     return folder
 
 
@@ -130,6 +132,41 @@ def test_dicom_tiles_and_calls_equal_the_source(cmu_dicom, cmu_svs, tmp_path, ca
     assert ra["call"]["her2_category"] == rb["call"]["her2_category"]
     for key, value in ra["call"]["details"]["fraction_at_least"].items():
         assert rb["call"]["details"]["fraction_at_least"][key] == pytest.approx(value, abs=0.03)
+
+
+def test_colour_subsampling_is_read_from_the_frames(cmu_dicom, cmu_svs, tmp_path):
+    """A DICOM slide's chroma subsampling comes from its first frame's JPEG header: 4:4:4 is full colour,
+    4:2:0 records colour samples twice the pixel size (the scorer scales a membrane's colour back by it)."""
+    from wsi_her2.slide import open_slide
+    from wsi_her2.slide.chroma import level_chroma_factors
+    from wsi_her2.store.patch_store import PatchStore
+    from wsi_her2.tile.pipeline import TileConfig, tile_slide
+
+    with open_slide(cmu_dicom) as reader:
+        sizes = [(lv.width_px, lv.height_px) for lv in reader.levels]
+    assert level_chroma_factors(cmu_dicom, sizes) == [1]
+    subsampled = convert_to_dicom(cmu_svs, tmp_path / "420", subsampling="R420")
+    assert level_chroma_factors(subsampled, sizes) == [2]
+    assert level_chroma_factors(subsampled, [(17, 17)]) == [None]  # a level the files do not hold: unknown
+    store = PatchStore.open(tile_slide(subsampled, tmp_path / "out", config=TileConfig(workers=1, qc_png=False)).store)
+    tiling = store.attrs["tiling"]
+    assert tiling["chroma_factor"] == 2
+    assert tiling["chroma_mpp_um"] == pytest.approx(2 * store.attrs["slide"]["mpp_um"], rel=0.01)
+
+
+def test_a_dicom_slide_whose_pixels_fail_is_closed_before_the_refusal(cmu_dicom, monkeypatch):
+    import wsi_her2.slide as slide_mod
+    from wsi_her2.errors import SlideOpenError
+    from wsi_her2.slide.dicom import DicomSlideReader, is_dicom_input
+
+    assert is_dicom_input(cmu_dicom) and is_dicom_input(sorted(cmu_dicom.glob("*.dcm"))[0])
+    closed = []
+    real_close = DicomSlideReader.close
+    monkeypatch.setattr(DicomSlideReader, "close", lambda self: closed.append(self) or real_close(self))
+    monkeypatch.setattr(slide_mod, "_check_readable", lambda reader: (_ for _ in ()).throw(ValueError("frame 3 bad")))
+    with pytest.raises(SlideOpenError, match="frame 3 bad"):
+        slide_mod.open_slide(cmu_dicom)
+    assert len(closed) == 1
 
 
 def test_identifier_falls_back_to_specimen_then_series(cmu_dicom, tmp_path):

@@ -33,6 +33,15 @@ def test_chunks_decode_to_zarrs_pixels(tmp_path):
         assert np.array_equal(got[: len(want)], want), chunk
 
 
+def test_the_tile_layout_is_read_once_per_reader(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    calls = []
+    real = PatchStore.tile_chunks
+    monkeypatch.setattr(PatchStore, "tile_chunks", lambda self: calls.append(1) or real(self))
+    assert jpeg_chunk_reader(store) is not None
+    assert len(calls) == 1  # each call reads tiles/zarr.json
+
+
 def test_other_codecs_are_left_to_zarr(tmp_path):
     assert jpeg_chunk_reader(_store(tmp_path, "zstd")) is None
 

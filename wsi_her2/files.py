@@ -54,7 +54,7 @@ def prepare_output_file(path: str | Path, *, what: str = "output file") -> Path:
     done for it, or raise one clear :class:`OutputError` (a folder in the way, no permission, ...)."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{path}: the {what} is a folder, not a file; give a file name, e.g. {path / 'cal.json'}")
+        raise OutputError(f"{path}: the {what} is a folder, not a file; give the path of a file (in it, or elsewhere)")
     prepare_output_dir(path.parent, what=f"folder of the {what}")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{path}: the {what} exists and is not writable; choose another file")

@@ -269,9 +269,9 @@ def store_lock_path(store_path: Path) -> Path:
 def store_lock(store_path: str | Path, *, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold ``<store>.lock`` while writing the store; another live holder is one clear :class:`StoreError`.
 
-    The lock is the cohort runner's expiring lock (:mod:`wsi_her2.batch.state`): its heartbeat
-    is refreshed in the background, and a lock left by a killed process is taken over at once on
-    the same host, or after ``timeout_s`` without a heartbeat from another host.
+    The lock is the expiring lock the cohort runner takes on each slide (:func:`acquire_lock`): its
+    heartbeat is refreshed in the background, and a lock left by a killed process is taken over at
+    once on the same host, or after ``timeout_s`` without a heartbeat from another host.
     """
     path = store_lock_path(Path(store_path))
     lock = acquire_lock(path, timeout_s=timeout_s)

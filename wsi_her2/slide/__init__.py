@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from wsi_her2.errors import ConfigError, SlideNotFoundError, SlideOpenError
-from wsi_her2.slide.base import SlideLevel, SlideReader
+from wsi_her2.slide.base import SlideLevel, SlideReader, short_error
 
 __all__ = ["BACKENDS", "SlideLevel", "SlideReader", "open_slide"]
 
@@ -35,11 +35,6 @@ def _open_tiffslide(path: Path) -> SlideReader:
 
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
 BACKENDS = {"openslide": _open_openslide, "tiffslide": _open_tiffslide}
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
 
 
 def open_slide(path: str | Path, *, backend: str = "auto") -> SlideReader:
@@ -74,11 +69,10 @@ def open_slide(path: str | Path, *, backend: str = "auto") -> SlideReader:
     reasons = []
     for name in order:
         try:
-            reader = BACKENDS[name](path)
-            _check_readable(reader)
+            reader = _open_checked(BACKENDS[name], path)
         except Exception as exc:  # every backend error means "this backend cannot read it"
             log.debug("%s could not open %s: %s", name, path, exc)
-            reasons.append(f"{name}: {_short(exc)}")
+            reasons.append(f"{name}: {short_error(exc)}")
             continue
         log.info("opened %s with %s", path.name, name)
         return reader
@@ -96,14 +90,24 @@ def _open_dicom(path: Path, backend: str) -> SlideReader:
         raise ConfigError(f"{path}: a DICOM slide is read through OpenSlide; use --backend auto or openslide")
     slide = dicom_slide(path)
     try:
-        reader = DicomSlideReader(path, slide)
-        _check_readable(reader)
+        reader = _open_checked(lambda p: DicomSlideReader(p, slide), path)
     except Exception as exc:  # OpenSlide's errors on damaged frames or missing files of the series
         raise SlideOpenError(
-            f"{path}: cannot open as a DICOM slide (openslide: {_short(exc)}); check that every file of the slide "
+            f"{path}: cannot open as a DICOM slide (openslide: {short_error(exc)}); check that every file of the slide "
             "is in its folder and complete (re-copy or re-export it)"
         ) from exc
     log.info("opened DICOM slide %s (%d files) with openslide", slide.slide_id, len(slide.files))
+    return reader
+
+
+def _open_checked(opener, path: Path) -> SlideReader:
+    """``opener(path)`` checked readable; closed again when it is not, so a refused slide leaves no handle open."""
+    reader = opener(path)
+    try:
+        _check_readable(reader)
+    except BaseException:
+        reader.close()
+        raise
     return reader
 
 

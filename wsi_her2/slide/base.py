@@ -112,6 +112,12 @@ class SlideReader(ABC):
         self.close()
 
 
+def short_error(exc: BaseException) -> str:
+    """An exception as one short line for a one-line error: its first line (or its type), at most 160 characters."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
 def rgba_to_rgb_on_white(rgba: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """Composite RGBA (OpenSlide returns premultiplied alpha) onto white glass."""
     rgb = rgba[..., :3]

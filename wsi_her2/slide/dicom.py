@@ -9,7 +9,8 @@ as its folder; a study export may hold several slides' series in one folder.
   right, JPEG / JPEG 2000 frames decoded in C.
 - **Headers** (which files form which slide, its identifiers and pixel spacing) are read with
   pydicom, pure Python, stopping before the pixel data: OpenSlide reports only the series it
-  opened, not which files of a folder belong to another slide.
+  opened, not which files of a folder belong to another slide. Of the pixel data only the start
+  of each level's first frame is read, for its JPEG chroma subsampling (:mod:`wsi_her2.slide.chroma`).
 
 The slide's id (it names every output file) is its ContainerIdentifier (the slide's barcode),
 else the SpecimenIdentifier of its specimen description, else its SeriesInstanceUID; placeholder
@@ -31,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from wsi_her2.errors import SlideNotFoundError, SlideOpenError
-from wsi_her2.slide.base import SlideReader
+from wsi_her2.slide.base import SlideReader, short_error
 from wsi_her2.digests import sha256_file
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def is_dicom_input(path: Path) -> bool:
     path = Path(path)
     if path.is_dir():
         return any(is_dicom_file(p) for p in _first_entries(path))
-    return path.is_file() and (path.suffix.lower() == DICOM_SUFFIX or has_dicom_magic(path))
+    return is_dicom_file(path)
 
 
 def _first_entries(folder: Path, n: int = 64):
@@ -110,7 +111,7 @@ def _read_header(path: Path):
         return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
     except Exception as exc:  # pydicom raises many types on damaged files
         raise SlideOpenError(
-            f"{path}: cannot read its DICOM header ({type(exc).__name__}: {str(exc).strip()[:120]}); "
+            f"{path}: cannot read its DICOM header ({type(exc).__name__}: {short_error(exc)}); "
             "re-copy or re-export the slide") from exc
 
 
@@ -229,6 +230,61 @@ def _dicom_slide(path: Path, _stamp_key: tuple) -> DicomSlide:
         slide_id=slide_id, id_source=id_source, volume_file=volume_file,
         mpp_um=None if spacing is None else spacing * 1000.0,
     )
+
+
+@dataclass(frozen=True)
+class VolumeFrames:
+    """What one VOLUME file of a slide says about its pixels' colour (read by :mod:`wsi_her2.slide.chroma`)."""
+
+    size_px: tuple[int, int]  # TotalPixelMatrixColumns, TotalPixelMatrixRows: the level's size
+    transfer_syntax: str  # how its frames are encoded (JPEG_TRANSFER_SYNTAXES: JPEG streams)
+    photometric: str  # PhotometricInterpretation, e.g. YBR_FULL_422
+    first_frame: bytes  # the start of its first non-empty frame; b"" when the pixels are not encapsulated
+
+
+#: JPEG baseline, extended and lossless: frames that carry a JPEG frame header (SOF) with the sampling factors
+JPEG_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                                    "1.2.840.10008.1.2.4.70"})
+_FRAME_TAGS = ("SOPClassUID", "ImageType", "PhotometricInterpretation", "TotalPixelMatrixColumns", "TotalPixelMatrixRows")
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def volume_frames(slide: DicomSlide, *, max_bytes: int = 4096) -> list[VolumeFrames]:
+    """Each VOLUME file of ``slide`` (one per pyramid level, more with concatenations or focal planes):
+    its size, encoding and the first ``max_bytes`` of its first non-empty frame (headers and one frame's
+    start only, however large the file)."""
+    import pydicom
+
+    found = []
+    for path in slide.files:
+        with path.open("rb") as fh:
+            # stops with the file at the PixelData element, so its frames can be read from there
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=list(_FRAME_TAGS))
+            if str(ds.get("SOPClassUID", "")) != WSI_SOP_CLASS or not _is_volume(ds):
+                continue
+            found.append(VolumeFrames(
+                size_px=(int(ds.get("TotalPixelMatrixColumns") or 0), int(ds.get("TotalPixelMatrixRows") or 0)),
+                transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+                photometric=str(ds.get("PhotometricInterpretation", "")), first_frame=_first_frame(fh, max_bytes)))
+    return found
+
+
+def _first_frame(fh, max_bytes: int, max_items: int = 64) -> bytes:
+    """The first ``max_bytes`` of the first non-empty fragment of encapsulated pixel data starting at ``fh``'s
+    position (explicit VR little endian, as every compressed transfer syntax is); b"" for native pixels."""
+    head = fh.read(12)  # tag, VR, 2 reserved bytes, 4-byte length (undefined: encapsulated)
+    if len(head) < 12 or head[:4] != _PIXEL_DATA_TAG or head[8:12] != b"\xff\xff\xff\xff":
+        return b""
+    for k in range(max_items):
+        item = fh.read(8)
+        if len(item) < 8 or item[:4] != _ITEM_TAG:  # the sequence's end, or not what the standard writes
+            return b""
+        length = int.from_bytes(item[4:8], "little")
+        if k > 0 and length > 0:  # item 0 is the Basic Offset Table, not a frame
+            return fh.read(min(max_bytes, length))
+        fh.seek(length, 1)
+    return b""
 
 
 def series_sha256(files: tuple[Path, ...] | list[Path]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from wsi_her2.errors import ConfigError, MppMissingError
@@ -54,19 +55,25 @@ class MppTable:
     """
 
     def __init__(self, source: Path, rows: list[MppRow]) -> None:
-        self.source, self.rows = source, rows
+        self.source, self.rows = source, tuple(rows)
+        # indexes, so a cohort's lookups do not each scan the table
+        self._by_path: dict[Path, list[MppRow]] = {}
+        self._by_name: dict[str, list[MppRow]] = {}
+        for row in self.rows:
+            self._by_path.setdefault(row.path, []).append(row)
+            self._by_name.setdefault(Path(row.written).name, []).append(row)
 
     def lookup(self, slide_path: Path) -> float | None:
         """The slide's MPP from the table, ``None`` if no row is the slide's (see the class docstring)."""
         slide_path = Path(slide_path)
         resolved = slide_path.resolve()
-        by_path = [r for r in self.rows if r.path == resolved]
+        by_path = self._by_path.get(resolved, [])
         if by_path:
             if len({r.mpp_um for r in by_path}) > 1:
                 self._refuse(by_path, slide_path)
             return by_path[0].mpp_um
         for key in (slide_path.name, slide_path.stem):
-            same_name = [r for r in self.rows if Path(r.written).name == key]
+            same_name = self._by_name.get(key, [])
             # a row with a folder whose file exists here names that other file, never this slide
             candidates = [r for r in same_name if Path(r.written).name == r.written or not r.path.is_file()]
             if not candidates:
@@ -86,10 +93,19 @@ class MppTable:
 
 
 def read_mpp_csv(path: str | Path) -> MppTable:
-    """Read a per-slide MPP table: columns ``slide`` (path, file name or stem) and ``mpp``."""
+    """Read a per-slide MPP table: columns ``slide`` (path, file name or stem) and ``mpp``.
+
+    Read once per version of the file: a command tiling many slides with one ``--mpp-csv`` gets the same
+    table for each, and a table edited meanwhile is read again."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: MPP table not found")
+    st = path.stat()
+    return _read_mpp_csv(path, (path.resolve(), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+@lru_cache(maxsize=8)
+def _read_mpp_csv(path: Path, _version: tuple) -> MppTable:
     rows: list[MppRow] = []
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)

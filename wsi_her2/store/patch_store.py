@@ -222,7 +222,7 @@ class PatchStore:
         """How the tiles lie on disk (chunk shape, codecs, chunk files): what the direct chunk readers and
         writers need, without handing out the zarr array."""
         array = self._group["tiles"]
-        codecs = tuple(getattr(c, "to_dict", dict)().get("name") for c in array.metadata.codecs)
+        codecs = tuple(_codec_name(c) for c in array.metadata.codecs)
         quality = getattr(array.metadata.codecs[0], "quality", None)  # the JPEG codec carries its quality
         return TileChunks(shape=tuple(int(c) for c in array.chunks), codecs=codecs, jpeg_quality=quality,
                           root=self.path / "tiles", chunk_key=array.metadata.encode_chunk_key)
@@ -234,7 +234,7 @@ class PatchStore:
             array = self._group[name]
         except (KeyError, FileNotFoundError) as exc:
             raise self.damaged(f"array {name!r} is missing") from exc
-        summed = any(getattr(c, "to_dict", dict)().get("name") == "crc32c" for c in array.metadata.codecs)
+        summed = any(_codec_name(c) == "crc32c" for c in array.metadata.codecs)
         if any(s == 0 for s in array.shape):
             return [], summed
         counts = [math.ceil(s / c) for s, c in zip(array.shape, array.chunks)]
@@ -325,6 +325,11 @@ WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 def _every_chunk(array: Any) -> Any:
     return array.with_config(WRITE_EVERY_CHUNK)
+
+
+def _codec_name(codec: Any) -> str | None:
+    """A zarr codec's name as its metadata writes it (``crc32c``, ``wsi_her2.jpeg``, ...)."""
+    return getattr(codec, "to_dict", dict)().get("name")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from wsi_her2.store.chunk_file import decode_jpeg_chunk, failure_text
 from wsi_her2.store.codecs import JPEG_CODEC_NAME
-from wsi_her2.store.patch_store import PatchStore
+from wsi_her2.store.patch_store import PatchStore, TileChunks
 
 __all__ = ["JpegChunkReader", "jpeg_chunk_reader"]
 
@@ -31,9 +31,9 @@ class JpegChunkReader:
     store's :class:`~wsi_her2.errors.StoreError`, as a zarr read of it would.
     """
 
-    def __init__(self, store: PatchStore) -> None:
+    def __init__(self, store: PatchStore, chunks: TileChunks | None = None) -> None:
         self._store = store
-        self._chunks = store.tile_chunks()
+        self._chunks = chunks or store.tile_chunks()  # given: already read (each read opens tiles/zarr.json)
         self.chunk_shape = self._chunks.shape
 
     def buffer(self) -> NDArray[np.uint8]:
@@ -65,4 +65,4 @@ def jpeg_chunk_reader(store: Any) -> JpegChunkReader | None:
     chunks = store.tile_chunks()
     if chunks.codecs != (JPEG_CODEC_NAME, "crc32c") or len(chunks.shape) != 4 or chunks.shape[-1] != 3:
         return None
-    return JpegChunkReader(store)
+    return JpegChunkReader(store, chunks)

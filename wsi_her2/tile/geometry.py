@@ -34,12 +34,15 @@ class TileGeometry:
     effective_mpp_um: float  # pixel size of the stored tiles
     grid_cols: int
     grid_rows: int
-    chroma_factor: int = 1  # luma pixels per chroma sample of the level read (2: 4:2:0 JPEG)
+    chroma_factor: int | None = 1  # luma pixels per chroma sample of the level read (2: 4:2:0 JPEG; None: unknown)
 
     @property
     def chroma_mpp_um(self) -> float:
-        """Resolution of the colour in the stored tiles, µm/px (coarser than the tiles' own when subsampled)."""
-        return max(self.effective_mpp_um, self.slide_mpp_um * self.level_downsample * self.chroma_factor)
+        """Resolution of the colour in the stored tiles, µm/px (coarser than the tiles' own when subsampled).
+
+        An unknown factor gives the level's own pixel size, the finest the colour can be: the scorer then
+        corrects for the pixel size alone, as it does for full colour."""
+        return max(self.effective_mpp_um, self.slide_mpp_um * self.level_downsample * (self.chroma_factor or 1))
 
     @property
     def level0_px_per_target_px(self) -> float:
@@ -70,8 +73,9 @@ def choose_geometry(
 ) -> TileGeometry:
     """Pick the pyramid level and scale for tiles of ``tile_px`` at ``target_mpp_um``.
 
-    ``level_chroma``: each level's chroma subsampling factor (None: full colour everywhere); a
-    level whose colour is as sharp as the target is preferred (module docstring)."""
+    ``level_chroma``: each level's chroma subsampling factor (None: full colour everywhere; a level's
+    None: unknown, taken as full colour); a level whose colour is as sharp as the target is preferred
+    (module docstring)."""
     if tile_px < 16:
         raise ConfigError(f"--tile-px {tile_px} is too small (minimum 16)")
     stride_px = tile_px if stride_px is None else stride_px
@@ -88,7 +92,7 @@ def choose_geometry(
     limit = target_mpp_um * (1 + mpp_tolerance)
     # levels are ordered fine to coarse: keep the coarsest that is fine enough, in colour too if one is
     fine = [i for i, ds in enumerate(level_downsamples) if slide_mpp_um * ds <= limit] or [0]
-    sharp = [i for i in fine if slide_mpp_um * level_downsamples[i] * chroma[i] <= limit]
+    sharp = [i for i in fine if slide_mpp_um * level_downsamples[i] * (chroma[i] or 1) <= limit]
     best = max(sharp) if sharp and prefer_sharp_chroma else max(fine)
     ds = float(level_downsamples[best])
     level_mpp = slide_mpp_um * ds
@@ -119,7 +123,7 @@ def choose_geometry(
         effective_mpp_um=float(effective),
         grid_cols=int(cols),
         grid_rows=int(rows),
-        chroma_factor=int(chroma[best]),
+        chroma_factor=None if chroma[best] is None else int(chroma[best]),
     )
 
 

@@ -302,7 +302,18 @@ def _complete_store_to_skip(slide: Path, store_path: Path, config: TileConfig) -
     if not same_file and recorded.get("sha256") != slide_sha256(slide):
         raise StoreError(f"{store_path}: complete store made from another slide file ({recorded.get('path')}); {fix}")
     log.info("%s: complete store exists, skipping (use --overwrite to redo)", store_path)
+    _warn_if_colour_unrecorded(store_path, meta)
     return done
+
+
+def _warn_if_colour_unrecorded(store_path: Path, meta: dict) -> None:
+    """A store tiled before the level choice weighed colour sharpness: its settings key is the same (the
+    choice is no setting), so it is reused, but its level may be a 4:2:0 one and the scorer, finding no
+    ``tiling.chroma_mpp_um``, takes its colour as sharp."""
+    if "chroma_mpp_um" not in meta.get("tiling", {}):
+        log.warning("%s: tiled by an older wsi-her2 that did not record the colour resolution of its tiles; "
+                    "re-tile it with --overwrite so membranes on 4:2:0 JPEG levels are read at full intensity",
+                    store_path)
 
 
 def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig, t_start: float) -> TileResult:
@@ -319,7 +330,7 @@ def _tile_into(slide: Path, out_dir: Path, store_path: Path, config: TileConfig,
             tile_px=config.tile_px,
             stride_px=config.stride_px,
             mpp_tolerance=config.mpp_tolerance,
-            level_chroma=level_chroma_factors(slide, len(level_dims)), prefer_sharp_chroma=config.sharp_chroma,
+            level_chroma=level_chroma_factors(slide, level_dims), prefer_sharp_chroma=config.sharp_chroma,
         )
         log.info(
             "%s: %s µm/px (%s) -> tiles of %d px at %.4f µm/px from level %d (resize x%.3f, colour at %.3g µm/px)",
@@ -401,6 +412,7 @@ def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, p
         except StoreError:
             log.info("%s: unreadable leftovers; starting over", store_path.name)
     store_path.parent.mkdir(parents=True, exist_ok=True)
+    size_bytes, mtime_ns = slide_stat(slide)
     attrs = {
         "package": "wsi-her2",
         "package_version": __version__,
@@ -412,8 +424,8 @@ def _open_or_create(store_path: Path, *, config: TileConfig, fingerprint: str, p
             "id": slide_id_for(slide),
             "path": str(Path(slide).resolve()),
             "sha256": slide_sha,
-            "size_bytes": slide_stat(slide)[0],  # a DICOM slide: all its files (total bytes, newest time)
-            "mtime_ns": slide_stat(slide)[1],
+            "size_bytes": size_bytes,  # a DICOM slide: all its files (total bytes, newest time)
+            "mtime_ns": mtime_ns,
             **_dicom_record(reader),
             "reader": reader.backend,
             "reader_version": reader.backend_version,
