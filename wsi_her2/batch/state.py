@@ -28,7 +28,7 @@ from pathlib import Path
 
 from wsi_her2.files import atomic_write_text
 from wsi_her2.locks import (  # noqa: F401 (the cohort runner's lock API, re-exported)
-    DEFAULT_LOCK_TIMEOUT_S, LockKeeper, LockOwner, SlideLock, acquire_lock, lock_staleness, pid_alive, read_lock,
+    DEFAULT_LOCK_TIMEOUT_S, LockKeeper, LockOwner, SlideLock, acquire_lock, lock_staleness, read_lock,
 )
 
 log = logging.getLogger(__name__)
