@@ -177,11 +177,15 @@ def test_the_regions_csv_rows_are_checked_and_rebuilt(scored_copy, capsys):
     good = regions.read_bytes()
     assert b"'=block" in good  # neutralised (CSV injection), and still matched to its record
     assert main(["verify", str(scored_copy)]) == 0
-    regions.write_bytes(good.replace(b"'=block,scored,", b"'=block,scored,3+", 1))
+    regions.write_bytes(good.replace(b"'=block,not called,", b"'=block,not called,3+", 1))
     assert main(["verify", str(scored_copy)]) == 1
     assert "the rows of tiny in regions.csv differ from its record" in one_line_error(capsys)
     assert main(args) == 0
     assert "(already scored)" not in capsys.readouterr().out and regions.read_bytes() == good
+    regions.unlink()  # a deleted table is damage too: verify says so and score rebuilds it
+    assert main(["verify", str(scored_copy)]) == 1
+    assert "regions.csv is missing" in one_line_error(capsys)
+    assert main(args) == 0 and regions.read_bytes() == good
 
 
 @pytest.mark.parametrize("content", [b"slide,her2_score\n\xff\xfe not utf-8\n", b"slide,her2_score\ntiny,\"" + b"x" * 200_000 + b"\"\n"],

@@ -155,7 +155,7 @@ def test_non_finite_or_absurd_coordinates_are_one_line_errors(tiny_graded_store,
     roi.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_regions(roi)
-    assert run_score(tiny_graded_store, roi, tmp_path) == 1
+    assert run_score(tiny_graded_store, roi, tmp_path) == 2  # refused with the options, before any store is opened
     assert message in one_line_error(capsys)
     assert not (tmp_path / "tiny.json").exists()
 

@@ -106,7 +106,7 @@ def agreement_report(rows: Iterable[Mapping]) -> dict | None:
         "accuracy": round(float(np.trace(cm)) / n, 6) if n else None,
         "quadratic_weighted_kappa": _nan_to_none(weighted_kappa(cm)) if n else None,
         "groups": {
-            "definition": {"negative": ["0", "1+"], "equivocal": ["2+"], "positive": ["3+"]},
+            "definition": {name: [HER2_CLASSES[s] for s in np.flatnonzero(GROUP_OF_SCORE == g)] for g, name in enumerate(GROUPS)},
             "confusion_matrix": gm.tolist(),
             "accuracy": round(float(np.trace(gm)) / n, 6) if n else None,
             "kappa": _nan_to_none(weighted_kappa(gm, weights="none")) if n else None,

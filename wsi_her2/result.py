@@ -28,8 +28,8 @@ from numpy.typing import NDArray
 from wsi_her2.vocab import HER2_CLASSES
 
 __all__ = [
-    "CALL_COLUMNS", "MISSING", "PART_CSV_COLUMNS", "SCHEMA_VERSION", "SLIDES_CSV_COLUMNS", "Cells", "FrozenDict", "Groups",
-    "Part", "PartCall", "Provenance", "Saliency", "SlideResult", "TileResults", "Tumour",
+    "BLANK", "CALL_COLUMNS", "MISSING", "NOT_CALLED", "PART_CSV_COLUMNS", "SCHEMA_VERSION", "SCORED", "SLIDES_CSV_COLUMNS",
+    "Cells", "FrozenDict", "Groups", "Part", "PartCall", "Provenance", "Saliency", "SlideResult", "TileResults", "Tumour",
 ]
 
 #: Version of ``<id>.json``'s layout (the ``schema_version`` key). 1: the first versioned layout (the keys of
@@ -52,6 +52,12 @@ PART_CSV_COLUMNS = [
     "her2_category", "tumour_cells", "at_least_1+", "at_least_2+", "at_least_3+", "largest_cluster",
     "criteria", "specimen",
 ]
+#: Status of a called part.
+SCORED = "scored"
+#: Status of a part with no usable tile (every tile refused by QC): reported, not called.
+BLANK = "blank"
+#: Status of a part whose call is indeterminate (its reason in the note): reported, not called.
+NOT_CALLED = "not called"
 #: Status of a TMA grid position without tissue: reported, never called.
 MISSING = "missing"
 _AT_LEAST = (">=1+", ">=2+", ">=3+")
@@ -79,7 +85,8 @@ def frozen(value: Any) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """A frozen value as plain JSON-ready Python (dicts, lists)."""
+    """A frozen value as plain JSON-ready Python (dicts, lists). Not :func:`wsi_her2.jsonable.to_jsonable`:
+    the result types import nothing of the package but its vocabulary (``tests/test_import_graph.py``)."""
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, tuple):
@@ -169,9 +176,9 @@ class Tumour:
 class Part:
     """One TMA core or region: its row in ``cores.csv`` / ``regions.csv`` and, when called, its call.
 
-    ``status``: ``scored`` (called), ``blank`` / ``too few tiles`` (fewer usable tiles than ``--min-tiles``:
-    reported, not called) or ``missing`` (a TMA grid position without tissue). ``columns``: the columns
-    of its row that come from its call (:meth:`PartCall.columns`; score blank when not called).
+    ``status``: ``scored`` (called), ``not called`` (an indeterminate call, its reason in ``note``), ``blank``
+    (no usable tile) or ``missing`` (a TMA grid position without tissue). ``columns``: the columns of its
+    row that come from its call (:meth:`PartCall.columns`; score blank when not called).
     ``call`` and ``geometry`` (a shapely polygon in level-0 px of the slide file) are not in ``<id>.json``:
     a part read back from it has neither."""
 
@@ -193,7 +200,7 @@ class Part:
 
     @property
     def called(self) -> bool:
-        return self.status == "scored"
+        return self.status == SCORED
 
     def row(self) -> dict:
         """The part's row (``<id>.json`` and the parts' CSV, without the ``slide`` column)."""
@@ -333,28 +340,22 @@ class SlideResult:
         _freeze_fields(self, "qc_summary", "timings_s", "outputs", "no_tissue")
 
     @property
-    def her2_score(self) -> str:
-        return self.call.her2_score
-
-    @property
-    def category(self) -> str:
-        """The HER2 category key (:data:`wsi_her2.score.aggregate.HER2_CATEGORIES`), e.g. ``low``."""
-        return self.call.her2_category
-
-    @property
     def criteria(self) -> Mapping[str, Any]:
         return self.call.criteria
 
     @property
     def row(self) -> dict:
-        """The slide's ``slides.csv`` row (:data:`SLIDES_CSV_COLUMNS`)."""
+        """The slide's ``slides.csv`` row (:data:`SLIDES_CSV_COLUMNS`). ``tumour_cells`` is the count the call
+        was judged on (the graded cells of the 200-cell rule), as in a part's row, so a slide of one region
+        shows one number; the scored tumour's count only where the call counts no cells."""
         call, tumour = self.call, self.tumour
+        cells = call.details.get("tumour_cells", "" if tumour is None else tumour.cells)
         return {
             "slide": self.slide_id, "her2_score": call.her2_score, "confidence": round(float(call.confidence), 4),
             **{f"frac_{c}": round(float(call.class_fractions.get(c, 0.0)), 4) for c in HER2_CLASSES},
             "tiles_used": self.tiles_used, "tiles_rejected": self.tiles_rejected, "model": self.provenance.model,
             "aggregation": self.provenance.aggregation, "her2_category": call.her2_category,
-            "tumour_cells": "" if tumour is None else tumour.cells, "tumour_area_mm2": "" if tumour is None else tumour.area_mm2,
+            "tumour_cells": cells, "tumour_area_mm2": "" if tumour is None else tumour.area_mm2,
             "criteria": call.criteria.get("criteria", ""), "specimen": call.criteria.get("specimen", ""),
         }
 
@@ -368,8 +369,8 @@ class SlideResult:
         head = {"schema_version": SCHEMA_VERSION, "slide": self.slide_id, "store": p.store}
         if self.no_tissue is not None:
             return _plain({**head, "slide_path": p.slide_path, "call": self.call.to_dict(), "row": self.row,
-                           "aggregation": p.aggregation, "model": {"name": p.model}, "package_version": p.package_version,
-                           "no_tissue": self.no_tissue, "outputs": self.outputs})
+                                "aggregation": p.aggregation, "model": {"name": p.model}, "package_version": p.package_version,
+                                "no_tissue": self.no_tissue, "outputs": self.outputs})
         record = {
             **head, "slide_sha256": p.slide_sha256, "call": self.call.to_dict(), "criteria": self.call.criteria,
             "tumour": {} if self.tumour is None else self.tumour.to_dict(), "calibration": p.calibration, "row": self.row,

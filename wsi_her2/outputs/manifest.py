@@ -133,7 +133,10 @@ def _table_problems(folder: Path, record: dict, names: tuple[str, ...]) -> list[
         expected[f"{kind}s.csv"] = [dict(r, slide=sid) for r in record.get(f"{kind}s") or []]
     problems = []
     for name in names:
-        if not expected.get(name) or not (folder / name).is_file():
+        if not expected.get(name):
+            continue
+        if not (folder / name).is_file():  # a deleted table: its rows are gone with it
+            problems.append(f"{name} is missing (it held the rows of {sid})")
             continue
         try:
             columns, have = _rows_of(folder / name, sid)

@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_her2.criteria import Criteria
+from wsi_her2.criteria import DEFAULT_CRITERIA, Criteria, get_criteria
 from wsi_her2.errors import ConfigError
 from wsi_her2.jsonable import to_jsonable
 from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
@@ -520,13 +520,13 @@ def her2_category(score: str, fraction_any_staining: float | None, criteria: Cri
     """Key of :data:`HER2_CATEGORIES` for a call under ``criteria`` (default breast);
     ``fraction_any_staining`` is the share of tumour cells with any membrane staining (None when
     the model does not measure cells: HER2 0 is then not split into null and ultralow)."""
-    if criteria is not None and (key := criteria.category_of(score)) is not None and criteria.name != "breast":
+    if (key := (criteria or get_criteria(DEFAULT_CRITERIA)).category_of(score)) is not None:
         return key
-    if score == "0":
+    if score == "0":  # a guideline that leaves 0 whole (breast): null or ultralow by any membrane staining
         if fraction_any_staining is None:
             return "zero"
         return "ultralow" if fraction_any_staining > ULTRALOW_MIN_FRACTION else "null"
-    return {"1+": "low", "2+": "equivocal", "3+": "positive"}.get(score, "indeterminate")
+    return "indeterminate"
 
 
 def cluster_call(percentage_call: SlideCall, largest: Mapping[str, int], *, min_cells: int) -> SlideCall:

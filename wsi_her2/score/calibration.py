@@ -29,10 +29,6 @@ class Calibration:
                 "re-run wsi-her2 calibrate"
             )
 
-    @property
-    def asco_thresholds(self) -> dict[str, float]:
-        return {"1+": self.cell_fraction_cut, "2+": self.cell_fraction_cut, "3+": self.cell_fraction_cut}
-
     def apply_to(self, model: Any) -> None:
         """Set the scorer's DAB gain (a scorer that declares the ``calibration`` capability has ``thresholds``)."""
         if not capabilities_of(model).calibration:

@@ -445,7 +445,7 @@ def predict_store(
     idx = _select_indices(store, indices)
     n_total = int(store.n_tiles)
     n_classes = len(cfg.classes)
-    check_model_matches_store(cfg, store, capabilities=capabilities_of(model))  # the one check, as score_store's
+    check_model_matches_store(cfg, store, capabilities=capabilities_of(model))  # the one check: every scoring path is here
     step = _ready_step(model, cfg, plan, step_cache if step_cache is not None else StepCache())
     log.info(
         "scoring %d of %d tiles with %s on %s: batch %d, %s, tta %d view(s)%s%s",

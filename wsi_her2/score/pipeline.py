@@ -47,6 +47,9 @@ from wsi_her2.vocab import HER2_CLASSES, INDETERMINATE
 
 log = logging.getLogger(__name__)
 
+#: The tile measurement ``--explain`` adds: the mean of the tile's saliency map.
+SALIENCY_MEASURE = "saliency_mean"
+
 
 @dataclass
 class ScoreConfig:
@@ -84,7 +87,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
     ``chunk_pool``: a :class:`~wsi_her2.score.cpu_pool.ChunkPool` kept across the stores of a
     command (``cpu_workers`` > 1 then starts its worker processes once)."""
     config = config or ScoreConfig()
-    calibration = validate_score_config(config)
+    lab, calibration = validate_score_config(config) or (None, None)
     t_start = time.perf_counter()
     if not Path(store_path).exists() and (record := read_no_tissue_record(store_path)) is not None:
         return _score_no_tissue(Path(store_path), record, out_dir=out_dir, config=config)  # `tile` found no tissue
@@ -96,7 +99,7 @@ def score_store(store_path: str | Path, *, out_dir: str | Path | None = None, co
         return done
     verify_store(store.path)  # a missing or damaged chunk is refused, never scored as black tiles
     rule = scoring_rule_of(config)
-    model = _model_for(store, config, calibration, rule, model)
+    model = _model_for(store, config, lab, rule, model)
     result = score_slide(store, model, config=config, rule=rule, calibration=calibration, chunk_pool=chunk_pool)
     result = write_slide_files(out, store, result, OutputOptions(
         geojson_gz=config.geojson_gz, heatmap_measures=tuple(config.heatmap_measures), report=not config.no_report))
@@ -109,6 +112,8 @@ def score_slide(store: PatchStore, model, *, config: ScoreConfig, rule: ScoringR
     """The result of ``model`` over ``store`` (its per-tile results included; nothing written)."""
     groups = _tile_groups(store, config)  # regions (--roi) or TMA cores (--tma); None: the whole slide
     pred, inference = _predict(store, model, config, groups, chunk_pool)
+    if config.heatmap_measures:  # a bad name fails here, before any file is written
+        _check_heatmap_measures(config, _tile_measurements(store, pred, list(model.wsi_her2_config.classes)))
     cut = calibration["cell_fraction_cut"] if calibration else None
     cell_xy_um = None if pred.cells is None else cell_positions_level0(store, pred.cells) * float(store.attrs["slide"]["mpp_um"])
 
@@ -116,20 +121,36 @@ def score_slide(store: PatchStore, model, *, config: ScoreConfig, rule: ScoringR
         return call_tiles(pred, use, agg=config.agg, min_tiles=config.min_tiles, rule=rule, cell_fraction_cut=cut,
                           cell_xy_um=cell_xy_um)
 
-    reasons = [reject_reason(int(f)) for f in store.qc_flags]
-    parts = None
-    if groups is not None:
-        from wsi_her2.score.tile_groups import score_groups
-
-        reasons = [r if inside or r else f"outside {groups.kind}s" for r, inside in zip(reasons, groups.inside)]
-        parts = score_groups(store, groups, scored=pred.scored, call_part=call_part, min_tiles=config.min_tiles)
+    parts = None if groups is None else groups.call_each(call_part, pred.scored, qc_pass=store.qc_pass,
+                                                         mpp_um=float(store.attrs["slide"]["mpp_um"]))
     n_used = int(pred.scored.sum())
     return SlideResult(
         slide_id=store.slide_id, call=call_part(pred.scored), provenance=_provenance(store, model, config, calibration, inference),
         tiles_used=n_used, tiles_rejected=int(store.n_tiles - n_used), tumour=tumour_summary(pred.measurements, pred.scored, tumour_model=_tumour_model_of(model)),
         qc_summary=store.attrs.get("qc", {}).get("summary", {}), groups=parts, timings_s={"inference": inference["seconds"]},
-        tiles=_tile_results(store, model, pred, reasons, config),
+        tiles=_tile_results(store, model, pred, _reject_reasons(store, groups), config),
     )
+
+
+def _reject_reasons(store: PatchStore, groups) -> list[str | None]:
+    """Why each tile was not scored: its QC flags, or lying outside every part (``--tma`` / ``--roi``)."""
+    # A store holds few distinct flag values and up to ~10^5 tiles: one reason per value, not per tile.
+    flags, inverse = np.unique(np.asarray(store.qc_flags), return_inverse=True)
+    by_flag = [reject_reason(int(f)) for f in flags]
+    reasons = np.array(by_flag, dtype=object)[inverse.reshape(-1)]
+    if groups is not None:  # QC's reason first; a tile that passed QC but lies in no part says so
+        passed = np.array([r is None for r in by_flag], dtype=bool)[inverse.reshape(-1)]
+        reasons[passed & ~groups.inside] = f"outside {groups.kind}s"
+    return reasons.tolist()
+
+
+def _check_heatmap_measures(config: ScoreConfig, measurements: dict[str, np.ndarray]) -> None:
+    """Refuse ``--heatmap`` names that are no tile measurement, once the measurements are known (after the model
+    ran: they depend on the store's QC arrays and the scorer's own) and before any output is written."""
+    known = {*measurements, *((SALIENCY_MEASURE,) if config.explain else ())}
+    unknown = [m for m in config.heatmap_measures if m not in known]
+    if unknown:
+        raise ConfigError(f"--heatmap {', '.join(unknown)}: no such tile measurement; choose from {', '.join(sorted(known))}")
 
 
 def _predict(store: PatchStore, model, config: ScoreConfig, groups, chunk_pool) -> tuple[Any, dict]:
@@ -170,7 +191,7 @@ def _tile_results(store: PatchStore, model, pred, reasons: list[str | None], con
         saliency = tile_saliency(store, model, indices=np.nonzero(pred.scored)[0], method=config.explain, device=config.device)
         mean = np.full(store.n_tiles, np.nan, np.float32)
         mean[saliency.tiles] = saliency.maps.reshape(len(saliency.tiles), -1).mean(axis=1)
-        measurements["saliency_mean"] = mean
+        measurements[SALIENCY_MEASURE] = mean
     cells = None
     if config.cells and pred.cells is not None:
         cells = Cells(pred.cells.columns, cell_positions_level0(store, pred.cells))
@@ -203,7 +224,7 @@ def _score_no_tissue(store_path: Path, record: dict, *, out_dir: str | Path | No
 
 
 def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | None) -> SlideResult | None:
-    """The earlier result when this slide was scored with the same model, rule, parts and calibration,
+    """The earlier result when this slide was scored with the same model, rule, parts, outputs and calibration,
     and its outputs are still what ``<id>.json`` recorded (else it is scored again, saying why)."""
     if not json_path.exists():
         return None
@@ -221,12 +242,12 @@ def _already_scored(json_path: Path, config: ScoreConfig, calibration: dict | No
     return SlideResult.from_record(done, slide_id=sid, skipped=True)
 
 
-def _model_for(store: PatchStore, config: ScoreConfig, calibration: dict | None, rule: ScoringRule, model=None):
-    """The model to score ``store`` with, set up for the slide, after the checks that it fits the store's tiles."""
+def _model_for(store: PatchStore, config: ScoreConfig, lab: Calibration | None, rule: ScoringRule, model=None):
+    """The model to score ``store`` with, set up for the slide, after the check of its stain (its tile size and
+    µm/px are checked where every scoring path passes: ``predict_store``)."""
     if model is None:
         model = load_scoring_model(config.model, weights=config.weights, store_tile_px=store.tile_px,
                                    store_mpp_um=float(store.attrs["tiling"]["effective_mpp_um"]))
-    lab = None if calibration is None else Calibration(calibration["dab_gain"], calibration["cell_fraction_cut"])
     return prepare_scorer(store, model, criteria=rule.criteria, calibration=lab, force=config.force,
                           tumour_model=config.tumour_model)
 
@@ -242,9 +263,9 @@ def _tile_measurements(store: PatchStore, pred, classes: list[str]) -> dict[str,
     return {**probs_named, **qc, **scorer}
 
 
-def validate_score_config(config: ScoreConfig) -> dict | None:
+def validate_score_config(config: ScoreConfig) -> tuple[Calibration, dict] | None:
     """Check the options that can be checked without a store (so a bad one fails before any work);
-    returns what ``--calibration`` sets (``None`` without one)."""
+    returns ``--calibration``'s :class:`Calibration` and its record in ``<id>.json`` (``None`` without one)."""
     from wsi_her2.score.aggregate import AGGREGATORS
 
     if config.agg not in AGGREGATORS:
@@ -259,6 +280,10 @@ def validate_score_config(config: ScoreConfig) -> dict | None:
         raise ConfigError(f"--workers must be >= 1, got {config.cpu_workers}")
     if config.roi and config.tma:
         raise ConfigError("give --roi or --tma, not both")
+    if config.roi:  # read (once per command: cached) before any store, so a bad regions file fails first
+        from wsi_her2.score.roi import read_regions
+
+        read_regions(config.roi, roi_class=config.roi_class)
     scoring_rule_of(config)  # --criteria and --specimen
     return _calibration_record(config)
 
@@ -268,16 +293,16 @@ def scoring_rule_of(config: ScoreConfig) -> ScoringRule:
     return scoring_rule(config.criteria, config.specimen, tma=config.tma)
 
 
-def _calibration_record(config: ScoreConfig) -> dict | None:
-    """What ``--calibration`` sets (recorded in ``<id>.json``), or None."""
+def _calibration_record(config: ScoreConfig) -> tuple[Calibration, dict] | None:
+    """What ``--calibration`` sets and its record in ``<id>.json``, or None."""
     if config.calibration is None:
         return None
     if not scorer_capabilities(config.model).calibration:
         raise ConfigError(f"--calibration: {config.model} takes no lab calibration (a trained model is calibrated by "
                           "training); drop --calibration or score with a scorer that takes one, such as the default")
     cal, data = load_calibration(config.calibration)
-    return {"file": str(config.calibration), "dab_gain": cal.dab_gain, "cell_fraction_cut": cal.cell_fraction_cut,
-            "n_slides": data.get("n_slides"), "leave_one_out": data.get("leave_one_out")}
+    return cal, {"file": str(config.calibration), "dab_gain": cal.dab_gain, "cell_fraction_cut": cal.cell_fraction_cut,
+                 "n_slides": data.get("n_slides"), "leave_one_out": data.get("leave_one_out")}
 
 
 def _tumour_model_of(model) -> str | None:
@@ -309,11 +334,13 @@ def tumour_summary(measurements: dict, scored, *, tumour_model: str | None = Non
 
 
 def _parts_key(config: ScoreConfig) -> dict:
-    """What was scored and how (regions file and class, TMA cores, the guideline, cell outputs): a change re-scores."""
+    """What was scored and how (regions file and class, TMA cores, the guideline, cell outputs, the report and
+    the measure maps asked for): a change re-scores."""
     rule = scoring_rule_of(config)
     return {"roi": str(config.roi) if config.roi else None, "roi_class": config.roi_class, "tma": bool(config.tma),
             "criteria": rule.criteria.name, "specimen": rule.specimen, "cells": bool(config.cells),
-            "tumour_model": config.tumour_model}
+            "tumour_model": config.tumour_model, "report": not config.no_report,
+            "heatmap": sorted(set(config.heatmap_measures))}
 
 
 def _tile_groups(store: PatchStore, config: ScoreConfig):

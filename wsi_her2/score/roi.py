@@ -18,10 +18,13 @@ A regions file is input from anywhere, so its cost is bounded by design, not by 
   spatial index (an STRtree) and prepared geometries, and a tile straddling a piece's edge gets its
   share by a vectorised exact area: a tile costs the few pieces it touches, not the whole polygon
   (one polygon of 10^6 vertices: 67 s before, see ``benchmarks/bench_roi.py``);
-- duplicate region names are numbered in one pass (10^5 features: 366 s before).
+- duplicate region names are numbered in one pass (10^5 features: 366 s before);
+- it is read once per command (:func:`read_regions`, cached while the file is unchanged): checked by
+  :func:`wsi_her2.score.pipeline.validate_score_config` before any store is opened, then reused for each store.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import zlib
@@ -122,6 +125,24 @@ def load_regions(path: str | Path, *, roi_class: str | None = None) -> tuple[lis
     return unique_names(names), list(geoms)
 
 
+def read_regions(path: str | Path, *, roi_class: str | None = None) -> tuple[list[str], list[Any]]:
+    """:func:`load_regions`, parsed once while the file stays the same (its size and modification time):
+    every store of a command is matched to one regions file, of up to :data:`MAX_ROI_BYTES`."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return load_regions(path, roi_class=roi_class)  # its one-line error
+    names, geoms = _read_regions_cached(str(path.absolute()), roi_class, stat.st_mtime_ns, stat.st_size)
+    return list(names), list(geoms)
+
+
+@functools.lru_cache(maxsize=1)  # one file's polygons kept, not every file a long-lived process has read
+def _read_regions_cached(path: str, roi_class: str | None, _mtime_ns: int, _size: int) -> tuple[tuple[str, ...], tuple]:
+    names, geoms = load_regions(path, roi_class=roi_class)
+    return tuple(names), tuple(geoms)
+
+
 def _polygons(path: Path, geometries: list[dict], where: list[int]) -> NDArray:
     """The shapely polygons of ``geometries``, built in bulk; a malformed one is named in one line."""
     import shapely
@@ -211,7 +232,7 @@ def region_groups(store: Any, path: str | Path, *, roi_class: str | None = None)
     """Regions of a QuPath export matched to the tiles of ``store`` (see module docstring)."""
     import shapely
 
-    names, geoms = load_regions(path, roi_class=roi_class)
+    names, geoms = read_regions(path, roi_class=roi_class)
     slide = store.attrs["slide"]
     off = np.asarray(slide.get("bounds_offset_px", (0, 0)), dtype=np.float64)
     geoms = list(shapely.transform(np.asarray(geoms, dtype=object), lambda c: c + off))  # QuPath view -> slide level 0
@@ -227,4 +248,4 @@ def region_groups(store: Any, path: str | Path, *, roi_class: str | None = None)
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise ConfigError(f"--roi {Path(path).name}: no tile lies mostly inside the regions ({shown}); "
                           "draw larger regions over tissue, or re-tile with smaller --tile-px")
-    return TileGroups(kind="region", names=names, geometries=geoms, tile_group=group, source=str(path))
+    return TileGroups(kind="region", names=names, geometries=geoms, tile_group=group)

@@ -4,7 +4,8 @@ Generic code asks a model's :class:`~wsi_her2.models.capabilities.Capabilities`,
 name: a scorer that ``adapts_to_store`` is built at the store's µm/px and tile size and never refused for
 them; one that reads ``glass_colour`` gets the slide's measured glass; one graded by ``criteria`` gets the
 guideline's; one that takes a ``calibration`` gets the lab's; one that measures a ``stain`` refuses slides
-of another. :func:`check_model_matches_store` is the one check that a model fits a store's tiles.
+of another. :func:`check_model_matches_store` is the one check that a model fits a store's tiles, made
+where every scoring path passes: :func:`wsi_her2.score.inference.predict_store`.
 """
 from __future__ import annotations
 
@@ -79,8 +80,9 @@ def check_model_matches_store(model_cfg: Any, store: Any, *, capabilities: Capab
 
 def prepare_scorer(store: Any, model: Any, *, criteria: Criteria, calibration: Calibration | None, force: bool,
                    tumour_model: str | None = None) -> Any:
-    """``model`` set up for the slide of ``store`` (as its capabilities allow), after the checks that it fits
-    the store's tiles and stain; returns it. ``tumour_model``: ``--tumour-model`` (None: the scorer's own)."""
+    """``model`` set up for the slide of ``store`` (as its capabilities allow), after the check that it fits the
+    store's stain (its tile size and µm/px are checked by ``predict_store``); returns it. ``tumour_model``:
+    ``--tumour-model`` (None: the scorer's own)."""
     capabilities = capabilities_of(model)
     if capabilities.glass_colour and (glass := measured_glass_rgb(store)) is not None:
         model.glass_rgb = glass  # optical density measured against the slide's own glass colour
@@ -95,7 +97,6 @@ def prepare_scorer(store: Any, model: Any, *, criteria: Criteria, calibration: C
         model.tumour_model = tumour_model
     if calibration is not None:
         calibration.apply_to(model)
-    check_model_matches_store(model.wsi_her2_config, store, capabilities=capabilities)
     check_stain_for_model(store, capabilities.stain, force=force)  # H&E given to a DAB scorer is refused
     return model
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_her2.result import Groups, Part, PartCall
+from wsi_her2.result import BLANK, NOT_CALLED, SCORED, Groups, Part, PartCall
 from wsi_her2.vocab import INDETERMINATE
 
 
@@ -34,7 +34,6 @@ class TileGroups:
     tile_group: NDArray[np.int64]
     grid: list[tuple[int, int]] | None = None
     unscored: list[Part] = field(default_factory=list)
-    source: str = ""
 
     @property
     def inside(self) -> NDArray[np.bool_]:
@@ -47,19 +46,17 @@ class TileGroups:
         return [order[bounds[g]: bounds[g + 1]] for g in range(len(self.names))]
 
     def call_each(self, call_part: Callable[[NDArray[np.int64]], PartCall], scored: NDArray[np.bool_], *,
-                  qc_pass: NDArray[np.bool_], mpp_um: float, min_tiles: int) -> Groups:
-        """Every part called with ``call_part`` (the slide's rule on some tiles), in name order for regions and
-        grid order for cores, the unscored parts after them. A part with fewer usable tiles than ``min_tiles``
-        and too little tumour to call is reported (``blank`` core, region with ``too few tiles``), not called."""
+                  qc_pass: NDArray[np.bool_], mpp_um: float) -> Groups:
+        """Every part called with ``call_part`` (the slide's rule on some tiles), in file order for regions and
+        grid order for cores, the unscored parts after them (:func:`part_status` says which are called)."""
         parts = []
         for g, (name, members) in enumerate(zip(self.names, self.members())):
             call = call_part(members)
             used = int(scored[members].sum())
-            columns, status, note = call.columns(), "scored", ""
-            if used < min_tiles and call.her2_score == INDETERMINATE:
-                status = "blank" if self.kind == "core" else "too few tiles"
+            status, note = part_status(call, used)
+            columns = call.columns()
+            if status != SCORED:
                 columns["her2_score"] = ""
-                note = f"{used} usable tiles, fewer than --min-tiles {min_tiles}"
             geom = self.geometries[g]
             cx, cy = geom.centroid.coords[0]
             parts.append(Part(
@@ -70,8 +67,12 @@ class TileGroups:
         return Groups(self.kind, (*parts, *self.unscored))
 
 
-def score_groups(store: Any, groups: TileGroups, *, scored: NDArray[np.bool_],
-                 call_part: Callable[[NDArray[np.int64]], PartCall], min_tiles: int) -> Groups:
-    """Each part of ``groups`` called with ``call_part`` (the slide's rule)."""
-    return groups.call_each(call_part, scored, qc_pass=store.qc_pass, mpp_um=float(store.attrs["slide"]["mpp_um"]),
-                            min_tiles=min_tiles)
+def part_status(call: PartCall, tiles_used: int) -> tuple[str, str]:
+    """``(status, note)`` of a part from its call alone: ``blank`` with no usable tile at all, ``not called`` when
+    its call is indeterminate (the rule's own reason: fewer than 200 tumour cells for a cell-level call, whatever
+    the number of tiles they lie in; fewer usable tiles than ``--min-tiles`` for a tile-level one), else ``scored``."""
+    if tiles_used == 0:
+        return BLANK, "no usable tiles"
+    if call.her2_score == INDETERMINATE:
+        return NOT_CALLED, call.reason or ""
+    return SCORED, ""

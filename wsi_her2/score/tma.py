@@ -3,11 +3,14 @@
 Cores are the connected components of the store's tissue mask (thumbnail, ~8 µm/px) large
 enough to be a core. Their centres are clustered into rows and columns (a gap wider than half
 a core diameter starts a new row / column), and each core is named like QuPath's TMA
-dearrayer: row letter, column number (``A1`` top left, ``B3`` second row, third column). A grid
-position with no tissue is reported as ``missing`` (core lost, or blank glass); a core with
-fewer usable tiles than ``--min-tiles`` (and too little tumour to call) as ``blank``; neither is
-called. A tile belongs to the nearest core whose circle it touches, so a core holds the tiles it
-would have as a slide of its own and gets that slide's call (one rule: :mod:`wsi_her2.score.part_call`).
+dearrayer: row letter, column number (``A1`` top left, ``B3`` second row, third column; two cores
+clustered into one grid position are numbered, ``A1 1`` and ``A1 2``, as repeated region names are).
+A grid position with no tissue is reported as ``missing`` (core lost, or blank glass); a core with no
+usable tile as ``blank``, one whose call is indeterminate (too little tumour) as ``not called``.
+A tile belongs to the core whose centre is nearest its own when the two centres are at most the
+core's radius plus half a tile diagonal apart (every tile that overlaps the circle, and some
+beside it whose corner comes near), so a core holds the tiles it would have as a slide of its own
+and gets that slide's call (one rule: :mod:`wsi_her2.score.part_call`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from numpy.typing import NDArray
 
 from wsi_her2.errors import ConfigError
 from wsi_her2.result import MISSING, Part
+from wsi_her2.score.roi import unique_names
 from wsi_her2.score.tile_groups import TileGroups
 
 MIN_CORE_DIAMETER_UM = 200.0  # smaller tissue pieces are debris, not cores (cores are 0.6-2 mm)
@@ -70,7 +74,7 @@ def core_groups(store: Any) -> TileGroups:
     order = np.lexsort((cols, rows))
     centres_l0 = centres / scale
     radius_l0 = diameters / 2 / scale
-    names = [f"{row_name(int(rows[k]))}{int(cols[k]) + 1}" for k in order]
+    names = unique_names([f"{row_name(int(rows[k]))}{int(cols[k]) + 1}" for k in order])
     geoms = [Point(*centres_l0[k]).buffer(float(radius_l0[k]), quad_segs=16) for k in order]
     grid = [(int(rows[k]) + 1, int(cols[k]) + 1) for k in order]
     taken = set(grid)
@@ -80,12 +84,24 @@ def core_groups(store: Any) -> TileGroups:
              note="no tissue at this grid position (lost core or blank glass)")
         for r in range(len(row_y)) for c in range(len(col_x)) if (r + 1, c + 1) not in taken
     ]
-    half = store.tile_size_level0 / 2
-    tile_centres = store.coords_level0.astype(np.float64) + half
-    d = np.linalg.norm(tile_centres[:, None, :] - centres_l0[order][None, :, :], axis=2)  # (tiles, cores)
-    nearest = np.argmin(d, axis=1)
-    # Every tile touching the core's circle is the core's (its tissue decides, through QC, whether it is
-    # scored): the core then holds exactly the tiles it would have as a slide of its own.
-    inside = d[np.arange(len(d)), nearest] <= radius_l0[order][nearest] + half * np.sqrt(2.0)
-    group = np.where(inside, nearest, -1).astype(np.int64)
+    group = _tile_cores(store.coords_level0, store.tile_size_level0, centres_l0[order], radius_l0[order])
     return TileGroups(kind="core", names=names, geometries=geoms, tile_group=group, grid=grid, unscored=unscored)
+
+
+def _tile_cores(coords_level0: NDArray, tile_size_level0: float, centres_l0: NDArray[np.float64],
+                radius_l0: NDArray[np.float64]) -> NDArray[np.int64]:
+    """Core index per tile (``-1``: in none): the core whose centre is nearest the tile's, when they are at most
+    the core's radius plus half a tile diagonal apart.
+
+    Every tile overlapping the core's circle is the core's (its tissue decides, through QC, whether it is
+    scored): the core then holds the tiles it would have as a slide of its own. A k-d tree of the core
+    centres finds each tile's nearest: memory per tile, not a (tiles x cores) table of distances."""
+    from scipy.spatial import cKDTree
+
+    half = float(tile_size_level0) / 2
+    tile_centres = np.asarray(coords_level0, dtype=np.float64).reshape(-1, 2) + half
+    if not len(tile_centres):
+        return np.zeros(0, np.int64)
+    distance, nearest = cKDTree(centres_l0).query(tile_centres, k=1)
+    inside = distance <= radius_l0[nearest] + half * np.sqrt(2.0)
+    return np.where(inside, nearest, -1).astype(np.int64)
