@@ -65,8 +65,9 @@ def test_a_parts_status_comes_from_its_call_not_its_number_of_tiles():
     parts = groups.call_each(lambda members: calls[int(groups.tile_group[members[0]])], scored,
                              qc_pass=np.ones(7, bool), mpp_um=0.5).parts
     assert [p.status for p in parts] == [SCORED, NOT_CALLED, BLANK]
-    assert parts[1].note == "too little tumour to judge: 150 tumour cells" and parts[1].columns["her2_score"] == ""
-    assert parts[2].note == "no usable tiles" and parts[0].columns["her2_score"] == "2+"
+    # not called keeps its indeterminate score, as a slide's row does; a blank part has none
+    assert parts[1].note == "too little tumour to judge: 150 tumour cells" and parts[1].columns["her2_score"] == "indeterminate"
+    assert parts[2].note == "no usable tiles" and parts[2].columns["her2_score"] == "" and parts[0].columns["her2_score"] == "2+"
 
 
 def test_an_unknown_heatmap_measure_fails_before_any_file_is_written(tiny_store, tmp_path, capsys):

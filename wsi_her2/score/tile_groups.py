@@ -55,7 +55,7 @@ class TileGroups:
             used = int(scored[members].sum())
             status, note = part_status(call, used)
             columns = call.columns()
-            if status != SCORED:
+            if status == BLANK:  # nothing was looked at; a part not called keeps its indeterminate score, as a slide does
                 columns["her2_score"] = ""
             geom = self.geometries[g]
             cx, cy = geom.centroid.coords[0]
